@@ -1,0 +1,113 @@
+"""Peak resident memory while loading a checkpoint, as a multiple of the loaded model's size.
+
+    python benchmarks/load_memory.py [--gb 1.2] [--formats hf meta] [--dtypes bfloat16 float32]
+
+Writes a random Llama 4-shaped checkpoint of about --gb gigabytes (bf16 on disk) in each format,
+then loads it with herd.load in a fresh subprocess per case and reports
+(peak RSS during load - RSS before load) / bytes of the loaded parameters. The target is <= 1.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from herd.config import ModelConfig, MoEConfig, TextConfig, every, rope_layout  # noqa: E402
+
+
+def bench_config(gb: float) -> TextConfig:
+    """Width 1024, 16 experts of width 1024, every layer MoE; layers chosen to reach ~gb in bf16."""
+    dim, vocab = 1024, 202_048
+    per_layer = 16 * 3 * dim * 1024 + 3 * dim * 1024 + 4 * dim * dim + 16 * dim
+    n_layers = max(1, round((gb * 1e9 / 2 - 2 * vocab * dim) / per_layer))
+    return TextConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=8, n_kv_heads=2, head_dim=128,
+                      ffn_dim=4096, uses_rope=rope_layout(n_layers, 4), is_moe=every(n_layers, 1),
+                      moe=MoEConfig(16, 1, 1024), attention_chunk_size=8192)
+
+
+def write_checkpoints(cfg: TextConfig, root: Path, formats: list[str]) -> dict[str, Path]:
+    from herd.checkpoint.load import save_hf
+    from herd.config import to_meta_params
+    from herd.llm import init_weights
+    from herd.model.transformer import TextModel
+
+    print(f"writing a {cfg.param_count() / 1e9:.2f}B-parameter checkpoint ...", file=sys.stderr)
+    model = init_weights(TextModel(cfg)).to(torch.bfloat16)
+    out = {}
+    if "hf" in formats:
+        out["hf"] = save_hf(model, root / "hf")
+    if "meta" in formats:
+        from herd.checkpoint.meta import to_meta
+
+        folder = root / "meta"
+        folder.mkdir()
+        (folder / "params.json").write_text(json.dumps(to_meta_params(ModelConfig(cfg))))
+        for i, shard in enumerate(to_meta(model.state_dict(), cfg)):
+            torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+        out["meta"] = folder
+    return out
+
+
+_CHILD = r"""
+import json, resource, sys, torch
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+import herd
+from herd.checkpoint.load import read_config
+read_config(sys.argv[1])
+before = rss()
+llm = herd.load(sys.argv[1], dtype=sys.argv[2], progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+size = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+print(json.dumps({"before": before, "peak": peak, "model_bytes": size}))
+"""
+
+
+def measure(folder: Path, dtype: str) -> dict:
+    """Load in a fresh process (so peaks do not mix) and return its memory figures."""
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode:
+        raise RuntimeError(proc.stderr)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r["ratio"] = (r["peak"] - r["before"]) / r["model_bytes"]
+    return r
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gb", type=float, default=1.2, help="checkpoint size on disk (bf16)")
+    ap.add_argument("--formats", nargs="+", default=["hf", "meta"], choices=["hf", "meta"])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--json", action="store_true", help="print one JSON object per case instead of a table")
+    args = ap.parse_args(argv)
+    cfg = bench_config(args.gb)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("HERD_BENCH_TMP")) as tmp:
+        folders = write_checkpoints(cfg, Path(tmp), args.formats)
+        if not args.json:
+            print(f"{'format':6} {'file GB':>8} {'load as':>9} {'model GB':>9} {'peak-before GB':>15} {'ratio':>6}")
+        for fmt, folder in folders.items():
+            disk = sum(f.stat().st_size for f in folder.iterdir())
+            for dtype in args.dtypes:
+                r = measure(folder, dtype)
+                if args.json:
+                    print(json.dumps({"format": fmt, "dtype": dtype, "disk": disk, **r}))
+                else:
+                    print(f"{fmt:6} {disk / 1e9:8.2f} {dtype:>9} {r['model_bytes'] / 1e9:9.2f} "
+                          f"{(r['peak'] - r['before']) / 1e9:15.2f} {r['ratio']:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Reading and writing checkpoint folders: build on the meta device, check, stream, assign.
+
+A load never holds two copies of the weights: the model is built on the meta device (no memory),
+every tensor is read from a memory-mapped file, converted to the target dtype and device, and
+assigned; only then does the caller get a model. Before a byte of weights is read, the conversion
+plan is run over *meta* tensors made from the file headers, so a missing, unexpected, misshapen or
+non-float tensor is reported (with its file) without any work done and nothing half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from herd.checkpoint import hf, meta
+from herd.checkpoint.errors import CheckpointError
+from herd.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, to_hf_text_config
+from herd.model.transformer import TextModel
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HF_VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor sources: lazy mappings from checkpoint key to tensor, plus their meta (header-only) view.
+
+
+class SafetensorsSource(Mapping):
+    """Every tensor of a Hugging Face folder (one file or shards with an index), memory-mapped."""
+
+    def __init__(self, folder: Path):
+        index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+        if index.exists():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            files = {f: folder / f for f in set(weight_map.values())}
+            for f in sorted(files):
+                if not files[f].exists():
+                    raise CheckpointError(f"{index}: shard file '{f}' listed in the index is missing")
+        elif single.exists():
+            files, weight_map = {single.name: single}, None
+        else:
+            raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+        self._handles, self._file_of, self._meta = {}, {}, {}
+        for name, path in files.items():
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+            self._handles[name] = handle
+            for key in handle.keys():
+                if weight_map is not None and weight_map.get(key) != name:
+                    raise CheckpointError(f"{path}: tensor '{key}' is not listed for this file in the index")
+                sl = handle.get_slice(key)
+                dtype = _ST_DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(f"{path}: tensor '{key}' has unsupported dtype {sl.get_dtype()}")
+                self._file_of[key] = path
+                self._meta[key] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+        if weight_map is not None:
+            absent = sorted(set(weight_map) - set(self._file_of))
+            if absent:
+                raise CheckpointError(f"{folder / weight_map[absent[0]]}: tensor '{absent[0]}' listed in the "
+                                      f"index is not in the file")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._handles[self._file_of[key].name].get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def meta(self) -> Mapping[str, torch.Tensor]:
+        return self._meta
+
+    def where(self, key: str) -> str:
+        return str(self._file_of.get(key, "?"))
+
+
+class MetaSource(Mapping):
+    """Meta's consolidated.NN.pth model-parallel shards, memory-mapped and merged per tensor."""
+
+    def __init__(self, folder: Path):
+        paths = sorted(folder.glob("consolidated.*.pth"))
+        if not paths:
+            raise CheckpointError(f"{folder}: params.json but no consolidated.NN.pth shard")
+        numbers = [p.name.split(".")[1] for p in paths]
+        expected = [f"{i:02d}" for i in range(len(paths))]
+        if numbers != expected:
+            raise CheckpointError(f"{folder}: shards {[p.name for p in paths]} are not consolidated.00.pth "
+                                  f".. consolidated.{len(paths) - 1:02d}.pth")
+        shards = []
+        for p in paths:
+            try:
+                shards.append(torch.load(str(p), map_location="cpu", mmap=True, weights_only=True))
+            except Exception as e:
+                raise CheckpointError(f"{p}: not a readable torch checkpoint ({e})") from None
+        self._paths = paths
+        self._merged = meta.MetaShards(shards)
+        self._meta = meta.MetaShards([{k: torch.empty_like(v, device="meta") for k, v in s.items()} for s in shards])
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._merged[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._merged)
+
+    def __len__(self) -> int:
+        return len(self._merged)
+
+    def meta(self) -> Mapping[str, torch.Tensor]:
+        return self._meta
+
+    def where(self, key: str) -> str:
+        return str(self._paths[0]) if len(self._paths) == 1 else f"{self._paths[0].parent}/consolidated.*.pth"
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders
+
+
+def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, str]:
+    """(config, 'hf' | 'meta') of a checkpoint folder; CheckpointError when it is not one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory (and not a preset name)")
+    if (folder / "config.json").exists():
+        path, fmt = folder / "config.json", "hf"
+        raw = _read_json(path)
+        kind = raw.get("model_type")
+        if kind not in ("llama4", "llama4_text"):
+            raise CheckpointError(f"{path}: model_type '{kind}' is not a Llama 4 model ('llama4' or 'llama4_text')")
+        build = from_hf_config
+    elif (folder / "params.json").exists():
+        path, fmt, build = folder / "params.json", "meta", from_meta_params
+        raw = _read_json(path)
+    else:
+        raise CheckpointError(f"{folder}: not a checkpoint folder (no config.json or params.json)")
+    try:
+        return build(raw, where=str(path)), fmt
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed config ({type(e).__name__}: {e})") from None
+
+
+def _plan_and_source(folder: Path, cfg: ModelConfig, fmt: str):
+    if fmt == "hf":
+        source = SafetensorsSource(folder)
+        try:
+            layout = hf.detect_layout(source.keys())
+        except KeyError as e:
+            raise CheckpointError(f"{folder}: {e.args[0]}") from None
+        return hf.hf_plan(cfg.text, layout), source, lambda k: k.startswith(_HF_VISION_PREFIXES)
+    source = MetaSource(folder)
+    return meta.meta_plan(cfg.text, set(source.keys())), source, meta.is_vision_key
+
+
+def check_plan(plan: dict[str, hf.Recipe], source, model: torch.nn.Module, ignore: Callable[[str], bool]) -> int:
+    """Validate names, shapes and dtypes on meta tensors; return the bytes the source will supply."""
+    needed = {s for r in plan.values() for s in r.sources}
+    missing = sorted(needed - set(source.keys()))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source.where(missing[0])}: missing tensor '{missing[0]}'{more}")
+    unexpected = sorted(k for k in source.keys() if k not in needed and not ignore(k))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{source.where(unexpected[0])}: unexpected tensor '{unexpected[0]}'{more} "
+                              f"for this config")
+    expected = model.state_dict()
+    shapes = source.meta()
+    for key, t in hf.run_plan(plan, shapes):
+        src = plan[key].sources[0]
+        if t.dtype not in _WEIGHT_DTYPES:
+            raise CheckpointError(f"{source.where(src)}: tensor '{src}' has dtype {t.dtype}; expected a "
+                                  f"floating weight (float32, bfloat16 or float16)")
+        if t.shape != expected[key].shape:
+            raise CheckpointError(f"{source.where(src)}: tensor '{src}' gives shape {tuple(t.shape)} for "
+                                  f"{key}; the config expects {tuple(expected[key].shape)}")
+    return sum(shapes[s].numel() * shapes[s].element_size() for s in needed)
+
+
+class _Progress:
+    """One stderr line, rewritten in place on a terminal, every ~10% otherwise."""
+
+    def __init__(self, label: str, total: int, enabled: bool):
+        self.label, self.total, self.done, self.enabled = label, max(total, 1), 0, enabled
+        self.tty, self.last = sys.stderr.isatty(), -1
+
+    def add(self, n: int):
+        if not self.enabled:
+            return
+        self.done += n
+        pct = int(100 * self.done / self.total)
+        if (self.tty and pct != self.last) or pct // 10 != self.last // 10 or self.done >= self.total:
+            end = "\r" if self.tty and self.done < self.total else "\n"
+            print(f"{self.label}: {pct:3d}% ({self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB)", end=end,
+                  file=sys.stderr, flush=True)
+            self.last = pct
+
+
+def load_text_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: str | None = None,
+                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    progress: bool = True) -> TextModel:
+    """Stream a checkpoint's text weights into a TextModel built on the meta device."""
+    folder = Path(folder)
+    if cfg is None or fmt is None:
+        cfg, fmt = read_config(folder)
+    with torch.device("meta"):
+        model = TextModel(cfg.text)
+    plan, source, ignore = _plan_and_source(folder, cfg, fmt)
+    total = check_plan(plan, source, model, ignore)
+    bar = _Progress(f"loading {folder.name}", total, progress)
+    state = {}
+    for key, t in hf.run_plan(plan, source):
+        # .contiguous() frees views of fused source tensors (gate_up_proj, wqkv) from their parent.
+        state[key] = t.to(device=device, dtype=dtype).contiguous()
+        bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in plan[key].sources))
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    model.reset_buffers(device)
+    return model.eval().requires_grad_(False)
+
+
+def save_hf(model: TextModel, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
+            max_shard_bytes: int = 5 << 30, extra_files: Mapping[str, Path] | None = None) -> Path:
+    """Write a Hugging Face Llama4ForCausalLM folder (config.json, safetensors shards + index).
+
+    Written into a temporary sibling folder and renamed at the end, so an interrupted save never
+    leaves a half-written checkpoint under ``folder``.
+    """
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise CheckpointError(f"{folder}: exists and is not empty; refusing to overwrite")
+    tmp = folder.with_name(folder.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    tensors = hf.to_hf(model.state_dict(), cfg, layout="causal")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        t = (t if dtype is None else t.to(dtype)).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
+                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    some = next(iter(tensors.values()))
+    config = {**to_hf_text_config(cfg), "architectures": ["Llama4ForCausalLM"],
+              "torch_dtype": str(dtype or some.dtype).removeprefix("torch.")}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    for name, src in (extra_files or {}).items():
+        (tmp / name).write_bytes(Path(src).read_bytes())
+    if folder.exists():
+        folder.rmdir()
+    tmp.rename(folder)
+    return folder

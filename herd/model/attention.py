@@ -1,0 +1,84 @@
+"""Grouped-query attention with Llama 4's two layer kinds (iRoPE).
+
+RoPE layers: rotary embedding, then weightless QK-norm, then *chunked local* attention — a query at
+position p sees keys s with s <= p and s // C == p // C (C = attention_chunk_size). This is not a
+sliding window: the first query of a chunk sees only itself.
+NoPE layers: no rotary embedding, no QK-norm, full causal attention, and q scaled by the attention
+temperature 1 + attn_scale * log(floor((p + 1) / floor_scale) + 1) — exactly 1 below floor_scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.config import TextConfig
+from herd.model.layers import apply_rope, rms_norm
+
+
+def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """Per-position q multiplier of NoPE layers (arXiv:2501.19399, as customised by Meta)."""
+    p = positions.to(torch.float32)
+    return torch.log(torch.floor((p + 1.0) / floor_scale) + 1.0) * attn_scale + 1.0
+
+
+def chunked_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Boolean [Tq, Tk] mask, True where attention is allowed (chunk None: plain causal)."""
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if chunk is not None:
+        allowed &= (k_pos[None, :] // chunk) == (q_pos[:, None] // chunk)
+    return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.use_rope = cfg.uses_rope[layer]
+        self.use_qk_norm = cfg.use_qk_norm and self.use_rope
+        self.temperature = cfg.attn_temperature_tuning and not self.use_rope
+        self.chunk = cfg.attention_chunk_size if self.use_rope else None
+        self.norm_eps, self.floor_scale, self.attn_scale = cfg.norm_eps, cfg.floor_scale, cfg.attn_scale
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, positions_T: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Full causal forward over a sequence that starts at positions_T[0] == 0 (no cache)."""
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, Dh)
+        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, G, Dh)
+        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.use_qk_norm:  # per head, over Dh, after RoPE
+            q, k = rms_norm(q, self.norm_eps), rms_norm(k, self.norm_eps)
+        if self.temperature:
+            q = q * temperature_scale(positions_T, self.floor_scale, self.attn_scale).view(1, T, 1, 1).to(q.dtype)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|G, T, Dh)
+        out = self._attend(q, k, v)  # (B, H, T, Dh)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        C, T = self.chunk, q.shape[2]
+        gqa = self.n_heads != self.n_kv_heads
+        if C is None or T <= C:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        # Chunked local attention from position 0 is block-diagonal causal attention: fold the
+        # chunks into the batch and run plain causal attention inside each. No T x T mask exists,
+        # and the cost is T * C instead of T^2. The tail is padded to a whole chunk; causal masking
+        # keeps real queries from seeing the padding, and the padded rows are dropped.
+        n = -(-T // C)
+        pad = n * C - T
+
+        def fold(t: torch.Tensor) -> torch.Tensor:  # (B, h, T, Dh) -> (B*n, h, C, Dh)
+            t = F.pad(t, (0, 0, 0, pad))
+            return t.unflatten(2, (n, C)).transpose(1, 2).flatten(0, 1)
+
+        out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), is_causal=True, enable_gqa=gqa)
+        B, H = q.shape[:2]
+        return out.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)[:, :, :T]

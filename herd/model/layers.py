@@ -1,0 +1,80 @@
+"""Small building blocks of the text decoder: RMSNorm, rotary embedding, SwiGLU.
+
+Shape legend (all model files): B batch, T tokens, D model width, F FFN width, E experts,
+K experts per token, H query heads, G KV heads, Dh head width, N tokens flattened (B*T).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.config import RopeScaling
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMS norm over the last dim, computed in float32 and cast back (Meta and HF both do)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, cast back to x's dtype, then scale: the references' exact order.
+        return rms_norm(x, self.eps) * self.weight
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Inverse frequencies [Dh/2] in float32 on the CPU, with llama3-style scaling when configured."""
+    # Always computed on the CPU (even inside a meta-device context): it is tiny and needs real values.
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+    if scaling is None:
+        return inv
+    # llama3 scaling: keep high frequencies, divide low ones by `factor`, blend in between.
+    low_wavelen = scaling.original_context / scaling.low_freq_factor
+    high_wavelen = scaling.original_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    between = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    if between.any():  # empty when low == high (Scout): avoids the 0/0 of the blend formula
+        smooth = (scaling.original_context / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        scaled = torch.where(between, blended, scaled)
+    return scaled
+
+
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [..., Dh/2] for integer positions [...]: computed on demand, never tabled to max length."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BTHD: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) — Meta's complex form, not the half-split one."""
+    xf = x_BTHD.float().unflatten(-1, (-1, 2))  # (B, T, H, Dh/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos_BTd[:, :, None, :], sin_BTd[:, :, None, :]  # broadcast over heads
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x_BTHD)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x): the dense FFN and the shared expert."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

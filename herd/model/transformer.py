@@ -1,0 +1,67 @@
+"""The Llama 4 text decoder: pre-norm blocks, final RMSNorm, untied output head.
+
+h = x + attn(norm(x)); out = h + ffn(norm(h)). The ffn of layer i is MoE when cfg.is_moe[i],
+otherwise a dense SwiGLU of width cfg.ffn_dim. Pure and single-device: no caches, no process
+groups, no device moves inside.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from herd.config import TextConfig
+from herd.model.attention import Attention
+from herd.model.layers import RMSNorm, SwiGLU, rope_angles, rope_inv_freq
+from herd.model.moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = MoE(cfg.dim, cfg.moe) if cfg.is_moe[layer] else SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x_BTD, positions_T, rope):
+        h = x_BTD + self.attention(self.attention_norm(x_BTD), positions_T, rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class TextModel(nn.Module):
+    """Token ids [B, T] -> logits [B, T, V] (float32)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Not a parameter: derived from the config, rebuilt on whatever device the model lands on.
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
+
+    def reset_buffers(self, device: str | torch.device) -> None:
+        """Recompute derived buffers on ``device`` (after building on the meta device)."""
+        cfg = self.cfg
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens_BT)  # (B, T, D)
+        return self.head(self.decode_layers(h))
+
+    def decode_layers(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """All decoder blocks over embeddings [B, T, D] that start at position 0."""
+        T = h_BTD.shape[1]
+        positions = torch.arange(T, device=h_BTD.device)
+        cos, sin = rope_angles(positions, self.inv_freq)
+        rope = (cos[None], sin[None])  # (1, T, Dh/2), shared by every RoPE layer
+        for layer in self.layers:
+            h_BTD = layer(h_BTD, positions, rope)
+        return h_BTD
+
+    def head(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """Final norm and output projection; logits in float32 whatever the weights' dtype."""
+        return self.output(self.norm(h_BTD)).float()

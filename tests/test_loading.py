@@ -1,0 +1,215 @@
+"""herd.load / save_pretrained: round trips, dtypes, presets, and every kind of bad checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import herd
+from herd import CheckpointError
+from tests.conftest import assert_logits_close, tiny_text
+
+IDS = torch.randint(0, 202_048, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def ckpt(write_hf):
+    folder, ref = write_hf(tiny_text("tiny-interleaved"), seed=11)
+    return folder, ref
+
+
+def test_save_pretrained_round_trip_through_transformers(ckpt, tmp_path):
+    from transformers import Llama4ForCausalLM
+
+    folder, _ = ckpt
+    llm = herd.load(folder, progress=False)
+    out = llm.save_pretrained(tmp_path / "exported")
+    back = Llama4ForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert_logits_close(llm.logits(IDS), back(IDS).logits, rel=1e-6)
+    again = herd.load(out, progress=False)
+    assert again.config.text == llm.config.text
+    for (k, a), (_, b) in zip(llm.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_load_in_bfloat16_converts_on_the_way(ckpt):
+    folder, ref = ckpt
+    llm = herd.load(folder, dtype="bfloat16", progress=False)
+    assert all(p.dtype == torch.bfloat16 for p in llm.model.parameters())
+    with torch.no_grad():
+        expected = ref(IDS).logits
+    assert llm.logits(IDS).dtype == torch.float32
+    assert_logits_close(llm.logits(IDS), expected, rel=0.1)  # bf16 rounding, not a parity claim
+
+
+def test_presets():
+    llm = herd.load("tiny-moe")
+    assert llm.logits(IDS).shape == (2, 24, 202_048)
+    scout = herd.load("scout", device="meta")
+    assert scout.model.output.weight.is_meta
+    with pytest.raises(ValueError, match="unknown preset|not a directory"):
+        herd.load("sprout")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad checkpoints: one clear error naming the file and the tensor or field.
+
+
+def _rewrite_tensor(folder: Path, key: str, fn):
+    f = folder / "model.safetensors"
+    sd = load_file(f)
+    sd[key] = fn(sd[key])
+    save_file(sd, f, metadata={"format": "pt"})
+
+
+def _edit_config(folder: Path, fn):
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    fn(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+EMBED = "model.embed_tokens.weight"
+Q1 = "model.layers.1.self_attn.q_proj.weight"
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        herd.load(tmp_path)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        herd.load(tmp_path / "nowhere")
+
+
+def test_missing_weights_file(ckpt):
+    folder, _ = ckpt
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        herd.load(folder)
+
+
+def test_missing_shard(write_hf):
+    folder, _ = write_hf(tiny_text("tiny-moe"), shard="20MB")
+    victim = sorted(folder.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=victim.name):
+        herd.load(folder)
+
+
+def test_missing_tensor(ckpt):
+    folder, _ = ckpt
+    sd = load_file(folder / "model.safetensors")
+    del sd[Q1]
+    save_file(sd, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"model.safetensors: missing tensor '{Q1}'"):
+        herd.load(folder)
+
+
+def test_unexpected_tensor(ckpt):
+    folder, _ = ckpt
+    sd = load_file(folder / "model.safetensors")
+    sd["model.layers.1.self_attn.q_norm.weight"] = torch.ones(16)
+    save_file(sd, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.1.self_attn.q_norm.weight'"):
+        herd.load(folder)
+
+
+def test_wrong_shape(ckpt):
+    folder, _ = ckpt
+    _rewrite_tensor(folder, Q1, lambda t: t[:-1])
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{Q1}' gives shape \(63, 64\)"):
+        herd.load(folder)
+
+
+def test_wrong_dtype(ckpt):
+    folder, _ = ckpt
+    _rewrite_tensor(folder, Q1, lambda t: t.to(torch.int32))
+    with pytest.raises(CheckpointError, match=f"'{Q1}' has dtype torch.int32"):
+        herd.load(folder)
+
+
+def test_corrupt_safetensors(ckpt):
+    folder, _ = ckpt
+    (folder / "model.safetensors").write_bytes(b"\x10\x00garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        herd.load(folder)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(num_hiden_layers=3), r"unknown field\(s\) \['num_hiden_layers'\]"),
+    (lambda c: c.update(num_key_value_heads=3), r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"),
+    (lambda c: c.update(model_type="llama"), "model_type 'llama' is not a Llama 4 model"),
+    (lambda c: c.update(layer_types=["full_attention"] * 4), "layer_types contradicts no_rope_layers"),
+    (lambda c: c.update(moe_layers=[1, 9]), "moe_layers .* outside"),
+    (lambda c: c.update(num_experts_per_tok=9), "top_k must be in"),
+    (lambda c: c.update(tie_word_embeddings=True), "tie_word_embeddings"),
+    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope type 'yarn'"),
+    (lambda c: c.update(num_hidden_layers=5), "missing tensor 'model.layers.4|no_rope_layers has 4 entries"),
+])
+def test_bad_config(ckpt, edit, message):
+    folder, _ = ckpt
+    _edit_config(folder, edit)
+    with pytest.raises(CheckpointError, match=message) as e:
+        herd.load(folder)
+    assert "config.json" in str(e.value) or "model.safetensors" in str(e.value)
+
+
+def test_broken_config_json(ckpt):
+    folder, _ = ckpt
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: cannot read JSON"):
+        herd.load(folder)
+
+
+def test_tokenizer_vocab_disagrees_with_config(ckpt, tmp_path):
+    folder, _ = ckpt
+    # Same weights but a config claiming a smaller vocabulary: the bundled tokenizer cannot serve it.
+    _edit_config(folder, lambda c: c.update(vocab_size=1000))
+    with pytest.raises(CheckpointError, match="1000|vocab"):
+        herd.load(folder)
+
+
+def test_tokenizer_model_file_is_used_and_checked(ckpt):
+    from herd.tokenizer.tokenizer import Tokenizer
+
+    folder, _ = ckpt
+    shutil.copy(Tokenizer.bundled().path, folder / "tokenizer.model")
+    llm = herd.load(folder, progress=False)
+    assert llm.tokenizer.path == folder / "tokenizer.model"
+    (folder / "tokenizer.model").write_text("this is not a tiktoken file\n")
+    with pytest.raises(CheckpointError, match="tokenizer.model"):
+        herd.load(folder)
+
+
+def test_cli_info_and_generate_say_random(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "herd", "info", "scout"], capture_output=True, text=True)
+    assert out.returncode == 0 and "active per token" in out.stdout
+    gen = subprocess.run([sys.executable, "-m", "herd", "generate", "Hi", "--max-new-tokens", "3"],
+                         capture_output=True, text=True)
+    assert gen.returncode == 0, gen.stderr
+    assert "RANDOM weights" in gen.stderr
+    bad = subprocess.run([sys.executable, "-m", "herd", "generate", "Hi", "--model", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a checkpoint folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_loading_peak_memory_stays_within_1_2x(tmp_path):
+    """Streamed loading: peak RSS growth <= 1.2x the loaded parameters (a 0.3 GB checkpoint here;
+    benchmarks/load_memory.py measures >= 1 GB)."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "load_memory.py"
+    out = subprocess.run([sys.executable, str(bench), "--gb", "0.3", "--formats", "hf", "meta",
+                          "--dtypes", "bfloat16", "float32", "--json"],
+                         capture_output=True, text=True, env={**os.environ, "HERD_BENCH_TMP": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 4
+    for r in rows:
+        assert r["ratio"] <= 1.2, r
