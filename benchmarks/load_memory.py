@@ -5,6 +5,8 @@
 Writes a random Llama 4-shaped checkpoint of about --gb gigabytes (bf16 on disk) in each format,
 then loads it with herd.load in a fresh subprocess per case and reports
 (peak RSS during load - RSS before load) / bytes of the loaded parameters. The target is <= 1.2.
+The tokenizer (a fixed ~80 MB, whatever the model's size) is built before the "before" figure and
+reported in its own column.
 """
 
 from __future__ import annotations
@@ -59,18 +61,24 @@ def write_checkpoints(cfg: TextConfig, root: Path, formats: list[str]) -> dict[s
 
 
 _CHILD = r"""
-import json, resource, sys, torch
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+import json, sys
+def status(field):
+    # VmHWM is this process's own peak (ru_maxrss can inherit the parent's peak across exec).
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
 import herd
 from herd.checkpoint.load import read_config
-read_config(sys.argv[1])
-before = rss()
+from herd.tokenizer import Tokenizer
+from herd.llm import load
+cfg, _ = read_config(sys.argv[1])
+start = status("VmRSS")
+Tokenizer.from_folder(sys.argv[1], cfg.text.vocab_size)  # cached: herd.load reuses it
+before = status("VmRSS")
 llm = herd.load(sys.argv[1], dtype=sys.argv[2], progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 size = sum(p.numel() * p.element_size() for p in llm.model.parameters())
-print(json.dumps({"before": before, "peak": peak, "model_bytes": size}))
+print(json.dumps({"before": before, "peak": peak, "model_bytes": size, "tokenizer": before - start}))
 """
 
 
@@ -96,7 +104,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=os.environ.get("HERD_BENCH_TMP")) as tmp:
         folders = write_checkpoints(cfg, Path(tmp), args.formats)
         if not args.json:
-            print(f"{'format':6} {'file GB':>8} {'load as':>9} {'model GB':>9} {'peak-before GB':>15} {'ratio':>6}")
+            print(f"{'format':6} {'file GB':>8} {'load as':>9} {'model GB':>9} {'peak-before GB':>15} {'ratio':>6} "
+                  f"{'tokenizer MB':>13}")
         for fmt, folder in folders.items():
             disk = sum(f.stat().st_size for f in folder.iterdir())
             for dtype in args.dtypes:
@@ -105,7 +114,7 @@ def main(argv=None) -> int:
                     print(json.dumps({"format": fmt, "dtype": dtype, "disk": disk, **r}))
                 else:
                     print(f"{fmt:6} {disk / 1e9:8.2f} {dtype:>9} {r['model_bytes'] / 1e9:9.2f} "
-                          f"{(r['peak'] - r['before']) / 1e9:15.2f} {r['ratio']:6.2f}")
+                          f"{(r['peak'] - r['before']) / 1e9:15.2f} {r['ratio']:6.2f} {r['tokenizer'] / 1e6:13.0f}")
     return 0
 
 

@@ -34,7 +34,7 @@ def test_save_pretrained_round_trip_through_transformers(ckpt, tmp_path):
     out = llm.save_pretrained(tmp_path / "exported")
     back = Llama4ForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
-        assert_logits_close(llm.logits(IDS), back(IDS).logits, rel=1e-6)
+        assert_logits_close(llm.logits(IDS), back(IDS).logits, rel=1e-5)
     again = herd.load(out, progress=False)
     assert again.config.text == llm.config.text
     for (k, a), (_, b) in zip(llm.model.state_dict().items(), again.model.state_dict().items()):
@@ -44,11 +44,15 @@ def test_save_pretrained_round_trip_through_transformers(ckpt, tmp_path):
 def test_load_in_bfloat16_converts_on_the_way(ckpt):
     folder, ref = ckpt
     llm = herd.load(folder, dtype="bfloat16", progress=False)
-    assert all(p.dtype == torch.bfloat16 for p in llm.model.parameters())
-    with torch.no_grad():
-        expected = ref(IDS).logits
-    assert llm.logits(IDS).dtype == torch.float32
-    assert_logits_close(llm.logits(IDS), expected, rel=0.1)  # bf16 rounding, not a parity claim
+    full = herd.load(folder, progress=False)
+    # Every weight is the float32 weight rounded to bfloat16 (converted tensor by tensor while streaming).
+    for (k, a), (_, b) in zip(llm.model.state_dict().items(), full.model.state_dict().items()):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16)), k
+    logits = llm.logits(IDS)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    # bf16 rounding (and the odd routing flip it causes) moves logits a little, not a parity claim:
+    cos = torch.nn.functional.cosine_similarity(logits.flatten(), full.logits(IDS).flatten(), dim=0)
+    assert cos > 0.97, cos
 
 
 def test_presets():
@@ -139,7 +143,15 @@ def test_wrong_dtype(ckpt):
 def test_corrupt_safetensors(ckpt):
     folder, _ = ckpt
     (folder / "model.safetensors").write_bytes(b"\x10\x00garbage")
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="model.safetensors: not a safetensors file"):
+        herd.load(folder)
+
+
+def test_truncated_safetensors(ckpt):
+    folder, _ = ckpt
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor '.*' ends at byte \d+ but the file has"):
         herd.load(folder)
 
 

@@ -9,14 +9,16 @@ non-float tensor is reported (with its file) without any work done and nothing h
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
+import mmap
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from herd.checkpoint import hf, meta
@@ -41,7 +43,118 @@ def _read_json(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Memory-mapped files: tensors are views of the page cache; once copied, their pages are dropped.
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+_CHUNK_BYTES = 64 << 20
+
+
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+class MappedFiles:
+    """The address ranges of read-only file mappings, so consumed pages can leave our resident set.
+
+    A page of a mapped file that has been read counts in the process's resident memory until it is
+    unmapped. Loading copies each tensor out and then drops its pages (madvise DONTNEED: the file is
+    untouched and a later read maps them again), so resident memory peaks at the model plus about
+    one tensor, not the model plus the checkpoint. On other platforms the drop is skipped.
+    """
+
+    _advise = _madvise()
+
+    def __init__(self):
+        self._ranges: list[tuple[int, int]] = []
+
+    def add(self, start: int, nbytes: int) -> None:
+        self._ranges.append((start, start + nbytes))
+
+    def drop(self, t: torch.Tensor) -> None:
+        """Drop the whole pages spanned by a tensor's bytes, if they lie in one of our mappings."""
+        if self._advise is None or t.device.type != "cpu" or t.numel() == 0:
+            return
+        lo = t.data_ptr()
+        hi = lo + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+        if not any(a <= lo and hi <= b for a, b in self._ranges):
+            return  # not file-backed (e.g. a tensor joined from model-parallel slices)
+        lo, hi = -(-lo // _PAGE) * _PAGE, hi // _PAGE * _PAGE
+        if hi > lo:
+            self._advise(lo, hi - lo, _MADV_DONTNEED)
+
+    def copy(self, t: torch.Tensor, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+        """A new tensor (own memory, given dtype and device) equal to ``t``, copied piece by piece with
+        each piece's source pages dropped as the copy goes: a conversion never holds a second full copy."""
+        out = torch.empty(t.shape, dtype=dtype, device=device)
+        if t.is_contiguous():  # flat chunks
+            src, dst = t.reshape(-1), out.view(-1)
+            step = max(1, _CHUNK_BYTES // t.element_size())
+            pieces = ((dst[a:a + step], src[a:a + step]) for a in range(0, src.numel(), step))
+        elif t.dim() > 1:  # a strided view (half of a fused tensor, a transpose): one slice of dim 0 at a time
+            pieces = zip(out, t)
+        else:
+            pieces = [(out, t)]
+        for dst_piece, src_piece in pieces:
+            dst_piece.copy_(src_piece)
+            self.drop(src_piece)
+        return out
+
+
+def _map_file(path: Path, nbytes: int, mapped: MappedFiles) -> torch.Tensor:
+    """The whole file as a read-only-in-spirit uint8 tensor (private mapping: writes never reach the file)."""
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=nbytes)
+    mapped.add(storage.data_ptr(), nbytes)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+# ---------------------------------------------------------------------------------------------
 # Tensor sources: lazy mappings from checkpoint key to tensor, plus their meta (header-only) view.
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int, int]:
+    """(tensor entries, offset of the data area, file size) of a safetensors file, checked for consistency."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            raw = f.read(n) if 2 <= n <= min(size - 8, 100 << 20) else None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    if raw is None:
+        raise CheckpointError(f"{path}: not a safetensors file (header length {n} in a {size}-byte file)")
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for key, info in header.items():
+        try:
+            dtype, shape, (a, b) = _ST_DTYPES.get(info["dtype"]), [int(d) for d in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor '{key}' has a malformed header entry {info!r}") from None
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor '{key}' has unsupported dtype {info['dtype']}")
+        need = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b and b - a == need):
+            raise CheckpointError(f"{path}: tensor '{key}' has data offsets {[a, b]} that do not hold "
+                                  f"{info['dtype']} {shape} ({need} bytes)")
+        if data_start + b > size:
+            raise CheckpointError(f"{path}: tensor '{key}' ends at byte {data_start + b} but the file has {size} "
+                                  f"bytes (truncated file?)")
+        info["dtype"], info["shape"] = dtype, shape
+    return header, data_start, size
 
 
 class SafetensorsSource(Mapping):
@@ -61,42 +174,48 @@ class SafetensorsSource(Mapping):
             files, weight_map = {single.name: single}, None
         else:
             raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-        self._handles, self._file_of, self._meta = {}, {}, {}
-        for name, path in files.items():
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-            self._handles[name] = handle
-            for key in handle.keys():
+        # Where a tensor that is not there should have been: the one file, or the index.
+        self._expected_in = index if index.exists() else single
+        self.mapped = MappedFiles()
+        self._entries: dict[str, tuple[Path, dict, int]] = {}
+        self._files: dict[Path, torch.Tensor | int] = {}
+        self._meta = {}
+        for name, path in sorted(files.items()):
+            header, data_start, size = _safetensors_header(path)
+            self._files[path] = size  # mapped on first read
+            for key, info in header.items():
                 if weight_map is not None and weight_map.get(key) != name:
                     raise CheckpointError(f"{path}: tensor '{key}' is not listed for this file in the index")
-                sl = handle.get_slice(key)
-                dtype = _ST_DTYPES.get(sl.get_dtype())
-                if dtype is None:
-                    raise CheckpointError(f"{path}: tensor '{key}' has unsupported dtype {sl.get_dtype()}")
-                self._file_of[key] = path
-                self._meta[key] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+                self._entries[key] = (path, info, data_start)
+                self._meta[key] = torch.empty(info["shape"], dtype=info["dtype"], device="meta")
         if weight_map is not None:
-            absent = sorted(set(weight_map) - set(self._file_of))
+            absent = sorted(set(weight_map) - set(self._entries))
             if absent:
                 raise CheckpointError(f"{folder / weight_map[absent[0]]}: tensor '{absent[0]}' listed in the "
                                       f"index is not in the file")
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._handles[self._file_of[key].name].get_tensor(key)
+        path, info, data_start = self._entries[key]
+        data = self._files[path]
+        if isinstance(data, int):
+            data = self._files[path] = _map_file(path, data, self.mapped)
+        a, b = info["data_offsets"]
+        raw = data[data_start + a:data_start + b]
+        if (data_start + a) % info["dtype"].itemsize:  # unaligned (legal, rare): copy before reinterpreting
+            raw = raw.clone()
+        return raw.view(info["dtype"]).reshape(info["shape"])
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._file_of)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._file_of)
+        return len(self._entries)
 
     def meta(self) -> Mapping[str, torch.Tensor]:
         return self._meta
 
     def where(self, key: str) -> str:
-        return str(self._file_of.get(key, "?"))
+        return str(self._entries[key][0] if key in self._entries else self._expected_in)
 
 
 class MetaSource(Mapping):
@@ -111,15 +230,25 @@ class MetaSource(Mapping):
         if numbers != expected:
             raise CheckpointError(f"{folder}: shards {[p.name for p in paths]} are not consolidated.00.pth "
                                   f".. consolidated.{len(paths) - 1:02d}.pth")
+        self.mapped = MappedFiles()
         shards = []
         for p in paths:
             try:
-                shards.append(torch.load(str(p), map_location="cpu", mmap=True, weights_only=True))
-            except Exception as e:
+                shard = torch.load(str(p), map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # torch raises many types for damaged zip/pickle data
                 raise CheckpointError(f"{p}: not a readable torch checkpoint ({e})") from None
+            if not isinstance(shard, Mapping) or not all(isinstance(v, torch.Tensor) for v in shard.values()):
+                raise CheckpointError(f"{p}: expected a dict of tensors (a state dict)")
+            storages = [v.untyped_storage() for v in shard.values() if v.untyped_storage().nbytes()]
+            if storages:
+                lo = min(s.data_ptr() for s in storages)
+                self.mapped.add(lo, max(s.data_ptr() + s.nbytes() for s in storages) - lo)
+            shards.append(shard)
         self._paths = paths
-        self._merged = meta.MetaShards(shards)
-        self._meta = meta.MetaShards([{k: torch.empty_like(v, device="meta") for k, v in s.items()} for s in shards])
+        names = [str(p) for p in paths]
+        self._merged = meta.MetaShards(shards, names, release=self.mapped.drop)
+        self._meta = meta.MetaShards([{k: torch.empty_like(v, device="meta") for k, v in s.items()} for s in shards],
+                                     names)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._merged[key]
@@ -161,7 +290,8 @@ def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, str]:
     try:
         return build(raw, where=str(path)), fmt
     except ConfigError as e:
-        raise CheckpointError(str(e)) from None
+        message = str(e)
+        raise CheckpointError(message if str(path) in message else f"{path}: {message}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: malformed config ({type(e).__name__}: {e})") from None
 
@@ -175,7 +305,7 @@ def _plan_and_source(folder: Path, cfg: ModelConfig, fmt: str):
             raise CheckpointError(f"{folder}: {e.args[0]}") from None
         return hf.hf_plan(cfg.text, layout), source, lambda k: k.startswith(_HF_VISION_PREFIXES)
     source = MetaSource(folder)
-    return meta.meta_plan(cfg.text, set(source.keys())), source, meta.is_vision_key
+    return meta.meta_plan(cfg.text, set(source.keys())), source, meta.skipped
 
 
 def check_plan(plan: dict[str, hf.Recipe], source, model: torch.nn.Module, ignore: Callable[[str], bool]) -> int:
@@ -235,9 +365,12 @@ def load_text_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, f
     total = check_plan(plan, source, model, ignore)
     bar = _Progress(f"loading {folder.name}", total, progress)
     state = {}
-    for key, t in hf.run_plan(plan, source):
-        # .contiguous() frees views of fused source tensors (gate_up_proj, wqkv) from their parent.
-        state[key] = t.to(device=device, dtype=dtype).contiguous()
+    for key, recipe in plan.items():
+        parts = [source[s] for s in recipe.sources]
+        # A copy in the model's own memory (never a view of the file), then the file pages are let go.
+        state[key] = source.mapped.copy(recipe.combine(*parts), dtype, device)
+        for part in parts:
+            source.mapped.drop(part)
         bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in plan[key].sources))
     model.load_state_dict(state, strict=True, assign=True)
     del state

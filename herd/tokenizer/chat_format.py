@@ -1,0 +1,337 @@
+"""OpenAI-style chat messages -> Llama 4 prompt ids, and generated ids -> an assistant message.
+
+Prompt layout (Meta's llama_models/llama4/chat_format.py ChatFormat is the ground truth):
+
+    <|begin_of_text|>
+    <|header_start|>{role}<|header_end|>\\n\\n{content}{tool calls}<|eot|> or <|eom|>   per message
+    <|header_start|>assistant<|header_end|>\\n\\n                                        generation prompt
+
+The OpenAI role "tool" is written as "ipython". Like the reference, a message ends with <|eom|>
+("waiting for a tool result") when it is a tool result or an assistant turn that made tool calls,
+and with <|eot|> otherwise. Every text piece (role name, "\\n\\n", each content part, each tool
+call) is tokenized separately, as the reference does: BPE never merges across those seams.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from herd.tokenizer.tokenizer import Tokenizer
+
+StopReason = Literal["end_of_turn", "end_of_message", "out_of_tokens"]
+ToolFormat = Literal["json", "python_list"]
+
+_HEADER_ROLE = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython", "ipython": "ipython"}
+# Meta renders these tool names in its builtin syntax (llama3/tool_utils.py ToolUtils.encode_tool_call),
+# keyed by the argument the syntax carries.
+_BUILTIN_QUERY_TOOLS = ("brave_search", "wolfram_alpha", "photogen")
+_BUILTIN_CALL = re.compile(r'\b(\w+)\.call\(query="([^"]*)"\)')
+_FUNCTION_TAG = re.compile(r"<function=([^>]+)>(.*?)</function>", re.DOTALL)
+_PY_START, _PY_END = "<|python_start|>", "<|python_end|>"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call: its name, its arguments as a dict, and the id that ties the result to it."""
+
+    name: str
+    arguments: dict[str, Any]
+    call_id: str = ""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """A validated message: header role and its text parts, plus an assistant's tool calls."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    texts: tuple[str, ...]
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class AssistantMessage:
+    """What the model said: text, why it stopped, and the tool calls it made (content '' then, as Meta)."""
+
+    content: str
+    stop_reason: StopReason
+    tool_calls: tuple[ToolCall, ...] = field(default_factory=tuple)
+
+
+# ---- messages in ----------------------------------------------------------------------------
+
+
+def parse_messages(messages: Sequence[Mapping[str, Any]]) -> list[ChatMessage]:
+    """Validate OpenAI-style message dicts; errors name the message index and the field."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages: expected a list of message dicts, got {type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, Mapping):
+            raise ValueError(f"{where}: expected a dict with 'role' and 'content', got {type(m).__name__}")
+        role = m.get("role")
+        if role not in _HEADER_ROLE:
+            raise ValueError(f"{where}.role: unknown role {role!r}; expected system, user, assistant or tool")
+        role = "tool" if role == "ipython" else role
+        calls = _parse_tool_calls(m.get("tool_calls"), where) if role == "assistant" else ()
+        # OpenAI sends content null on assistant turns that only call tools.
+        texts = _parse_content(m.get("content"), f"{where}.content", allow_none=role == "assistant")
+        out.append(ChatMessage(role, texts, calls))
+    return out
+
+
+def _parse_content(content: Any, where: str, allow_none: bool) -> tuple[str, ...]:
+    if isinstance(content, str):
+        return (content,)
+    if content is None and allow_none:
+        return ()
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: expected a string or a list of text parts, got {type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, Mapping) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise ValueError(f"{where}[{j}]: expected {{'type': 'text', 'text': ...}}, got {kind!r} "
+                             f"(images are not part of the text chat format)")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}[{j}].text: expected a string, got {type(part.get('text')).__name__}")
+        texts.append(part["text"])
+    return tuple(texts)
+
+
+def _parse_tool_calls(calls: Any, where: str) -> tuple[ToolCall, ...]:
+    if calls is None:
+        return ()
+    if not isinstance(calls, list):
+        raise ValueError(f"{where}.tool_calls: expected a list, got {type(calls).__name__}")
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping) or call.get("type", "function") != "function":
+            raise ValueError(f"{at}: expected {{'type': 'function', 'function': {{'name': ..., 'arguments': ...}}}}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"{at}.function.name: expected a non-empty string, got {fn.get('name')!r}")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):  # OpenAI's wire form: a JSON string
+            try:
+                args = json.loads(args or "{}")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{at}.function.arguments: not valid JSON ({e})") from None
+        if not isinstance(args, dict):
+            raise ValueError(f"{at}.function.arguments: expected a JSON object, got {type(args).__name__}")
+        out.append(ToolCall(fn["name"], args, str(call.get("id") or "")))
+    return tuple(out)
+
+
+def tools_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
+    """System-prompt text that offers OpenAI-style tool definitions to the model (herd's own wording)."""
+    functions = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ..., ...}}}}")
+        functions.append(dict(fn))
+    # Llama 4 was post-trained to answer with a Python list of calls (Meta's llama-stack asks for that
+    # form), so the instructions ask for it; parse_assistant also accepts the JSON forms.
+    return ("You may call the functions described below in JSON. To call any of them, answer with nothing but "
+            "a Python list of calls that use keyword arguments, for example "
+            "[func_a(x=1, y=\"two\"), func_b(z=[3])]. Otherwise answer in plain text.\n\n"
+            + json.dumps(functions, indent=2, ensure_ascii=False))
+
+
+# ---- encoding -------------------------------------------------------------------------------
+
+
+def render_tool_call(call: ToolCall, tool_format: ToolFormat = "json") -> str:
+    """The text an assistant tool call is written as in the prompt (Meta's ToolUtils.encode_tool_call)."""
+    if call.name in _BUILTIN_QUERY_TOOLS and "query" in call.arguments:
+        return f'{call.name}.call(query="{call.arguments["query"]}")'
+    if call.name == "code_interpreter" and "code" in call.arguments:
+        return str(call.arguments["code"])
+    if tool_format == "json":
+        # Default separators and ASCII escapes, as json.dumps in the reference.
+        return json.dumps({"type": "function", "name": call.name, "parameters": call.arguments})
+    if tool_format == "python_list":
+        return f"[{call.name}({', '.join(f'{k}={_py_value(v)}' for k, v in call.arguments.items())})]"
+    raise ValueError(f"tool_format must be 'json' or 'python_list', got {tool_format!r}")
+
+
+def _py_value(v: Any) -> str:
+    # Same text as Meta's format_value wherever that is valid Python; strings with quotes or
+    # newlines are escaped and dicts written as dict literals, where Meta's text would not parse.
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (bool, int, float)) or v is None:
+        return str(v)
+    if isinstance(v, list):
+        return f"[{', '.join(_py_value(x) for x in v)}]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)}: {_py_value(x)}" for k, x in v.items()) + "}"
+    raise ValueError(f"tool call argument of type {type(v).__name__} cannot be written as Python")
+
+
+def encode_header(tokenizer: Tokenizer, role: str) -> list[int]:
+    """<|header_start|>{role}<|header_end|>\\n\\n, with tool written as ipython."""
+    return [tokenizer.token_id("<|header_start|>"), *tokenizer.encode(_HEADER_ROLE[role]),
+            tokenizer.token_id("<|header_end|>"), *tokenizer.encode("\n\n")]
+
+
+def encode_message(tokenizer: Tokenizer, message: ChatMessage, tool_format: ToolFormat = "json") -> list[int]:
+    """One message's ids, header to end token, as Meta's ChatFormat.encode_message."""
+    ids = encode_header(tokenizer, message.role)
+    for text in message.texts:
+        ids += tokenizer.encode(text)
+    for call in message.tool_calls:
+        ids += tokenizer.encode(render_tool_call(call, tool_format))
+    waits_for_tool = message.role == "tool" or bool(message.tool_calls)
+    ids.append(tokenizer.eom_id if waits_for_tool else tokenizer.eot_id)
+    return ids
+
+
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                tools: Sequence[Mapping[str, Any]] | None = None, tool_format: ToolFormat = "json") -> list[int]:
+    """Prompt ids for a conversation: one <|begin_of_text|>, every message, then the assistant header."""
+    parsed = parse_messages(messages)
+    if tool_format not in ("json", "python_list"):
+        raise ValueError(f"tool_format must be 'json' or 'python_list', got {tool_format!r}")
+    if tools:
+        offer = tools_prompt(tools)
+        if parsed and parsed[0].role == "system":
+            first = parsed[0]
+            texts = (*first.texts, "\n\n" + offer) if "".join(first.texts) else (offer,)
+            parsed[0] = ChatMessage("system", texts)
+        else:
+            parsed.insert(0, ChatMessage("system", (offer,)))
+    ids = [tokenizer.bos_id]
+    for message in parsed:
+        ids += encode_message(tokenizer, message, tool_format)
+    if add_generation_prompt:
+        ids += encode_header(tokenizer, "assistant")
+    return ids
+
+
+# ---- generated ids out ----------------------------------------------------------------------
+
+
+def parse_assistant(tokenizer: Tokenizer, token_ids: Sequence[int]) -> AssistantMessage:
+    """Generated ids (stop token included if there was one) -> AssistantMessage, as Meta's decoder reads them."""
+    # Work on the decoded text with special tokens spelled out, in the reference's order, so that
+    # spaces and tags are trimmed exactly as Meta's decode_assistant_message_from_content does.
+    text = tokenizer.decode(token_ids).strip(" ")
+    header = "<|header_start|>assistant<|header_end|>\n\n"
+    if text.startswith(header):
+        text = text[len(header):]
+    stop_reason: StopReason = "out_of_tokens"
+    # <|end_of_text|> is also a stop id; the reference leaves it in the text, we read it as end of turn.
+    for tag, reason in (("<|eot|>", "end_of_turn"), ("<|eom|>", "end_of_message"), ("<|end_of_text|>", "end_of_turn")):
+        if text.endswith(tag):
+            text, stop_reason = text[:-len(tag)], reason
+            break
+    # The reference only knows <|python_start|> at the very start; text before it is kept as content.
+    prefix, python, body = text.partition(_PY_START)
+    if python:
+        body = body.replace(_PY_END, "")
+    else:
+        prefix, body = "", text
+    calls = parse_tool_calls(body)
+    if calls:
+        return AssistantMessage(prefix.strip(), stop_reason, calls)
+    if python:  # code the model wants run, as Meta's fallback to its code_interpreter tool
+        return AssistantMessage(prefix.strip(), stop_reason, (ToolCall("code_interpreter", {"code": body}, _new_id()),))
+    return AssistantMessage(text, stop_reason)
+
+
+def parse_tool_calls(text: str) -> tuple[ToolCall, ...]:
+    """Tool calls in generated text: <function=f>{json}</function>, JSON object(s), [f(a=1)], or f.call(query="..")."""
+    body = text.strip()
+    for parse in (_function_tag_calls, _json_calls, _python_list_calls):
+        calls = parse(body)
+        if calls:
+            return tuple(ToolCall(name, args, _new_id()) for name, args in calls)
+    builtin = _BUILTIN_CALL.search(body)  # searched anywhere, as the reference does
+    if builtin:
+        return (ToolCall(builtin.group(1), {"query": builtin.group(2)}, _new_id()),)
+    return ()
+
+
+def _new_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _function_tag_calls(body: str) -> list[tuple[str, dict]]:
+    calls = []
+    for name, args in _FUNCTION_TAG.findall(body):
+        try:
+            parsed = json.loads(args)
+        except json.JSONDecodeError:
+            return []
+        if not isinstance(parsed, dict):
+            return []
+        calls.append((name.strip(), parsed))
+    return calls
+
+
+def _json_calls(body: str) -> list[tuple[str, dict]]:
+    if not body.startswith(("{", "[")):
+        return []
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError:
+        return []
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict):
+            return []
+        if isinstance(item.get("function"), dict):  # {"type": "function", "function": {...}} (OpenAI's shape)
+            item = item["function"]
+        args = item.get("parameters", item.get("arguments"))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                return []
+        if not isinstance(item.get("name"), str) or not isinstance(args, dict):
+            return []
+        calls.append((item["name"], args))
+    return calls
+
+
+def _python_list_calls(body: str) -> list[tuple[str, dict]]:
+    # ast only reads the syntax tree and literal_eval only builds literals: nothing is executed.
+    try:
+        tree = ast.parse(body, mode="eval").body
+    except (SyntaxError, ValueError):
+        return []
+    if not isinstance(tree, ast.List) or not tree.elts:
+        return []
+    calls = []
+    for node in tree.elts:
+        if not isinstance(node, ast.Call) or node.args or any(k.arg is None for k in node.keywords):
+            return []
+        name = _dotted_name(node.func)
+        if name is None:
+            return []
+        try:
+            args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return []  # a variable or an expression as argument: not a call we can pass on
+        calls.append((name, args))
+    return calls
+
+
+def _dotted_name(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted_name(node.value)
+        return None if base is None else f"{base}.{node.attr}"
+    return None
