@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -13,11 +14,24 @@ from herd.config import PRESETS, TextConfig, to_hf_text_config
 REL_TOL = 1e-4
 
 
+# Worst relative gap per test, printed at the end of the run (figures for parity reports).
+GAPS: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if GAPS:
+        terminalreporter.section("logit gaps (max |Δlogit| / max |logit|, worst per test)")
+        for test, gap in sorted(GAPS.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{gap:9.2e}  {test}")
+
+
 def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = REL_TOL) -> float:
     """Assert the relative max-abs gap and return it (for messages and reports)."""
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     gap = (ours.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
     assert gap <= rel, f"max |Δlogit| / max |logit| = {gap:.3g} > {rel}"
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    GAPS[test] = max(GAPS.get(test, 0.0), gap)
     return gap
 
 

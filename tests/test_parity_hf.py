@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -31,7 +33,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_logits_match_transformers(name, write_hf):
     cfg = CASES[name]
-    folder, ref = write_hf(cfg, seed=hash(name) % 1000)
+    folder, ref = write_hf(cfg, seed=zlib.crc32(name.encode()) % 1000)
     llm = herd.load(folder, progress=False)
     assert llm.config.text == cfg  # config.json round trip through herd's reader
     ids = torch.randint(0, cfg.vocab_size, (3, T), generator=torch.Generator().manual_seed(1))
