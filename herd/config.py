@@ -58,7 +58,6 @@ class VisionConfig:
     pixel_shuffle_ratio: float = 0.5
     projector_input_dim: int = 4096
     projector_output_dim: int = 4096
-    norm_eps: float = 1e-5
     rope_theta: float = 10000.0
 
     def param_count(self, text_dim: int) -> int:
@@ -290,6 +289,13 @@ def to_meta_params(cfg: ModelConfig) -> dict:
     dense, expert = meta_ffn_dims(t.dim, p.get("ffn_exp"), p["ffn_dim_multiplier"], 1)
     if dense != t.ffn_dim or (t.moe is not None and expert != t.moe.expert_dim):
         raise ConfigError(f"cannot express ffn_dim={t.ffn_dim} / expert_dim in Meta's params.json")
+    if (v := cfg.vision) is not None:
+        if not v.projector_input_dim == v.projector_output_dim == v.output_dim or v.rope_theta != 10000.0:
+            raise ConfigError("Meta's vision_args need projector dims equal to output_dim and rope_theta 10000")
+        p["vision_args"] = dict(image_size=dict(height=v.image_size, width=v.image_size),
+                                patch_size=dict(height=v.patch_size, width=v.patch_size), dim=v.dim,
+                                n_layers=v.n_layers, n_heads=v.n_heads, mlp_ratio=v.mlp_dim / v.dim,
+                                output_dim=v.output_dim, pixel_shuffle_ratio=v.pixel_shuffle_ratio)
     return p
 
 
@@ -395,8 +401,9 @@ def from_hf_config(cfg: dict, where: str = "config.json") -> ModelConfig:
             n_heads=vc.get("num_attention_heads", 16), mlp_dim=vc.get("intermediate_size", 5632),
             output_dim=vc.get("vision_output_dim", 4096), pixel_shuffle_ratio=vc.get("pixel_shuffle_ratio", 0.5),
             projector_input_dim=vc.get("projector_input_dim", 4096),
-            projector_output_dim=vc.get("projector_output_dim", 4096), norm_eps=vc.get("norm_eps", 1e-5),
-            rope_theta=vc.get("rope_theta", 10000.0),
+            projector_output_dim=vc.get("projector_output_dim", 4096),
+            # transformers 5 keeps it under rope_parameters; the LayerNorms always use eps 1e-5 (both references).
+            rope_theta=float(vc.get("rope_theta") or (vc.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
         )
     return ModelConfig(text=text, vision=vision, name="hf")
 
@@ -453,6 +460,10 @@ def _tiny(n_layers=4, moe_step=1, top_k=1, n_heads=4, n_kv_heads=2, **kw) -> Tex
     return TextConfig(**{**base, **kw})
 
 
+# 56-pixel tiles of 4×4 patches -> 4 vectors per tile after the shuffle; 2 layers of width 32.
+TINY_VISION = VisionConfig(image_size=56, patch_size=14, dim=32, n_layers=2, n_heads=2, mlp_dim=128, output_dim=64,
+                           pixel_shuffle_ratio=0.5, projector_input_dim=64, projector_output_dim=64)
+
 PRESETS: dict[str, ModelConfig] = {
     "scout": ModelConfig(
         text=_llama4(48, 16, 1, rope_scaling=RopeScaling(16.0, 1.0, 1.0, 8192), max_seq_len=10_485_760),
@@ -470,9 +481,10 @@ PRESETS: dict[str, ModelConfig] = {
             moe=MoEConfig(num_experts=16, top_k=1, expert_dim=27648), max_seq_len=1_048_576),
         vision=VisionConfig(), name="behemoth",
         note="ESTIMATE: Behemoth's dimensions are unpublished; for planning and meta-device use only"),
-    "tiny-moe": ModelConfig(text=_tiny(), name="tiny-moe", note="tiny random test model, every layer MoE"),
-    "tiny-interleaved": ModelConfig(text=_tiny(moe_step=2, top_k=2), name="tiny-interleaved",
-                                    note="tiny random test model, MoE every 2nd layer, top-2"),
+    "tiny-moe": ModelConfig(text=_tiny(), vision=TINY_VISION, name="tiny-moe",
+                            note="tiny random test model, every layer MoE, tiny vision encoder"),
+    "tiny-interleaved": ModelConfig(text=_tiny(moe_step=2, top_k=2), vision=TINY_VISION, name="tiny-interleaved",
+                                    note="tiny random test model, MoE every 2nd layer, top-2, tiny vision encoder"),
     "tiny-dense": ModelConfig(text=_tiny(is_moe=(False,) * 4, moe=None), name="tiny-dense",
                               note="tiny random test model, no MoE"),
 }

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 import torch
 
 from herd.checkpoint.errors import CheckpointError
-from herd.checkpoint.load import load_text_model, read_config, save_hf
-from herd.config import PRESETS, ModelConfig, preset
+from herd.checkpoint.load import load_model, read_config, save_hf
+from herd.config import PRESETS, ModelConfig, VisionConfig, preset
 from herd.model.transformer import TextModel
+from herd.model.vision import VisionModel
 from herd.tokenizer.tokenizer import Tokenizer, TokenizerError
+
+DEFAULT_MAX_IMAGES = 64  # images per prompt
+DEFAULT_MAX_TILES = 16  # tiles per image (plus the thumbnail)
+DEFAULT_MAX_PIXELS = 50_000_000  # per image, checked before decoding (decompression bombs)
+_ENCODE_TILES = 16  # tiles per vision-encoder batch: bounds activation memory for many-image prompts
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -27,22 +34,50 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 @torch.no_grad()
-def init_weights(model: TextModel, seed: int = 0, std: float = 0.02) -> TextModel:
-    """Random init for presets: N(0, std) for every matrix, ones for norms (herd's documented scheme)."""
+def init_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """Random init for presets: N(0, std) for every matrix, ones for norm weights, zeros for biases
+    (herd's documented scheme)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
+        module = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if isinstance(module, (torch.nn.LayerNorm,)) or name.endswith("norm.weight"):
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith("bias"):
+            p.zero_()
         else:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
     return model
 
 
+class ImageTiler:
+    """Turns one image (PIL, path, bytes or data: URL) into tiles for a vision config, with limits."""
+
+    def __init__(self, vision: VisionConfig, max_tiles: int = DEFAULT_MAX_TILES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        if max_tiles < 1 or max_pixels < 1:
+            raise ValueError(f"max_tiles and max_pixels must be >= 1, got {max_tiles} and {max_pixels}")
+        self.tile_size, self.max_tiles, self.max_pixels = vision.image_size, max_tiles, max_pixels
+        side = vision.image_size // vision.patch_size
+        self.tokens_per_tile = round(side * side * vision.pixel_shuffle_ratio ** 2)
+
+    def __call__(self, image, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
+        from herd.vision.preprocess import preprocess_image
+
+        return preprocess_image(image, index=index, tile_size=self.tile_size, max_tiles=self.max_tiles,
+                                max_pixels=self.max_pixels)
+
+
 class LLM:
     """A loaded Llama 4 model: ``llm.config``, ``llm.tokenizer``, ``llm.logits(ids)``."""
 
-    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, model: TextModel, source: str):
-        self.config, self.tokenizer, self.model, self.source = config, tokenizer, model, source
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, model: TextModel, source: str,
+                 vision: VisionModel | None = None, *, max_images: int = DEFAULT_MAX_IMAGES,
+                 max_tiles: int = DEFAULT_MAX_TILES, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.config, self.model, self.source, self.vision = config, model, source, vision
+        # Our own tokenizer object (the bundled one is shared), told how to tile images for this model.
+        self.tokenizer = copy.copy(tokenizer)
+        self.tiler = ImageTiler(config.vision, max_tiles, max_pixels) if vision is not None else None
+        self.tokenizer.image_processor, self.tokenizer.max_images = self.tiler, max_images
 
     @property
     def device(self) -> torch.device:
@@ -70,10 +105,44 @@ class LLM:
             raise ValueError(f"input_ids must be in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
         return ids.to(device=self.device, dtype=torch.long)
 
+    def preprocess_image(self, image, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
+        """An image (PIL image, path, bytes or data: URL) -> (float32 tiles [n, 3, S, S], (rows, cols))."""
+        if self.tiler is None:
+            raise ValueError(f"image {index}: {self.source} has no vision encoder (a text-only checkpoint)")
+        return self.tiler(image, index)
+
     @torch.inference_mode()
-    def logits(self, input_ids) -> torch.Tensor:
-        """Token ids [B, T] (or [T], or lists) -> float32 logits [B, T, vocab]; full forward, no cache."""
-        return self.model(self._as_batch(input_ids))
+    def logits(self, input_ids, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, T] (or [T], or lists) -> float32 logits [B, T, vocab]; full forward, no cache.
+
+        ``pixel_values`` [tiles, 3, S, S] are the tiles of all images of the batch in prompt order;
+        their features replace the <|patch|> tokens, which must number tiles × tokens per tile.
+        """
+        ids = self._as_batch(input_ids)
+        mask = ids == self.tokenizer.token_id("<|patch|>")
+        if pixel_values is None:
+            if mask.any():
+                raise ValueError(f"input_ids hold {int(mask.sum())} <|patch|> tokens but no pixel_values were given")
+            return self.model(ids)
+        return self.model(ids, mask, self.image_features(pixel_values, int(mask.sum())))
+
+    def image_features(self, pixel_values: torch.Tensor, n_patch_tokens: int | None = None) -> torch.Tensor:
+        """Tiles [n, 3, S, S] -> image features [n * tokens per tile, D] in the text width."""
+        if self.vision is None:
+            raise ValueError(f"pixel_values given, but {self.source} has no vision encoder (a text-only checkpoint)")
+        S = self.config.vision.image_size
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or \
+                tuple(pixel_values.shape[1:]) != (3, S, S) or not pixel_values.is_floating_point():
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a float tensor [tiles, 3, {S}, {S}], got {shape}")
+        per_tile = self.tiler.tokens_per_tile
+        if n_patch_tokens is not None and n_patch_tokens != pixel_values.shape[0] * per_tile:
+            raise ValueError(f"input_ids hold {n_patch_tokens} <|patch|> tokens but pixel_values has "
+                             f"{pixel_values.shape[0]} tiles × {per_tile} = {pixel_values.shape[0] * per_tile}")
+        with torch.inference_mode():
+            pixels = pixel_values.to(self.device)
+            feats = [self.vision(pixels[i:i + _ENCODE_TILES]) for i in range(0, pixels.shape[0], _ENCODE_TILES)]
+        return torch.cat(feats).flatten(0, 1)
 
     def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
         """Write a Hugging Face checkpoint folder that herd.load and transformers both read."""
@@ -84,32 +153,42 @@ class LLM:
 
 
 def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
-         *, seed: int = 0, progress: bool = True) -> LLM:
+         *, seed: int = 0, progress: bool = True, vision: bool = True, max_images: int = DEFAULT_MAX_IMAGES,
+         max_tiles: int = DEFAULT_MAX_TILES, max_pixels: int = DEFAULT_MAX_PIXELS) -> LLM:
     """Load a Hugging Face folder, a Meta folder, or a preset name (random weights) as an LLM.
 
+    ``vision=False`` skips a checkpoint's vision encoder (less memory; text prompts only). The image
+    limits apply to prompts: images per prompt, tiles per image, pixels per image.
     Raises CheckpointError (a ValueError) naming the file, tensor or field at fault; nothing is
     returned half-loaded.
     """
+    limits = dict(max_images=max_images, max_tiles=max_tiles, max_pixels=max_pixels)
     dt = resolve_dtype(dtype)
     name = os.fspath(path_or_preset)
     if name in PRESETS and not Path(name).exists():
         cfg = preset(name)
         tok = Tokenizer.bundled()
         _check_vocab(tok, cfg, f"preset '{name}'")
+        with_vision = vision and cfg.vision is not None
         if torch.device(device).type == "meta":
             with torch.device("meta"):
-                return LLM(cfg, tok, TextModel(cfg.text).to(dt), name)
+                encoder = VisionModel(cfg.vision, cfg.text.dim).to(dt) if with_vision else None
+                return LLM(cfg, tok, TextModel(cfg.text).to(dt), name, encoder, **limits)
         _check_fits(cfg, dt, name)
         model = init_weights(TextModel(cfg.text), seed=seed).to(device=device, dtype=dt)
-        return LLM(cfg, tok, model.eval().requires_grad_(False), name)
+        encoder = None
+        if with_vision:
+            encoder = init_weights(VisionModel(cfg.vision, cfg.text.dim), seed=seed + 1).to(device=device, dtype=dt)
+            encoder.eval().requires_grad_(False)
+        return LLM(cfg, tok, model.eval().requires_grad_(False), name, encoder, **limits)
     cfg, fmt = read_config(name)
     try:
         tok = Tokenizer.from_folder(name, cfg.text.vocab_size)
     except TokenizerError as e:
         raise CheckpointError(str(e)) from None
     _check_vocab(tok, cfg, name)
-    model = load_text_model(name, cfg, fmt, dtype=dt, device=device, progress=progress)
-    return LLM(cfg, tok, model, name)
+    model, encoder = load_model(name, cfg, fmt, dtype=dt, device=device, progress=progress, vision=vision)
+    return LLM(cfg, tok, model, name, encoder, **limits)
 
 
 def _check_vocab(tok: Tokenizer, cfg: ModelConfig, where: str) -> None:

@@ -50,9 +50,10 @@ def hf_text_config(cfg: TextConfig):
 
 
 def tiny_vision_dict() -> dict:
-    return dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
-                projector_output_dim=32, pixel_shuffle_ratio=0.5)
+    """transformers' vision_config of herd's TINY_VISION: 56-pixel tiles, 4 vectors per tile, 2 layers."""
+    return dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                image_size=56, patch_size=14, vision_output_dim=64, projector_input_dim=64,
+                projector_output_dim=64, pixel_shuffle_ratio=0.5)
 
 
 @torch.no_grad()

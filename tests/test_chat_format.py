@@ -164,7 +164,12 @@ def test_tools_are_offered_in_the_system_message(tok, ref):
     ([{"role": "user", "content": 5}], r"messages\[0\]\.content: expected a string"),
     ([{"role": "user"}], r"messages\[0\]\.content: expected a string"),
     ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]}],
-     r"messages\[0\]\.content\[1\]: expected \{'type': 'text'"),
+     r"messages\[0\]\.content\[1\]\.image_url \(image 0\): expected \{'url'"),
+    ([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}],
+     r"messages\[0\]\.content\[0\]: expected a content part of type 'text', 'image_url' or 'image', got 'audio'"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+                                   {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}],
+     r"messages\[0\]\.content\[1\]\.image_url \(image 1\): remote URLs are not fetched"),
     ([{"role": "user", "content": [{"type": "text", "text": None}]}], r"messages\[0\]\.content\[0\]\.text"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{bad json"}}]}],

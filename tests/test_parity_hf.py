@@ -59,7 +59,7 @@ def test_null_attention_chunk_size_means_plain_causal(write_hf):
 
 
 def test_multimodal_layout_text_logits(write_hf):
-    """A Llama4ForConditionalGeneration checkpoint: text weights under language_model.*, vision skipped."""
+    """A Llama4ForConditionalGeneration checkpoint: text weights under language_model.* (vision: test_vision.py)."""
     cfg = tiny_text("tiny-interleaved")
     folder, ref = write_hf(cfg, seed=3, multimodal=True)
     llm = herd.load(folder, progress=False)

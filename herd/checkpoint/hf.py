@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from herd.config import TextConfig
+from herd.config import TextConfig, VisionConfig
 
 Combine = Callable[..., torch.Tensor]
 
@@ -114,3 +114,33 @@ def from_hf(sd: Mapping[str, torch.Tensor], cfg: TextConfig) -> dict[str, torch.
 def to_hf(sd: Mapping[str, torch.Tensor], cfg: TextConfig, layout: str = "causal") -> dict[str, torch.Tensor]:
     """Hugging Face state dict (``layout`` 'causal' or 'multimodal') from a herd one."""
     return dict(run_plan(to_hf_plan(cfg, layout), sd))
+
+
+# ---- vision encoder, adapter and projector (Llama4ForConditionalGeneration only) ----------------
+
+
+def _vision_renames(v: VisionConfig) -> list[tuple[str, str]]:
+    """(herd key under ``vision.``, HF key) for every vision tensor; all plain renames."""
+    vm = "vision_model."
+    pairs = [("patch_embed.weight", vm + "patch_embedding.linear.weight"), ("class_token", vm + "class_embedding"),
+             ("pos_embed", vm + "positional_embedding_vlm"),
+             ("adapter_fc1.weight", vm + "vision_adapter.mlp.fc1.weight"),
+             ("adapter_fc2.weight", vm + "vision_adapter.mlp.fc2.weight"),
+             ("projector.weight", "multi_modal_projector.linear_1.weight")]
+    pairs += [(f"{a}.{p}", f"{vm}{b}.{p}") for a, b in (("norm_pre", "layernorm_pre"), ("norm_post", "layernorm_post"))
+              for p in ("weight", "bias")]
+    layer = [("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("mlp.fc1", "mlp.fc1"),
+             ("mlp.fc2", "mlp.fc2")] + [(f"attn.w{x}", f"self_attn.{x}_proj") for x in "qkvo"]
+    for i in range(v.n_layers):
+        pairs += [(f"layers.{i}.{a}.{p}", f"{vm}model.layers.{i}.{b}.{p}") for a, b in layer for p in ("weight", "bias")]
+    return [("vision." + ours, theirs) for ours, theirs in pairs]
+
+
+def hf_vision_plan(v: VisionConfig) -> dict[str, Recipe]:
+    """``vision.*`` herd key -> Recipe over Hugging Face keys."""
+    return {ours: Recipe((theirs,)) for ours, theirs in _vision_renames(v)}
+
+
+def to_hf_vision_plan(v: VisionConfig) -> dict[str, Recipe]:
+    """Hugging Face vision key -> Recipe over ``vision.*`` herd keys."""
+    return {theirs: Recipe((ours,)) for ours, theirs in _vision_renames(v)}

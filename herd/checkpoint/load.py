@@ -25,6 +25,7 @@ from herd.checkpoint import hf, meta
 from herd.checkpoint.errors import CheckpointError
 from herd.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, to_hf_text_config
 from herd.model.transformer import TextModel
+from herd.model.vision import VisionModel
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -296,19 +297,28 @@ def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, str]:
         raise CheckpointError(f"{path}: malformed config ({type(e).__name__}: {e})") from None
 
 
-def _plan_and_source(folder: Path, cfg: ModelConfig, fmt: str):
+def _plan_and_source(folder: Path, cfg: ModelConfig, fmt: str, vision: bool):
+    """(herd key -> Recipe, tensor source, keys to ignore) for the text model and, if wanted, the vision part."""
     if fmt == "hf":
         source = SafetensorsSource(folder)
         try:
             layout = hf.detect_layout(source.keys())
         except KeyError as e:
             raise CheckpointError(f"{folder}: {e.args[0]}") from None
-        return hf.hf_plan(cfg.text, layout), source, lambda k: k.startswith(_HF_VISION_PREFIXES)
+        plan = hf.hf_plan(cfg.text, layout)
+        if vision:
+            plan |= hf.hf_vision_plan(cfg.vision)
+            return plan, source, lambda k: False
+        return plan, source, lambda k: k.startswith(_HF_VISION_PREFIXES)
     source = MetaSource(folder)
-    return meta.meta_plan(cfg.text, set(source.keys())), source, meta.skipped
+    plan = meta.meta_plan(cfg.text, set(source.keys()))
+    if vision:
+        return plan | meta.meta_vision_plan(cfg.vision), source, lambda k: meta.skipped(k) and not meta.is_vision_key(k)
+    return plan, source, meta.skipped
 
 
-def check_plan(plan: dict[str, hf.Recipe], source, model: torch.nn.Module, ignore: Callable[[str], bool]) -> int:
+def check_plan(plan: dict[str, hf.Recipe], source, expected: Mapping[str, torch.Tensor],
+               ignore: Callable[[str], bool]) -> int:
     """Validate names, shapes and dtypes on meta tensors; return the bytes the source will supply."""
     needed = {s for r in plan.values() for s in r.sources}
     missing = sorted(needed - set(source.keys()))
@@ -320,7 +330,6 @@ def check_plan(plan: dict[str, hf.Recipe], source, model: torch.nn.Module, ignor
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(f"{source.where(unexpected[0])}: unexpected tensor '{unexpected[0]}'{more} "
                               f"for this config")
-    expected = model.state_dict()
     shapes = source.meta()
     for key, t in hf.run_plan(plan, shapes):
         src = plan[key].sources[0]
@@ -352,17 +361,23 @@ class _Progress:
             self.last = pct
 
 
-def load_text_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: str | None = None,
-                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    progress: bool = True) -> TextModel:
-    """Stream a checkpoint's text weights into a TextModel built on the meta device."""
+def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: str | None = None,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress: bool = True,
+               vision: bool = True) -> tuple[TextModel, VisionModel | None]:
+    """Stream a checkpoint into a TextModel (and a VisionModel when the config has one and ``vision``)
+    built on the meta device; every name, shape and dtype is checked before any weight is read."""
     folder = Path(folder)
     if cfg is None or fmt is None:
         cfg, fmt = read_config(folder)
+    vision = vision and cfg.vision is not None
     with torch.device("meta"):
-        model = TextModel(cfg.text)
-    plan, source, ignore = _plan_and_source(folder, cfg, fmt)
-    total = check_plan(plan, source, model, ignore)
+        text = TextModel(cfg.text)
+        encoder = VisionModel(cfg.vision, cfg.text.dim) if vision else None
+    expected = dict(text.state_dict())
+    if encoder is not None:
+        expected |= {"vision." + k: v for k, v in encoder.state_dict().items()}
+    plan, source, ignore = _plan_and_source(folder, cfg, fmt, vision)
+    total = check_plan(plan, source, expected, ignore)
     bar = _Progress(f"loading {folder.name}", total, progress)
     state = {}
     for key, recipe in plan.items():
@@ -371,11 +386,15 @@ def load_text_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, f
         state[key] = source.mapped.copy(recipe.combine(*parts), dtype, device)
         for part in parts:
             source.mapped.drop(part)
-        bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in plan[key].sources))
-    model.load_state_dict(state, strict=True, assign=True)
-    del state
-    model.reset_buffers(device)
-    return model.eval().requires_grad_(False)
+        bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in recipe.sources))
+    text.load_state_dict({k: v for k, v in state.items() if not k.startswith("vision.")}, strict=True, assign=True)
+    text.reset_buffers(device)
+    if encoder is not None:
+        encoder.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("vision.")}, strict=True,
+                                assign=True)
+        encoder.reset_buffers(device)
+        encoder = encoder.eval().requires_grad_(False)
+    return text.eval().requires_grad_(False), encoder
 
 
 def save_hf(model: TextModel, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,

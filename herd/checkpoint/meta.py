@@ -32,7 +32,7 @@ import torch
 
 from herd.checkpoint.errors import CheckpointError
 from herd.checkpoint.hf import Recipe
-from herd.config import TextConfig
+from herd.config import TextConfig, VisionConfig
 
 _VISION_PREFIXES = ("vision_embeddings.", "vision_projection.")
 _SKIPPED = re.compile(r"(^|\.)rope\.freqs$|\._extra_state$|\.feed_forward\.(global_gate_stats_3E|running_gate_stats_3E"
@@ -130,9 +130,11 @@ def from_meta(sd: Mapping[str, torch.Tensor], cfg: TextConfig) -> dict[str, torc
 # How each parallel weight was split across model-parallel ranks (dim of the slices), by key suffix.
 _SPLIT_DIM = [
     (re.compile(r"(attention\.wo\.weight|feed_forward\.(w2\.weight|mlp\.fc2_weight|w_out_shared_DF\.weight"
-                r"|shared_expert\.w2\.weight))$"), 1),  # row-parallel: input features split
+                r"|shared_expert\.w2\.weight)|attn\.wo\.weight|mlp\.c_proj\.weight)$"), 1),  # row-parallel
     (re.compile(r"(attention\.w[qkv]\.weight|feed_forward\.(w[13]\.weight|w_in_shared_FD\.weight|w_swiglu_FD\.weight"
-                r"|shared_expert\.w[13]\.weight)|^output\.weight|^tok_embeddings\.weight)$"), 0),  # column-parallel
+                r"|shared_expert\.w[13]\.weight)|^output\.weight|^tok_embeddings\.weight"
+                r"|attn\.w[qkv]\.(weight|bias)|mlp\.c_fc\.(weight|bias)|conv1\._linear\.weight"
+                r"|^vision_projection\.weight)$"), 0),  # column-parallel: output features split
     (re.compile(r"feed_forward\.experts\.w[13]$"), 2),  # [E, D, F/N]
     (re.compile(r"feed_forward\.experts\.w2$"), 1),  # [E, F/N, D]
 ]
@@ -266,3 +268,23 @@ def to_meta(sd: Mapping[str, torch.Tensor], cfg: TextConfig, *, fused: bool = Fa
             name = f"{f}{fused_name}.weight" if fused else f"{f}shared_expert.{w}.weight"
             put(name, sd[f"{f}shared_expert.{w}.weight"], dim)
     return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision encoder, adapter and projection
+
+
+def meta_vision_plan(v: VisionConfig) -> dict[str, Recipe]:
+    """``vision.*`` herd key -> Recipe over Meta's keys (vision_embeddings.*, vision_projection.weight)."""
+    enc, adapter = "vision_embeddings.vision_encoder.", "vision_embeddings.vision_adapter.mlp."
+    pairs = [("patch_embed.weight", enc + "conv1._linear.weight"), ("class_token", enc + "class_embedding"),
+             ("pos_embed", enc + "positional_embedding_vlm"), ("adapter_fc1.weight", adapter + "c_fc.weight"),
+             ("adapter_fc2.weight", adapter + "c_proj.weight"), ("projector.weight", "vision_projection.weight")]
+    pairs += [(f"{a}.{p}", f"{enc}{b}.{p}") for a, b in (("norm_pre", "ln_pre"), ("norm_post", "ln_post"))
+              for p in ("weight", "bias")]
+    layer = [("norm1", "ln_1"), ("norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")] + [
+        (f"attn.w{x}", f"attn.w{x}") for x in "qkvo"]
+    for i in range(v.n_layers):
+        pairs += [(f"layers.{i}.{a}.{p}", f"{enc}transformer.resblocks.{i}.{b}.{p}") for a, b in layer
+                  for p in ("weight", "bias")]
+    return {"vision." + ours: Recipe((theirs,)) for ours, theirs in pairs}

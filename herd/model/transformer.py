@@ -48,8 +48,13 @@ class TextModel(nn.Module):
         cfg = self.cfg
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
 
-    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens_BT: torch.Tensor, image_mask_BT: torch.Tensor | None = None,
+                image_features_ND: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V]; with images, the N positions where image_mask_BT is True (row-major order)
+        take the N image feature vectors instead of their token embeddings (early fusion)."""
         h = self.tok_embeddings(tokens_BT)  # (B, T, D)
+        if image_features_ND is not None:
+            h = h.index_put((image_mask_BT,), image_features_ND.to(h.dtype))
         return self.head(self.decode_layers(h))
 
     def decode_layers(self, h_BTD: torch.Tensor) -> torch.Tensor:

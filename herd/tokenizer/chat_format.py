@@ -20,7 +20,9 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import torch
 
 if TYPE_CHECKING:
     from herd.tokenizer.tokenizer import Tokenizer
@@ -47,12 +49,45 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class ImagePart:
+    """An image content part as the user gave it (PIL image, path, bytes or data: URL), not yet decoded."""
+
+    image: Any
+    index: int  # position among the prompt's images, for error messages
+
+
+@dataclass(frozen=True)
 class ChatMessage:
-    """A validated message: header role and its text parts, plus an assistant's tool calls."""
+    """A validated message: header role and its content parts in order, plus an assistant's tool calls."""
 
     role: Literal["system", "user", "assistant", "tool"]
-    texts: tuple[str, ...]
+    parts: tuple[str | ImagePart, ...]
     tool_calls: tuple[ToolCall, ...] = ()
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        return tuple(p for p in self.parts if isinstance(p, str))
+
+
+class ImageProcessor(Protocol):
+    """What the chat format needs from the vision side: tiles for an image and the patch tokens per tile."""
+
+    tokens_per_tile: int
+
+    def __call__(self, image: Any, index: int) -> tuple[torch.Tensor, tuple[int, int]]: ...
+
+
+class ChatIds(list):
+    """Prompt token ids (a plain list of ints) that also carry the tiles of the prompt's images.
+
+    ``pixel_values`` is float32 [tiles, 3, S, S] in prompt order (None without images) and
+    ``image_grids`` the (rows, cols) of each image; pass them to ``llm.logits(..., pixel_values=)``.
+    """
+
+    def __init__(self, ids: list[int], pixel_values: torch.Tensor | None = None,
+                 image_grids: tuple[tuple[int, int], ...] = ()):
+        super().__init__(ids)
+        self.pixel_values, self.image_grids = pixel_values, image_grids
 
 
 @dataclass(frozen=True)
@@ -71,7 +106,8 @@ def parse_messages(messages: Sequence[Mapping[str, Any]]) -> list[ChatMessage]:
     """Validate OpenAI-style message dicts; errors name the message index and the field."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError(f"messages: expected a list of message dicts, got {type(messages).__name__}")
-    out = []
+    out: list[ChatMessage] = []
+    n_images = 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, Mapping):
@@ -82,28 +118,53 @@ def parse_messages(messages: Sequence[Mapping[str, Any]]) -> list[ChatMessage]:
         role = "tool" if role == "ipython" else role
         calls = _parse_tool_calls(m.get("tool_calls"), where) if role == "assistant" else ()
         # OpenAI sends content null on assistant turns that only call tools.
-        texts = _parse_content(m.get("content"), f"{where}.content", allow_none=role == "assistant")
-        out.append(ChatMessage(role, texts, calls))
+        parts = _parse_content(m.get("content"), f"{where}.content", allow_none=role == "assistant",
+                               first_image=n_images)
+        n_images += sum(isinstance(p, ImagePart) for p in parts)
+        out.append(ChatMessage(role, parts, calls))
     return out
 
 
-def _parse_content(content: Any, where: str, allow_none: bool) -> tuple[str, ...]:
+def _parse_content(content: Any, where: str, allow_none: bool, first_image: int = 0) -> tuple[str | ImagePart, ...]:
     if isinstance(content, str):
         return (content,)
     if content is None and allow_none:
         return ()
     if not isinstance(content, list):
-        raise ValueError(f"{where}: expected a string or a list of text parts, got {type(content).__name__}")
-    texts = []
+        raise ValueError(f"{where}: expected a string or a list of content parts, got {type(content).__name__}")
+    parts: list[str | ImagePart] = []
     for j, part in enumerate(content):
-        if not isinstance(part, Mapping) or part.get("type") != "text":
-            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            raise ValueError(f"{where}[{j}]: expected {{'type': 'text', 'text': ...}}, got {kind!r} "
-                             f"(images are not part of the text chat format)")
-        if not isinstance(part.get("text"), str):
-            raise ValueError(f"{where}[{j}].text: expected a string, got {type(part.get('text')).__name__}")
-        texts.append(part["text"])
-    return tuple(texts)
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}[{j}].text: expected a string, got {type(part.get('text')).__name__}")
+            parts.append(part["text"])
+        elif kind in ("image_url", "image"):
+            index = first_image + sum(isinstance(p, ImagePart) for p in parts)
+            parts.append(ImagePart(_image_of(part, kind, f"{where}[{j}]", index), index))
+        else:
+            got = kind if isinstance(part, Mapping) else type(part).__name__
+            raise ValueError(f"{where}[{j}]: expected a content part of type 'text', 'image_url' or 'image', "
+                             f"got {got!r}")
+    return tuple(parts)
+
+
+def _image_of(part: Mapping, kind: str, where: str, index: int) -> Any:
+    """The image a content part refers to; URLs other than data: are refused (herd never fetches)."""
+    if kind == "image":
+        if part.get("image") is None:
+            raise ValueError(f"{where}.image (image {index}): missing; give a PIL image, a path or bytes")
+        return part["image"]
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, Mapping) else spec
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"{where}.image_url (image {index}): expected {{'url': 'data:image/...;base64,...'}}")
+    if url.startswith(("http://", "https://")):
+        raise ValueError(f"{where}.image_url (image {index}): remote URLs are not fetched; send the image as a "
+                         f"data: URL (base64) instead")
+    if not url.startswith("data:"):
+        raise ValueError(f"{where}.image_url (image {index}): expected a data: URL, got {url[:40]!r}")
+    return url
 
 
 def _parse_tool_calls(calls: Any, where: str) -> tuple[ToolCall, ...]:
@@ -184,11 +245,33 @@ def encode_header(tokenizer: Tokenizer, role: str) -> list[int]:
             tokenizer.token_id("<|header_end|>"), *tokenizer.encode("\n\n")]
 
 
-def encode_message(tokenizer: Tokenizer, message: ChatMessage, tool_format: ToolFormat = "json") -> list[int]:
-    """One message's ids, header to end token, as Meta's ChatFormat.encode_message."""
+def image_tokens(tokenizer: Tokenizer, grid: tuple[int, int], tokens_per_tile: int) -> list[int]:
+    """One image's token layout (SPEC §3): <|patch|>×N per tile with x/y separators, then the thumbnail."""
+    special = tokenizer.token_id
+    patches = [special("<|patch|>")] * tokens_per_tile
+    rows, cols = grid
+    ids = [special("<|image_start|>")]
+    if rows * cols > 1:
+        for _ in range(rows):
+            for c in range(cols):
+                ids += patches
+                if c < cols - 1:
+                    ids.append(special("<|tile_x_separator|>"))
+            ids.append(special("<|tile_y_separator|>"))
+    return ids + [special("<|image|>"), *patches, special("<|image_end|>")]
+
+
+def encode_message(tokenizer: Tokenizer, message: ChatMessage, tool_format: ToolFormat = "json",
+                   images: dict[int, tuple[torch.Tensor, tuple[int, int]]] | None = None,
+                   tokens_per_tile: int = 0) -> list[int]:
+    """One message's ids, header to end token, as Meta's ChatFormat.encode_message; ``images`` maps an
+    image index to its (tiles, grid), whose tokens go where the image part stands."""
     ids = encode_header(tokenizer, message.role)
-    for text in message.texts:
-        ids += tokenizer.encode(text)
+    for part in message.parts:
+        if isinstance(part, str):
+            ids += tokenizer.encode(part)
+        else:
+            ids += image_tokens(tokenizer, images[part.index][1], tokens_per_tile)
     for call in message.tool_calls:
         ids += tokenizer.encode(render_tool_call(call, tool_format))
     waits_for_tool = message.role == "tool" or bool(message.tool_calls)
@@ -197,25 +280,40 @@ def encode_message(tokenizer: Tokenizer, message: ChatMessage, tool_format: Tool
 
 
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-                tools: Sequence[Mapping[str, Any]] | None = None, tool_format: ToolFormat = "json") -> list[int]:
-    """Prompt ids for a conversation: one <|begin_of_text|>, every message, then the assistant header."""
+                tools: Sequence[Mapping[str, Any]] | None = None, tool_format: ToolFormat = "json",
+                image_processor: ImageProcessor | None = None, max_images: int | None = None) -> ChatIds:
+    """Prompt ids for a conversation: one <|begin_of_text|>, every message, then the assistant header.
+
+    Images in the messages are decoded and tiled (all of them, before anything else is returned),
+    their tiles carried on the result as ``pixel_values``.
+    """
     parsed = parse_messages(messages)
     if tool_format not in ("json", "python_list"):
         raise ValueError(f"tool_format must be 'json' or 'python_list', got {tool_format!r}")
+    parts = [p for m in parsed for p in m.parts if isinstance(p, ImagePart)]
+    if parts and image_processor is None:
+        raise ValueError(f"image {parts[0].index}: this model has no vision encoder (a text-only checkpoint), "
+                         f"so the prompt cannot carry images")
+    if max_images is not None and len(parts) > max_images:
+        raise ValueError(f"image {max_images}: the prompt has {len(parts)} images, more than the limit of "
+                         f"{max_images} per prompt")
+    images = {p.index: image_processor(p.image, p.index) for p in parts}
     if tools:
         offer = tools_prompt(tools)
         if parsed and parsed[0].role == "system":
             first = parsed[0]
-            texts = (*first.texts, "\n\n" + offer) if "".join(first.texts) else (offer,)
+            texts = (*first.parts, "\n\n" + offer) if "".join(first.texts) else (offer,)
             parsed[0] = ChatMessage("system", texts)
         else:
             parsed.insert(0, ChatMessage("system", (offer,)))
     ids = [tokenizer.bos_id]
+    per_tile = image_processor.tokens_per_tile if image_processor is not None else 0
     for message in parsed:
-        ids += encode_message(tokenizer, message, tool_format)
+        ids += encode_message(tokenizer, message, tool_format, images, per_tile)
     if add_generation_prompt:
         ids += encode_header(tokenizer, "assistant")
-    return ids
+    tiles = [images[p.index][0] for p in parts]
+    return ChatIds(ids, torch.cat(tiles) if tiles else None, tuple(images[p.index][1] for p in parts))
 
 
 # ---- generated ids out ----------------------------------------------------------------------

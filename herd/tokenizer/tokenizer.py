@@ -104,6 +104,9 @@ class Tokenizer:
         self.special_tokens: Mapping[str, int] = MappingProxyType(dict(special_tokens))
         self._special_ids = frozenset(self.special_tokens.values())
         self.path = path
+        # Set by herd.load for a checkpoint with a vision encoder: turns an image into tiles.
+        self.image_processor = None
+        self.max_images: int | None = None
         where = path or "tokenizer"
         missing = [n for n in _REQUIRED if n not in self.special_tokens]
         if missing:
@@ -236,12 +239,17 @@ class Tokenizer:
     # ---- chat ---------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            tools: Sequence[Mapping[str, Any]] | None = None, tool_format: str = "json") -> list[int]:
-        """OpenAI-style messages -> prompt ids (one <|begin_of_text|>), as Meta's ChatFormat encodes them."""
+                            tools: Sequence[Mapping[str, Any]] | None = None, tool_format: str = "json"):
+        """OpenAI-style messages -> prompt ids (one <|begin_of_text|>), as Meta's ChatFormat encodes them.
+
+        Returns a list of ids (a ChatIds) that also carries ``.pixel_values`` and ``.image_grids`` for
+        the images among the content parts; images need a tokenizer from a vision checkpoint's herd.load.
+        """
         from herd.tokenizer.chat_format import encode_chat
 
         return encode_chat(self, messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                           tool_format=tool_format)
+                           tool_format=tool_format, image_processor=self.image_processor,
+                           max_images=self.max_images)
 
     def parse_assistant(self, ids: Sequence[int]):
         """Generated ids -> AssistantMessage(content, stop_reason, tool_calls)."""
