@@ -435,6 +435,17 @@ def to_hf_text_config(t: TextConfig) -> dict:
     return d
 
 
+def to_hf_vision_config(v: VisionConfig) -> dict:
+    """The ``vision_config`` dict of a Llama4ForConditionalGeneration config.json."""
+    return dict(model_type="llama4_vision_model", image_size=v.image_size, patch_size=v.patch_size,
+                hidden_size=v.dim, num_hidden_layers=v.n_layers, num_attention_heads=v.n_heads,
+                intermediate_size=v.mlp_dim, vision_output_dim=v.output_dim, pixel_shuffle_ratio=v.pixel_shuffle_ratio,
+                projector_input_dim=v.projector_input_dim, projector_output_dim=v.projector_output_dim,
+                rope_theta=v.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": v.rope_theta},
+                num_channels=3, hidden_act="gelu", norm_eps=1e-5, vision_feature_layer=-1,
+                vision_feature_select_strategy="default", multi_modal_projector_bias=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Presets. Sources: Meta's params.json / Hugging Face config.json of the released checkpoints
 # (meta-llama/Llama-4-Scout-17B-16E, meta-llama/Llama-4-Maverick-17B-128E), SPEC.md §1.
@@ -500,6 +511,6 @@ def preset(name: str) -> ModelConfig:
 
 __all__ = [
     "ConfigError", "RopeScaling", "MoEConfig", "VisionConfig", "TextConfig", "ModelConfig", "PRESETS", "preset",
-    "from_hf_config", "to_hf_text_config", "from_meta_params", "to_meta_params", "meta_ffn_dims", "every",
+    "from_hf_config", "to_hf_text_config", "to_hf_vision_config", "from_meta_params", "to_meta_params", "meta_ffn_dims", "every",
     "rope_layout",
 ]

@@ -145,11 +145,13 @@ class LLM:
         return torch.cat(feats).flatten(0, 1)
 
     def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
-        """Write a Hugging Face checkpoint folder that herd.load and transformers both read."""
+        """Write a Hugging Face checkpoint folder that herd.load and transformers both read (with the
+        vision encoder, as Llama4ForConditionalGeneration, when the model has one)."""
         extra = {}
         if self.tokenizer.path is not None:
             extra[self.tokenizer.path.name] = self.tokenizer.path
-        return save_hf(self.model, folder, dtype=None if dtype is None else resolve_dtype(dtype), extra_files=extra)
+        return save_hf(self.model, folder, dtype=None if dtype is None else resolve_dtype(dtype), extra_files=extra,
+                       vision=self.vision)
 
 
 def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",

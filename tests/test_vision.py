@@ -156,3 +156,20 @@ def test_missing_vision_tensor_is_named(checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match=r"model.safetensors: missing tensor 'vision_model.model.layers.1.mlp"):
         herd.load(broken)
     assert herd.load(broken, vision=False).vision is None  # text-only use still works
+
+
+def test_save_pretrained_with_vision_loads_in_transformers(checkpoint, tmp_path):
+    from transformers import Llama4ForConditionalGeneration
+
+    folder, _ = checkpoint
+    llm = herd.load(folder, progress=False)
+    out = llm.save_pretrained(tmp_path / "export")
+    back = Llama4ForConditionalGeneration.from_pretrained(out).eval()
+    ids, n = prompt(llm.tokenizer, [(1, 2)])
+    pixels = torch.randn(n, 3, S, S, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = back(input_ids=torch.tensor([ids]), pixel_values=pixels).logits
+    assert_logits_close(llm.logits([ids], pixel_values=pixels), expected)
+    again = herd.load(out, progress=False)
+    assert again.config.vision == llm.config.vision
+    assert all(torch.equal(a, b) for a, b in zip(again.vision.state_dict().values(), llm.vision.state_dict().values()))

@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 
 from herd.checkpoint import hf, meta
 from herd.checkpoint.errors import CheckpointError
-from herd.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, to_hf_text_config
+from herd.config import (ConfigError, ModelConfig, from_hf_config, from_meta_params, to_hf_text_config,
+                         to_hf_vision_config)
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 
@@ -398,8 +399,10 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
 
 
 def save_hf(model: TextModel, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
-            max_shard_bytes: int = 5 << 30, extra_files: Mapping[str, Path] | None = None) -> Path:
-    """Write a Hugging Face Llama4ForCausalLM folder (config.json, safetensors shards + index).
+            max_shard_bytes: int = 5 << 30, extra_files: Mapping[str, Path] | None = None,
+            vision: VisionModel | None = None) -> Path:
+    """Write a Hugging Face folder (config.json, safetensors shards + index): Llama4ForCausalLM, or
+    Llama4ForConditionalGeneration when a vision model is given.
 
     Written into a temporary sibling folder and renamed at the end, so an interrupted save never
     leaves a half-written checkpoint under ``folder``.
@@ -410,7 +413,12 @@ def save_hf(model: TextModel, folder: str | os.PathLike, *, dtype: torch.dtype |
     tmp = folder.with_name(folder.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    tensors = hf.to_hf(model.state_dict(), cfg, layout="causal")
+    if vision is None:
+        tensors = hf.to_hf(model.state_dict(), cfg, layout="causal")
+    else:
+        tensors = hf.to_hf(model.state_dict(), cfg, layout="multimodal")
+        theirs = {"vision." + k: v for k, v in vision.state_dict().items()}
+        tensors |= dict(hf.run_plan(hf.to_hf_vision_plan(vision.cfg), theirs))
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in tensors.items():
@@ -429,9 +437,14 @@ def save_hf(model: TextModel, folder: str | os.PathLike, *, dtype: torch.dtype |
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    some = next(iter(tensors.values()))
-    config = {**to_hf_text_config(cfg), "architectures": ["Llama4ForCausalLM"],
-              "torch_dtype": str(dtype or some.dtype).removeprefix("torch.")}
+    torch_dtype = str(dtype or next(iter(tensors.values())).dtype).removeprefix("torch.")
+    if vision is None:
+        config = {**to_hf_text_config(cfg), "architectures": ["Llama4ForCausalLM"], "torch_dtype": torch_dtype}
+    else:
+        config = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
+                  "text_config": to_hf_text_config(cfg), "vision_config": to_hf_vision_config(vision.cfg),
+                  "boi_token_index": 200080, "eoi_token_index": 200081, "image_token_index": 200092,
+                  "tie_word_embeddings": False, "torch_dtype": torch_dtype}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     for name, src in (extra_files or {}).items():
         (tmp / name).write_bytes(Path(src).read_bytes())
