@@ -15,9 +15,9 @@ from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 from herd.tokenizer.tokenizer import Tokenizer, TokenizerError
 
+from herd.vision.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TILES, preprocess_image
+
 DEFAULT_MAX_IMAGES = 64  # images per prompt
-DEFAULT_MAX_TILES = 16  # tiles per image (plus the thumbnail)
-DEFAULT_MAX_PIXELS = 50_000_000  # per image, checked before decoding (decompression bombs)
 _ENCODE_TILES = 16  # tiles per vision-encoder batch: bounds activation memory for many-image prompts
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -61,8 +61,6 @@ class ImageTiler:
         self.tokens_per_tile = round(side * side * vision.pixel_shuffle_ratio ** 2)
 
     def __call__(self, image, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
-        from herd.vision.preprocess import preprocess_image
-
         return preprocess_image(image, index=index, tile_size=self.tile_size, max_tiles=self.max_tiles,
                                 max_pixels=self.max_pixels)
 
