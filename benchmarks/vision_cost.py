@@ -108,7 +108,9 @@ def main(argv=None) -> int:
           f"{out['share_measured']:.1%}")
     print(f"vision share of prefill, full Scout ({SCOUT_VISION_LAYERS} vision + {SCOUT_TEXT_LAYERS} text layers, "
           f"extrapolated): {out['share_full_scout']:.1%}")
-    print("tiles/s: " + ", ".join(f"batch {b}: {v:.2f}" for b, v in out["tiles_per_s"].items()))
+    print(f"tiles/s, {args.vision_layers}-layer encoder: " + ", ".join(
+        f"batch {b}: {v:.2f}" for b, v in out["tiles_per_s"].items()))
+    print(f"tiles/s, full {SCOUT_VISION_LAYERS}-layer encoder (extrapolated): {n_tiles / full_vision:.3f}")
     return 0
 
 
