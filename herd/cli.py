@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 DEFAULT_MODEL = "tiny-moe"  # until herd-tiny (a trained model) ships, a tiny RANDOM model
 
@@ -17,28 +16,71 @@ def _warn_if_random(model: str) -> None:
               f"output is gibberish. Pass --model PATH to use a real checkpoint.", file=sys.stderr)
 
 
-def cmd_generate(args) -> int:
+def _stream_reply(llm, prompt, args) -> str:
+    """Print a reply as it is decoded; then its speed on stderr. Returns the text."""
+    pieces = llm.stream(prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, min_p=args.min_p, seed=args.seed)
+    while True:
+        try:
+            print(next(pieces), end="", flush=True)
+        except StopIteration as done:
+            result = done.value
+            break
+    print()
+    print(f"herd: {len(result.token_ids)} tokens, prompt {result.prompt_tokens} tokens: prefill {result.prefill_s:.2f} s, "
+          f"decode {result.decode_tokens_per_s:.1f} tokens/s ({result.stop_reason})", file=sys.stderr)
+    return result.text
+
+
+def _load(args):
     import herd
-    from herd.engine.generate import generate_tokens
-    from herd.tokenizer.tokenizer import StreamDecoder
 
     _warn_if_random(args.model)
-    llm = herd.load(args.model, dtype=args.dtype, device=args.device)
-    tok = llm.tokenizer
-    if args.raw:
-        prompt = tok.encode(args.prompt, bos=True)
-    else:
-        prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-    stream, start, n = StreamDecoder(tok), time.perf_counter(), 0
-    for n, t in enumerate(generate_tokens(llm.model, prompt, args.max_new_tokens, tok.stop_ids,
-                                          args.temperature, args.top_k, args.top_p, args.seed), 1):
-        if t in tok.stop_ids:
-            break
-        print(stream.push(t), end="", flush=True)
-    print(stream.flush())
-    dt = time.perf_counter() - start
-    print(f"herd: {n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s), prompt {len(prompt)} tokens", file=sys.stderr)
+    return herd.load(args.model, dtype=args.dtype, device=args.device)
+
+
+def cmd_generate(args) -> int:
+    llm = _load(args)
+    content = [{"type": "image", "image": path} for path in args.image] + [{"type": "text", "text": args.prompt}]
+    prompt = args.prompt if args.raw else [{"role": "user", "content": content}]
+    if args.raw and args.image:
+        raise ValueError("--image needs the chat format (drop --raw)")
+    _stream_reply(llm, prompt, args)
     return 0
+
+
+def cmd_chat(args) -> int:
+    """An interactive chat with history; '/image PATH' attaches an image to the next message."""
+    llm = _load(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    images: list[str] = []
+    print("herd chat: type a message; '/image PATH' attaches an image, '/reset' clears the history, "
+          "'/quit' or Ctrl-D leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            history, images = history[:1] if args.system else [], []
+            continue
+        if line.startswith("/image "):
+            images.append(line[7:].strip())
+            continue
+        content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": line}]
+        turn = history + [{"role": "user", "content": content}]
+        print("herd> ", end="", flush=True)
+        try:
+            reply = _stream_reply(llm, turn, args)
+        except ValueError as e:  # a bad image or an over-long history: say so and keep chatting
+            print(f"\nherd: error: {e}", file=sys.stderr)
+            continue
+        history, images = turn + [{"role": "assistant", "content": reply}], []
 
 
 def cmd_info(args) -> int:
@@ -76,16 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="complete a prompt (as a chat turn unless --raw)")
     g.add_argument("prompt")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"checkpoint folder (Hugging Face or Meta) or preset name (default: {DEFAULT_MODEL}, random)")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--image", action="append", default=[], help="attach an image (repeatable)")
     g.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    c = sub.add_parser("chat", help="interactive chat with history (images with /image PATH)")
+    c.add_argument("--system", default=None, help="a system prompt")
+    for sp in (g, c):
+        sp.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"checkpoint folder or preset (default: {DEFAULT_MODEL}, random weights)")
+        sp.add_argument("--max-new-tokens", type=int, default=256 if sp is c else 32)
+        sp.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+        sp.add_argument("--top-k", type=int, default=0, help="0: off")
+        sp.add_argument("--top-p", type=float, default=1.0)
+        sp.add_argument("--min-p", type=float, default=0.0)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        sp.add_argument("--device", default="cpu")
+    c.set_defaults(func=cmd_chat)
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="config and parameter counts of a checkpoint or preset (no weights read)")

@@ -11,6 +11,9 @@ import torch
 from herd.checkpoint.errors import CheckpointError
 from herd.checkpoint.load import load_model, read_config, save_hf
 from herd.config import PRESETS, ModelConfig, VisionConfig, preset
+from herd.engine import requests
+from herd.engine.cache import kv_cache_bytes
+from herd.engine.generate import Sampling
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 from herd.tokenizer.tokenizer import Tokenizer, TokenizerError
@@ -102,6 +105,43 @@ class LLM:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
             raise ValueError(f"input_ids must be in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
         return ids.to(device=self.device, dtype=torch.long)
+
+    prefill_chunk = 512  # tokens per prefill segment: bounds activation memory for long prompts
+
+    def kv_cache_bytes(self, context_len: int, batch: int = 1) -> int:
+        """Bytes of KV cache herd allocates for ``batch`` sequences of ``context_len`` tokens (this dtype)."""
+        return kv_cache_bytes(self.config.text, context_len, batch, self.dtype)
+
+    def generate(self, prompt, max_new_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: list[str] | None = None):
+        """Generate from a string (raw text), token ids, or chat messages (images allowed) — or a list
+        of those, batched — and return a Generation (a list of them for a batch).
+
+        Greedy at temperature 0; otherwise sampling with top-k / top-p / min-p, reproducible with
+        ``seed``. A row ends at a stop token (<|eot|>, <|eom|>, <|end_of_text|>), a ``stop`` string,
+        or ``max_new_tokens``.
+        """
+        sampling = Sampling(temperature, top_k, top_p, min_p, seed)
+        batch = requests.is_batch(prompt)
+        prompts = [requests.prepare(self, p) for p in (prompt if batch else [prompt])]
+        out = requests.generate(self, prompts, max_new_tokens, sampling, stop)
+        return out if batch else out[0]
+
+    def stream(self, prompt, max_new_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: list[str] | None = None):
+        """Like generate for one prompt, but yields the text as it is decoded (whole characters only);
+        the generator's return value (StopIteration.value) is the finished Generation."""
+        sampling = Sampling(temperature, top_k, top_p, min_p, seed)
+        if requests.is_batch(prompt):
+            raise ValueError("stream takes one prompt; use generate for a batch")
+        prompts = [requests.prepare(self, prompt)]
+        pieces = requests.stream(self, prompts, max_new_tokens, sampling, stop)
+        while True:
+            try:
+                _, piece = next(pieces)
+            except StopIteration as done:
+                return done.value[0]
+            yield piece
 
     def preprocess_image(self, image, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
         """An image (PIL image, path, bytes or data: URL) -> (float32 tiles [n, 3, S, S], (rows, cols))."""

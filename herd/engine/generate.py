@@ -1,48 +1,182 @@
-"""Token generation as a generator, the one interface the CLI (and later the server) consume.
+"""Generation: chunked prefill into a layer-aware KV cache, then one token per decode step.
 
-This first engine recomputes the full forward for every new token: no KV cache yet, so it is
-only fit for short outputs of small models. It stays as the reference that the cached engine
-must reproduce token for token.
+`Engine` owns a KVCache with a row per sequence. `prefill(row, ...)` runs a prompt through the
+model in segments (never more than `prefill_chunk` tokens, never across an attention-chunk
+boundary, so no T x T mask or score matrix exists for long prompts); `decode(tokens)` advances
+every row by one token at its own position. `generate_rows` is the loop over both that
+`LLM.generate` / `LLM.stream` and (later) the server consume.
+
+`full_forward_tokens` is the slow reference: a full forward per new token, no cache. The cached
+engine must reproduce it token for token (tests/test_engine.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from herd.engine.cache import KVCache
 from herd.model.transformer import TextModel
 
 
-def sample(logits_V: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-           gen: torch.Generator | None) -> int:
-    """One token id from float32 logits [V]: greedy at temperature 0, else top-k / top-p sampling."""
-    if temperature <= 0:
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each token: greedy at temperature 0, else temperature + top-k / top-p / min-p."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p < 1):
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p!r}")
+
+
+def sample(logits_V: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
+    """One token id from float32 logits [V] (filters applied in the order top-k, top-p, min-p)."""
+    if s.temperature == 0:
         return int(logits_V.argmax())
-    probs = torch.softmax(logits_V / temperature, dim=-1)
-    if top_k is not None and top_k < probs.numel():
-        kth = torch.topk(probs, top_k).values[-1]
+    probs = torch.softmax(logits_V.float() / s.temperature, dim=-1)
+    if s.top_k and s.top_k < probs.numel():
+        kth = torch.topk(probs, s.top_k).values[-1]
         probs = torch.where(probs < kth, 0.0, probs)
-    if top_p is not None and top_p < 1.0:
+    if s.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
+        keep = sorted_p.cumsum(0) - sorted_p < s.top_p * sorted_p.sum()  # always keeps the most likely token
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
+    if s.min_p > 0:
+        probs = torch.where(probs < s.min_p * probs.max(), 0.0, probs)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 
 
-@torch.inference_mode()
-def generate_tokens(model: TextModel, prompt: list[int], max_new_tokens: int, stop_ids: frozenset[int] = frozenset(),
-                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                    seed: int | None = None) -> Iterator[int]:
-    """Yield new token ids one by one until a stop id (yielded too) or max_new_tokens."""
-    if not prompt:
-        raise ValueError("prompt must contain at least one token")
-    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-    ids = torch.tensor([prompt], device=model.output.weight.device)
-    for _ in range(max_new_tokens):
-        logits = model(ids)[0, -1].float().cpu()
-        nxt = sample(logits, temperature, top_k, top_p, gen)
-        yield nxt
-        if nxt in stop_ids:
+class Engine:
+    """A model plus a KV cache of ``rows`` sequences of up to ``max_len`` tokens."""
+
+    def __init__(self, model: TextModel, rows: int, max_len: int, prefill_chunk: int = 512):
+        w = model.output.weight
+        self.model, self.prefill_chunk = model, prefill_chunk
+        self.cache = KVCache(model.cfg, rows, max_len, w.dtype, w.device)
+        self.device = w.device
+
+    @torch.inference_mode()
+    def prefill(self, row: int, tokens: Sequence[int], image_mask: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Run a prompt [T] into cache row ``row``; returns float32 logits [V] of its last token.
+
+        ``image_mask`` [T] marks <|patch|> positions that take ``image_features`` [n, D] in order.
+        """
+        T, C = len(tokens), self.model.cfg.attention_chunk_size
+        if T == 0:
+            raise ValueError("the prompt is empty")
+        if T > self.cache.max_len:
+            raise ValueError(f"prompt of {T} tokens exceeds the cache's {self.cache.max_len}")
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)
+        rows, used, start = slice(row, row + 1), 0, 0
+        while start < T:
+            end = min(T, start + self.prefill_chunk)
+            if C is not None:  # a segment stays inside one attention chunk
+                end = min(end, (start // C + 1) * C)
+            seg = ids[None, start:end]
+            if image_mask is not None:
+                mask = image_mask[None, start:end].to(self.device)
+                n = int(mask.sum())
+                h = self.model.embed(seg, mask, image_features[used:used + n])
+                used += n
+            else:
+                h = self.model.embed(seg)
+            pos = torch.arange(start, end, device=self.device)[None]
+            h = self.model.decode_cached(h, pos, self.cache.k, self.cache.v, rows)
+            start = end
+        self.cache.lengths[row] = T
+        return self.model.head(h[:, -1])[0]
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+        """One new token for each of rows 0..B-1 (B = len(tokens)) at its row's next position;
+        returns float32 logits [B, V]."""
+        B = len(tokens)
+        lengths = self.cache.lengths[:B]
+        if max(lengths) >= self.cache.max_len:
+            raise ValueError(f"a row reached the cache's {self.cache.max_len} tokens")
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]
+        pos = torch.as_tensor(lengths, dtype=torch.long, device=self.device)[:, None]
+        h = self.model.decode_cached(self.model.embed(ids), pos, self.cache.k, self.cache.v, slice(0, B))
+        for r in range(B):
+            self.cache.lengths[r] += 1
+        return self.model.head(h[:, -1])
+
+
+@dataclass
+class RowResult:
+    """New token ids of one sequence and why it ended."""
+
+    token_ids: list[int] = field(default_factory=list)
+    stop_reason: str | None = None  # "stop" (a stop token) or "length"; None while running
+    prefill_s: float = 0.0
+
+
+def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: frozenset[int],
+                  sampling: Sampling, images: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+                  ) -> Iterator[tuple[int, int, list[RowResult]]]:
+    """Generate for every prompt at once (rows 0..n-1 of the engine's cache).
+
+    Yields (row, token id, results) for each new token as it is chosen; a row stops at a stop id
+    (included in its tokens) or after max_new_tokens. Finished rows keep a seat in the batch (their
+    steps are wasted) until every row is done.
+    """
+    n = len(prompts)
+    gens = [torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
+            for _ in range(n)]
+    results = [RowResult() for _ in range(n)]
+    last = []
+    for r, prompt in enumerate(prompts):
+        t0 = time.perf_counter()
+        mask, feats = images[r] if images and images[r] is not None else (None, None)
+        logits = engine.prefill(r, prompt, mask, feats)
+        results[r].prefill_s = time.perf_counter() - t0
+        last.append(sample(logits.cpu(), sampling, gens[r]))
+    while True:
+        for r in range(n):
+            if results[r].stop_reason is None:
+                results[r].token_ids.append(last[r])
+                if last[r] in stop_ids:
+                    results[r].stop_reason = "stop"
+                elif len(results[r].token_ids) >= max_new_tokens:
+                    results[r].stop_reason = "length"
+                yield r, last[r], results
+        running = [r for r in range(n) if results[r].stop_reason is None]
+        if not running:
             return
+        for r in range(n):  # a finished row rewrites its last slot: harmless, and keeps shapes fixed
+            if results[r].stop_reason is not None:
+                engine.cache.lengths[r] -= 1
+        logits = engine.decode(last).cpu()
+        for r in range(n):
+            if results[r].stop_reason is None:
+                last[r] = sample(logits[r], sampling, gens[r])
+
+
+@torch.inference_mode()
+def full_forward_tokens(model: TextModel, prompt: list[int], max_new_tokens: int,
+                        stop_ids: frozenset[int] = frozenset()) -> list[int]:
+    """Greedy tokens by a full forward over the whole sequence per step: the reference for the engine."""
+    ids = torch.tensor([prompt], device=model.output.weight.device)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = int(model(ids)[0, -1].argmax())
+        out.append(nxt)
+        if nxt in stop_ids:
+            break
         ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
+    return out

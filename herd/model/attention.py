@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from herd.config import TextConfig
 from herd.model.layers import apply_rope, rms_norm
@@ -45,22 +46,63 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, positions_T: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Full causal forward over a sequence that starts at positions_T[0] == 0 (no cache)."""
+    def _project(self, x_BTD: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q (B, T, H, Dh), k and v (B, T, G, Dh), with RoPE, QK-norm and temperature as the layer needs;
+        positions [1 or B, T] and cos/sin [1 or B, T, Dh/2] give each token's absolute position."""
         B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, Dh)
-        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, G, Dh)
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_rope:
-            cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.use_qk_norm:  # per head, over Dh, after RoPE
             q, k = rms_norm(q, self.norm_eps), rms_norm(k, self.norm_eps)
         if self.temperature:
-            q = q * temperature_scale(positions_T, self.floor_scale, self.attn_scale).view(1, T, 1, 1).to(q.dtype)
+            scale = temperature_scale(positions, self.floor_scale, self.attn_scale)
+            q = q * scale.view(scale.shape[0], T, 1, 1).to(q.dtype)
+        return q, k, v
+
+    def forward(self, x_BTD: torch.Tensor, positions_T: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Full causal forward over a sequence that starts at positions_T[0] == 0 (no cache)."""
+        B, T, _ = x_BTD.shape
+        q, k, v = self._project(x_BTD, positions_T[None], *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|G, T, Dh)
         out = self._attend(q, k, v)  # (B, H, T, Dh)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def forward_cached(self, x_BTD: torch.Tensor, pos_BT: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Attention for new tokens of cached sequences; their K/V are written into the cache first.
+
+        k_cache/v_cache [R, G, S, Dh] hold the layer's entries: slot p % C for a chunked layer (one
+        chunk's worth), slot p for a global one. Either one row with T new tokens at consecutive
+        positions inside one chunk (prefill), or B rows with one token each at their own
+        positions (decode). ``rows`` (a slice of B cache rows) says where the batch rows live; a
+        slice keeps every cache read a view, never a copy of the context.
+        """
+        B, T, _ = x_BTD.shape
+        q, k, v = self._project(x_BTD, pos_BT, *rope)
+        slots = pos_BT % self.chunk if self.chunk is not None else pos_BT  # (B, T)
+        # (R, S, G, Dh) views of the buffers: one index_put writes every new token of every row.
+        row_ids = torch.arange(rows.start, rows.stop, device=x_BTD.device)[:, None]
+        k_cache.transpose(1, 2).index_put_((row_ids, slots), k)
+        v_cache.transpose(1, 2).index_put_((row_ids, slots), v)
+        seen = slots[:, -1] + 1  # (B,) entries each row's last query may see (chunk start or 0 .. itself)
+        q = q.transpose(1, 2)  # (B, H, T, Dh)
+        gqa = self.n_heads != self.n_kv_heads
+        if B == 1:
+            L = int(seen[0])
+            keys, values = k_cache[rows, :, :L], v_cache[rows, :, :L]
+            # The T queries are the last T of the L keys: causal aligned to the bottom right.
+            mask = causal_lower_right(T, L) if T > 1 else None
+        else:
+            if T != 1:
+                raise ValueError("cached attention takes one row with many tokens or many rows with one")
+            L = int(seen.max())
+            keys, values = k_cache[rows, :, :L], v_cache[rows, :, :L]
+            mask = (torch.arange(L, device=x_BTD.device)[None, :] < seen[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,10 @@ class Block(nn.Module):
         h = x_BTD + self.attention(self.attention_norm(x_BTD), positions_T, rope)
         return h + self.feed_forward(self.ffn_norm(h))
 
+    def forward_cached(self, x_BTD, pos_BT, rope, k_cache, v_cache, rows: slice):
+        h = x_BTD + self.attention.forward_cached(self.attention_norm(x_BTD), pos_BT, rope, k_cache, v_cache, rows)
+        return h + self.feed_forward(self.ffn_norm(h))
+
 
 class TextModel(nn.Module):
     """Token ids [B, T] -> logits [B, T, V] (float32)."""
@@ -52,10 +56,23 @@ class TextModel(nn.Module):
                 image_features_ND: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V]; with images, the N positions where image_mask_BT is True (row-major order)
         take the N image feature vectors instead of their token embeddings (early fusion)."""
-        h = self.tok_embeddings(tokens_BT)  # (B, T, D)
+        return self.head(self.decode_layers(self.embed(tokens_BT, image_mask_BT, image_features_ND)))
+
+    def embed(self, tokens_BT: torch.Tensor, image_mask_BT: torch.Tensor | None = None,
+              image_features_ND: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [B, T, D], with image features in the masked positions (early fusion)."""
+        h = self.tok_embeddings(tokens_BT)
         if image_features_ND is not None:
             h = h.index_put((image_mask_BT,), image_features_ND.to(h.dtype))
-        return self.head(self.decode_layers(h))
+        return h
+
+    def decode_cached(self, h_BTD: torch.Tensor, pos_BT: torch.Tensor, k_caches: list[torch.Tensor],
+                      v_caches: list[torch.Tensor], rows: slice) -> torch.Tensor:
+        """All blocks over new tokens of cached sequences (see Attention.forward_cached); hidden [B, T, D]."""
+        cos, sin = rope_angles(pos_BT, self.inv_freq)  # (B, T, Dh/2)
+        for layer, k, v in zip(self.layers, k_caches, v_caches):
+            h_BTD = layer.forward_cached(h_BTD, pos_BT, (cos, sin), k, v, rows)
+        return h_BTD
 
     def decode_layers(self, h_BTD: torch.Tensor) -> torch.Tensor:
         """All decoder blocks over embeddings [B, T, D] that start at position 0."""

@@ -1,0 +1,137 @@
+"""The cached engine against full forwards and transformers' generate; the generation API and its errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import herd
+from herd.config import PRESETS
+from herd.engine.cache import full_cache_bytes, kv_cache_bytes
+from herd.engine.generate import full_forward_tokens
+from tests.conftest import tiny_text
+
+PROMPT = "The llama is a domesticated South American camelid. " * 3  # ~40 tokens: 5 chunks of 8
+
+
+@pytest.fixture(scope="module")
+def moe():
+    return herd.load("tiny-moe")
+
+
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-interleaved", "tiny-dense"])
+@pytest.mark.parametrize("prefill_chunk", [512, 3])
+def test_cached_greedy_equals_full_forwards(name, prefill_chunk):
+    llm = herd.load(name, seed=7)
+    llm.prefill_chunk = prefill_chunk  # 3: segments that end mid-chunk and at chunk boundaries
+    ids = llm.tokenizer.encode(PROMPT, bos=True)
+    out = llm.generate(ids, max_new_tokens=30)
+    assert (len(ids) + 30) // 8 - len(ids) // 8 >= 3  # the generation crosses >= 3 chunk boundaries
+    assert out.token_ids == full_forward_tokens(llm.model, ids, 30, llm.tokenizer.stop_ids)
+
+
+def test_greedy_equals_transformers_generate(write_hf):
+    cfg = tiny_text("tiny-interleaved")
+    folder, ref = write_hf(cfg, seed=21)
+    llm = herd.load(folder, progress=False)
+    ids = llm.tokenizer.encode(PROMPT, bos=True)
+    ref.config.use_cache = True
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False, use_cache=True,
+                              eos_token_id=None, pad_token_id=0, min_new_tokens=30)[0, len(ids):].tolist()
+    ours = llm.generate(ids, max_new_tokens=30)
+    stop = next((i for i, t in enumerate(ours.token_ids) if t in llm.tokenizer.stop_ids), None)
+    assert ours.token_ids == theirs[:len(ours.token_ids)] and (stop is None or stop == len(ours.token_ids) - 1)
+
+
+def test_batch_of_different_lengths_equals_one_by_one(moe):
+    prompts = ["Hi", PROMPT, [{"role": "user", "content": "Tell me about llamas."}]]
+    batch = moe.generate(prompts, max_new_tokens=12)
+    for p, b in zip(prompts, batch):
+        assert moe.generate(p, max_new_tokens=12).token_ids == b.token_ids
+
+
+def test_seeded_sampling_is_reproducible(moe):
+    a = moe.generate(PROMPT, max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, seed=3)
+    b = moe.generate(PROMPT, max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, seed=3)
+    c = moe.generate(PROMPT, max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, seed=4)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+def test_stream_equals_generate_and_stop_strings(moe):
+    full = moe.generate(PROMPT, max_new_tokens=24, temperature=0.7, seed=5)
+    pieces = list(moe.stream(PROMPT, max_new_tokens=24, temperature=0.7, seed=5))
+    assert "".join(pieces) == full.text and full.stop_reason == "length" and len(full.token_ids) == 24
+    stop = full.text[5:8]
+    cut = moe.generate(PROMPT, max_new_tokens=24, temperature=0.7, seed=5, stop=[stop])
+    assert cut.stop_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    assert "".join(moe.stream(PROMPT, max_new_tokens=24, temperature=0.7, seed=5, stop=[stop])) == cut.text
+
+
+def test_stop_token_ends_generation(moe):
+    """Force <|eot|> to be the greedy choice: generation stops on it and leaves it out of the text."""
+    eot = moe.tokenizer.eot_id
+    with torch.no_grad():
+        saved = moe.model.output.weight[eot].clone()
+        moe.model.output.weight[eot] = moe.model.norm.weight * 50
+    try:
+        out = moe.generate("Hello", max_new_tokens=10)
+    finally:
+        with torch.no_grad():
+            moe.model.output.weight[eot] = saved
+    assert out.token_ids == [eot] and out.stop_reason == "stop" and out.text == ""
+
+
+def test_images_in_chat_prompts_reach_the_model(moe):
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (90, 60), "red")},
+                                             {"type": "text", "text": "What is this?"}]}]
+    out = moe.generate(messages, max_new_tokens=5)
+    ids = moe.tokenizer.apply_chat_template(messages)
+    first = int(moe.logits([ids], pixel_values=ids.pixel_values)[0, -1].argmax())
+    assert out.token_ids[0] == first
+
+
+def test_kv_cache_accounting():
+    scout = PRESETS["scout"].text
+    ratio = kv_cache_bytes(scout, 1 << 20) / full_cache_bytes(scout, 1 << 20)
+    assert ratio <= 0.3  # 12 global layers keep 1M entries, 36 chunked ones keep 8192
+    llm = herd.load("tiny-moe")
+    assert llm.kv_cache_bytes(100) == kv_cache_bytes(llm.config.text, 100, 1, torch.float32)
+    from herd.engine.cache import KVCache
+
+    assert KVCache(llm.config.text, 2, 100, torch.float32, "cpu").nbytes == llm.kv_cache_bytes(100, batch=2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=-1), "temperature must be"),
+    (dict(top_k=-2), "top_k must be"),
+    (dict(min_p=1.0), "min_p must be"),
+    (dict(stop="x"), "stop must be a list"),
+])
+def test_bad_options(moe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        moe.generate("Hi", **kwargs)
+
+
+def test_unknown_option_and_bad_prompts(moe):
+    with pytest.raises(TypeError, match="frequency_penalty"):
+        moe.generate("Hi", frequency_penalty=1.0)
+    for prompt in ("", [], None):
+        with pytest.raises(ValueError, match="empty|prompt must be"):
+            moe.generate(prompt)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        moe.generate([1, 2, 10**9])
+
+
+def test_context_limit():
+    short = herd.load("tiny-moe")
+    short.config = dataclasses.replace(short.config, text=dataclasses.replace(short.config.text, max_seq_len=32))
+    with pytest.raises(ValueError, match=r"prompt 0: \d+ tokens \+ max_new_tokens 30 exceeds the model's context of 32"):
+        short.generate(PROMPT, max_new_tokens=30)
