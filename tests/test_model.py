@@ -63,7 +63,7 @@ def test_moe_score_scales_the_input_not_the_output():
     s = torch.sigmoid(logits[0, e])
     w = moe.experts
     xs = x[0] * s
-    routed = (F.silu(xs @ w.w1[e]) * (xs @ w.w3[e])) @ w.w2[e]
+    routed = (F.silu(xs @ w.w1[e].T) * (xs @ w.w3[e].T)) @ w.w2[e].T
     torch.testing.assert_close(moe(x)[0], moe.shared_expert(x[0]) + routed)
 
 

@@ -1,7 +1,8 @@
 """Hugging Face <-> herd state-dict conversion, as pure functions over (lazy) mappings.
 
 herd's own parameter names follow Meta's reference (``layers.{i}.attention.wq.weight``,
-``layers.{i}.feed_forward.experts.w1`` [E, D, F], ...). Hugging Face stores the text model under
+``layers.{i}.feed_forward.experts.w1``, ...; experts are stored (out, in) per expert: w1/w3 [E, F, D],
+w2 [E, D, F], the transpose of Meta's and HF's files). Hugging Face stores the text model under
 ``model.`` (Llama4ForCausalLM) or ``language_model.model.`` (Llama4ForConditionalGeneration,
 beside ``vision_model.*`` and ``multi_modal_projector.*``) and fuses each layer's experts:
 ``gate_up_proj`` [E, D, 2F] (gate first) and ``down_proj`` [E, F, D].
@@ -35,16 +36,25 @@ def run_plan(plan: dict[str, Recipe], sd: Mapping[str, torch.Tensor]) -> Iterato
         yield key, recipe.combine(*(sd[s] for s in recipe.sources))
 
 
-def _first_half(t: torch.Tensor) -> torch.Tensor:
-    return t[..., : t.shape[-1] // 2]
+def _swap(t: torch.Tensor) -> torch.Tensor:
+    """[E, a, b] -> [E, b, a]: HF's (and Meta's) x @ W expert layout <-> herd's (out, in) one."""
+    return t.transpose(1, 2)
 
 
-def _second_half(t: torch.Tensor) -> torch.Tensor:
-    return t[..., t.shape[-1] // 2:]
+def _first_half(t: torch.Tensor) -> torch.Tensor:  # gate of gate_up_proj [E, D, 2F], as [E, F, D]
+    return _swap(t[..., : t.shape[-1] // 2])
+
+
+def _second_half(t: torch.Tensor) -> torch.Tensor:  # up of gate_up_proj, as [E, F, D]
+    return _swap(t[..., t.shape[-1] // 2:])
 
 
 def _fuse(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    return torch.cat([w1, w3], dim=-1)
+    return torch.cat([_swap(w1), _swap(w3)], dim=-1).contiguous()
+
+
+def _swapped(t: torch.Tensor) -> torch.Tensor:
+    return _swap(t).contiguous()
 
 
 # (herd suffix, HF suffix) for everything that is a plain rename, per layer kind.
@@ -52,8 +62,7 @@ _ATTN = [("attention_norm.weight", "input_layernorm.weight"), ("ffn_norm.weight"
     (f"attention.w{a}.weight", f"self_attn.{b}_proj.weight") for a, b in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "o"))]
 _DENSE = [(f"feed_forward.{a}.weight", f"feed_forward.{b}_proj.weight")
           for a, b in (("w1", "gate"), ("w3", "up"), ("w2", "down"))]
-_MOE = [("feed_forward.router.weight", "feed_forward.router.weight"),
-        ("feed_forward.experts.w2", "feed_forward.experts.down_proj")] + [
+_MOE = [("feed_forward.router.weight", "feed_forward.router.weight")] + [
     (f"feed_forward.shared_expert.{a}.weight", f"feed_forward.shared_expert.{b}_proj.weight")
     for a, b in (("w1", "gate"), ("w3", "up"), ("w2", "down"))]
 
@@ -91,6 +100,8 @@ def hf_plan(cfg: TextConfig, layout: str) -> dict[str, Recipe]:
             fused = (f"{prefix}layers.{i}.feed_forward.experts.gate_up_proj",)
             plan[f"layers.{i}.feed_forward.experts.w1"] = Recipe(fused, _first_half)
             plan[f"layers.{i}.feed_forward.experts.w3"] = Recipe(fused, _second_half)
+            plan[f"layers.{i}.feed_forward.experts.w2"] = Recipe(
+                (f"{prefix}layers.{i}.feed_forward.experts.down_proj",), _swap)
     return plan
 
 
@@ -103,6 +114,7 @@ def to_hf_plan(cfg: TextConfig, layout: str) -> dict[str, Recipe]:
         if cfg.is_moe[i]:
             e = f"layers.{i}.feed_forward.experts."
             plan[f"{prefix}{e}gate_up_proj"] = Recipe((e + "w1", e + "w3"), _fuse)
+            plan[f"{prefix}{e}down_proj"] = Recipe((e + "w2",), _swapped)
     return plan
 
 

@@ -10,9 +10,10 @@ mostly a rename-free copy. The released checkpoints use the fused names that Met
     feed_forward.mlp.fc1_weight          [2F, D] (w1 then w3) -> feed_forward.w1 / w3
     feed_forward.mlp.fc2_weight          [D, F]              -> feed_forward.w2
     feed_forward.router_DE               [D, E]              -> feed_forward.router.weight [E, D]
-    feed_forward.experts.moe_w_in_eD_F   [E D, F]            -> feed_forward.experts.w1 [E, D, F]
-    feed_forward.experts.moe_w_swiglu_eD_F [E D, F]          -> feed_forward.experts.w3 [E, D, F]
-    feed_forward.experts.moe_w_out_eF_D  [E F, D]            -> feed_forward.experts.w2 [E, F, D]
+    feed_forward.experts.moe_w_in_eD_F   [E D, F]            -> feed_forward.experts.w1 [E, F, D]
+    feed_forward.experts.moe_w_swiglu_eD_F [E D, F]          -> feed_forward.experts.w3 [E, F, D]
+    feed_forward.experts.moe_w_out_eF_D  [E F, D]            -> feed_forward.experts.w2 [E, D, F]
+    (unfused Meta experts.w1/w3 [E, D, F] and w2 [E, F, D] are transposed the same way)
     feed_forward.w_in_shared_FD / w_swiglu_FD / w_out_shared_DF -> feed_forward.shared_expert.w1 / w3 / w2
 
 ``rope.freqs``, ``*._extra_state`` and the router's training statistics (``*_gate_stats_3E``,
@@ -62,8 +63,15 @@ def _rows(start: int, stop: int):
 
 
 def _experts(n: int, dim: int, last: bool):
-    """[E*D, F] -> [E, D, F] (last=True), or [E*F, D] -> [E, F, D]; merged shards are already 3-D."""
-    return (lambda t: t.reshape(n, dim, -1)) if last else (lambda t: t.reshape(n, -1, dim))
+    """[E*D, F] -> herd's [E, F, D] (last=True), or [E*F, D] -> [E, D, F]; merged shards are already 3-D."""
+    if last:
+        return lambda t: t.reshape(n, dim, -1).transpose(1, 2)
+    return lambda t: t.reshape(n, -1, dim).transpose(1, 2)
+
+
+def _swap(t: torch.Tensor) -> torch.Tensor:
+    """Meta's x @ W expert layout [E, a, b] <-> herd's (out, in) [E, b, a]."""
+    return t.transpose(1, 2)
 
 
 def _first(keys: set[str], *candidates: str) -> str:
@@ -110,7 +118,7 @@ def meta_plan(cfg: TextConfig, keys: set[str]) -> dict[str, Recipe]:
             plan[f + "experts.w2"] = Recipe((f + "experts.moe_w_out_eF_D",), _experts(n, dim, last=False))
         else:
             for w in ("w1", "w2", "w3"):
-                plan[f"{f}experts.{w}"] = Recipe((f"{f}experts.{w}",))
+                plan[f"{f}experts.{w}"] = Recipe((f"{f}experts.{w}",), _swap)
         fused_shared = {"w1": "w_in_shared_FD", "w3": "w_swiglu_FD", "w2": "w_out_shared_DF"}
         for w, fused in fused_shared.items():
             plan[f"{f}shared_expert.{w}.weight"] = Recipe((_first(keys, f"{f}{fused}.weight",
@@ -221,7 +229,7 @@ def to_meta(sd: Mapping[str, torch.Tensor], cfg: TextConfig, *, fused: bool = Fa
     def put(key: str, t: torch.Tensor, dim: int | None) -> None:
         pieces = [t] * mp if dim is None else t.chunk(mp, dim=dim)
         for shard, piece in zip(shards, pieces):
-            shard[key] = piece.clone()
+            shard[key] = piece.clone(memory_format=torch.contiguous_format)
 
     put("tok_embeddings.weight", sd["tok_embeddings.weight"], 0)
     put("norm.weight", sd["norm.weight"], None)
@@ -254,16 +262,17 @@ def to_meta(sd: Mapping[str, torch.Tensor], cfg: TextConfig, *, fused: bool = Fa
             continue
         put(f + "router_DE", sd[f + "router.weight"].t().contiguous(), None)
         e = f + "experts."
+        w1, w3, w2 = (_swap(sd[e + w]) for w in ("w1", "w3", "w2"))  # to Meta's [E, D, F], [E, F, D]
         if fused:
-            put(e + "moe_w_in_eD_F", sd[e + "w1"], 2)
-            put(e + "moe_w_swiglu_eD_F", sd[e + "w3"], 2)
-            put(e + "moe_w_out_eF_D", sd[e + "w2"], 1)
+            put(e + "moe_w_in_eD_F", w1, 2)
+            put(e + "moe_w_swiglu_eD_F", w3, 2)
+            put(e + "moe_w_out_eF_D", w2, 1)
             for shard in shards:  # each slice flattened as Meta stores it
                 for k in ("moe_w_in_eD_F", "moe_w_swiglu_eD_F", "moe_w_out_eF_D"):
                     shard[e + k] = shard[e + k].flatten(0, 1)
         else:
-            for w, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
-                put(e + w, sd[e + w], dim)
+            for w, t, dim in (("w1", w1, 2), ("w3", w3, 2), ("w2", w2, 1)):
+                put(e + w, t, dim)
         for w, fused_name, dim in (("w1", "w_in_shared_FD", 0), ("w3", "w_swiglu_FD", 0), ("w2", "w_out_shared_DF", 1)):
             name = f"{f}{fused_name}.weight" if fused else f"{f}shared_expert.{w}.weight"
             put(name, sd[f"{f}shared_expert.{w}.weight"], dim)

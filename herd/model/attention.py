@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from herd.config import TextConfig
-from herd.model.layers import apply_rope, rms_norm
+from herd.model.layers import Linear, apply_rope, rms_norm
 
 
 def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
@@ -32,6 +32,23 @@ def chunked_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | N
     return allowed
 
 
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row: q (B, H, 1, Dh), k/v (B, G, L, Dh), mask (B, 1, 1, L) or None -> (B, H, 1, Dh).
+
+    The same math as scaled_dot_product_attention (scale 1/sqrt(Dh), softmax in float32), written
+    out because for a single query the fused kernel's fixed cost dominates: the H query heads of
+    each KV group become the rows of one small matmul, with no KV repeat.
+    """
+    B, H, _, Dh = q.shape
+    G = k.shape[1]
+    q = q.view(B, G, H // G, Dh)  # query heads grouped by their KV head
+    scores = (q @ k.transpose(2, 3)).float() * Dh ** -0.5  # (B, G, H/G, L)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, L) broadcasts over G, H/G
+    out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # (B, G, H/G, Dh)
+    return out.reshape(B, H, 1, Dh)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
@@ -41,10 +58,10 @@ class Attention(nn.Module):
         self.temperature = cfg.attn_temperature_tuning and not self.use_rope
         self.chunk = cfg.attention_chunk_size if self.use_rope else None
         self.norm_eps, self.floor_scale, self.attn_scale = cfg.norm_eps, cfg.floor_scale, cfg.attn_scale
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def _project(self, x_BTD: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q (B, T, H, Dh), k and v (B, T, G, Dh), with RoPE, QK-norm and temperature as the layer needs;
@@ -102,7 +119,10 @@ class Attention(nn.Module):
             L = int(seen.max())
             keys, values = k_cache[rows, :, :L], v_cache[rows, :, :L]
             mask = (torch.arange(L, device=x_BTD.device)[None, :] < seen[:, None])[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        if T == 1:
+            out = _attend_one(q, keys, values, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

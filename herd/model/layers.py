@@ -67,14 +67,33 @@ def apply_rope(x_BTHD: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tenso
     return out.flatten(-2).type_as(x_BTHD)
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ b). In bfloat16/float16 on a CPU, 8 or more rows are multiplied in float32.
+
+    CPUs without bf16 matrix instructions run half-precision GEMMs ~7x slower than float32 ones;
+    upcasting the weight for the call costs one pass over it. A few rows (decode) stay in half
+    precision: those GEMVs are memory-bound, and reading half the bytes is the win.
+    """
+    if x.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and x.numel() >= 8 * x.shape[-1]:
+        return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+    return F.linear(x, w, b)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) that multiplies with :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x): the dense FFN and the shared expert."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

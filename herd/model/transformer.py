@@ -12,7 +12,7 @@ from torch import nn
 
 from herd.config import TextConfig
 from herd.model.attention import Attention
-from herd.model.layers import RMSNorm, SwiGLU, rope_angles, rope_inv_freq
+from herd.model.layers import Linear, RMSNorm, SwiGLU, rope_angles, rope_inv_freq
 from herd.model.moe import MoE
 
 
@@ -42,7 +42,7 @@ class TextModel(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Not a parameter: derived from the config, rebuilt on whatever device the model lands on.
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)

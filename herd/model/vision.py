@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.config import VisionConfig
+from herd.model.layers import Linear
 
 LN_EPS = 1e-5  # both references build their LayerNorms with torch's default, whatever a config says
 
@@ -50,7 +51,7 @@ class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.wq, self.wk, self.wv, self.wo = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.wq, self.wk, self.wv, self.wo = (Linear(cfg.dim, cfg.dim) for _ in range(4))
 
     def forward(self, x_nPC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         q, k, v = (w(x_nPC).unflatten(-1, (self.n_heads, -1)) for w in (self.wq, self.wk, self.wv))
@@ -63,7 +64,7 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -103,15 +104,15 @@ class VisionModel(nn.Module):
         self.cfg = cfg
         p, d = cfg.patch_size, cfg.dim
         n_patches = (cfg.image_size // p) ** 2
-        self.patch_embed = nn.Linear(3 * p * p, d, bias=False)  # over (channel, row, col)-flattened patches
+        self.patch_embed = Linear(3 * p * p, d, bias=False)  # over (channel, row, col)-flattened patches
         self.class_token = nn.Parameter(torch.zeros(d))
         self.pos_embed = nn.Parameter(torch.zeros(n_patches + 1, d))
         self.norm_pre = nn.LayerNorm(d, eps=LN_EPS)
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_post = nn.LayerNorm(d, eps=LN_EPS)
-        self.adapter_fc1 = nn.Linear(int(d / cfg.pixel_shuffle_ratio ** 2), cfg.projector_input_dim, bias=False)
-        self.adapter_fc2 = nn.Linear(cfg.projector_input_dim, cfg.output_dim, bias=False)
-        self.projector = nn.Linear(cfg.output_dim, text_dim, bias=False)
+        self.adapter_fc1 = Linear(int(d / cfg.pixel_shuffle_ratio ** 2), cfg.projector_input_dim, bias=False)
+        self.adapter_fc2 = Linear(cfg.projector_input_dim, cfg.output_dim, bias=False)
+        self.projector = Linear(cfg.output_dim, text_dim, bias=False)
         cos, sin = vision_rope(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -1,0 +1,179 @@
+"""Prefill and decode speed of herd against transformers on the same weights, in one run.
+
+    python benchmarks/generation.py [--dtypes bfloat16 float32] [--threads 2] [--layers 8] [--experts 16]
+                                    [--prompts 512 4096] [--batches 1 8] [--steps 32] [--llamacpp]
+                                    [--json out.json]
+
+The model: a random Llama 4 of width 1024 (8 heads of 128, 2 KV heads), ``--layers`` layers, every
+layer MoE with ``--experts`` experts of width 1024 (top-1) + shared expert, the real 202,048-token
+vocabulary, chunk 8192 and a NoPE layer every 4th. It is written once as a Hugging Face checkpoint
+(bf16) and loaded by both libraries in each dtype, with the same thread count.
+
+  prefill: tokens/s for one prompt of N tokens (herd: chunked prefill into its KV cache;
+           transformers: one forward with its cache, logits for the last position only);
+  decode:  tokens/s over ``--steps`` greedy steps after a 64-token prompt, for B sequences at once
+           (B x steps / time), both with their KV caches.
+
+``--llamacpp`` also runs ../shared/anchors/llamacpp/bench.sh on the same folder (pp512 / tg128 in
+bf16), which needs llama.cpp built by its build.sh and `pip install gguf sentencepiece protobuf`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import herd  # noqa: E402
+from herd.checkpoint.load import save_hf  # noqa: E402
+from herd.config import MoEConfig, TextConfig, every, rope_layout  # noqa: E402
+from herd.engine.generate import Engine  # noqa: E402
+from herd.llm import init_weights  # noqa: E402
+from herd.model.transformer import TextModel  # noqa: E402
+
+
+def bench_config(layers: int, experts: int) -> TextConfig:
+    return TextConfig(vocab_size=202_048, dim=1024, n_layers=layers, n_heads=8, n_kv_heads=2, head_dim=128,
+                      ffn_dim=4096, uses_rope=rope_layout(layers, 4), is_moe=every(layers, 1),
+                      moe=MoEConfig(experts, 1, 1024), attention_chunk_size=8192, max_seq_len=131_072)
+
+
+def write_checkpoint(cfg: TextConfig, folder: Path) -> Path:
+    if (folder / "config.json").exists():
+        return folder
+    print(f"writing a random {cfg.param_count() / 1e9:.2f}B-parameter checkpoint to {folder} ...", file=sys.stderr)
+    model = init_weights(TextModel(cfg)).to(torch.bfloat16)
+    save_hf(model, folder)
+    tokenizer = ROOT / "benchmarks" / "tokenizer.json"
+    if tokenizer.exists():  # llama.cpp's converter needs one (see ../shared/anchors/llamacpp/make_tokenizer.py)
+        (folder / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    return folder
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def herd_prefill(llm, n: int) -> float:
+    ids = torch.randint(0, 200_000, (n,)).tolist()
+    engine = Engine(llm.model, rows=1, max_len=n + 1, prefill_chunk=llm.prefill_chunk)
+    engine.prefill(0, ids[:64])  # warm-up
+    return n / timed(lambda: engine.prefill(0, ids))
+
+
+@torch.inference_mode()
+def herd_decode(llm, batch: int, steps: int) -> float:
+    engine = Engine(llm.model, rows=batch, max_len=64 + steps + 2)
+    for r in range(batch):
+        engine.prefill(r, torch.randint(0, 200_000, (64,)).tolist())
+    tokens = [1] * batch
+    engine.decode(tokens)  # warm-up
+
+    def run():
+        nonlocal tokens
+        for _ in range(steps):
+            tokens = engine.decode(tokens).argmax(-1).tolist()
+
+    return batch * steps / timed(run)
+
+
+@torch.inference_mode()
+def hf_prefill(model, n: int) -> float:
+    ids = torch.randint(0, 200_000, (1, n))
+    model(ids[:, :64], use_cache=True, logits_to_keep=1)  # warm-up
+    return n / timed(lambda: model(ids, use_cache=True, logits_to_keep=1))
+
+
+@torch.inference_mode()
+def hf_decode(model, batch: int, steps: int) -> float:
+    ids = torch.randint(0, 200_000, (batch, 64))
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    out = model(nxt, past_key_values=cache, use_cache=True)  # warm-up step
+    cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def run():
+        nonlocal cache, nxt
+        for _ in range(steps):
+            o = model(nxt, past_key_values=cache, use_cache=True)
+            cache, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+
+    return batch * steps / timed(run)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--prompts", nargs="+", type=int, default=[512, 4096])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--llamacpp", action="store_true")
+    ap.add_argument("--dir", default=os.environ.get("HERD_BENCH_DIR"), help="checkpoint folder (kept between runs)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = bench_config(args.layers, args.experts)
+    folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp()) / "ckpt"
+    write_checkpoint(cfg, folder)
+    rows = []
+    for dtype in args.dtypes:
+        llm = herd.load(folder, dtype=dtype, progress=False)
+        hf = None
+        if not args.no_transformers:
+            from transformers import Llama4ForCausalLM
+
+            hf = Llama4ForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+        cases = [(f"prefill {n}", lambda n=n: herd_prefill(llm, n), lambda n=n: hf_prefill(hf, n))
+                 for n in args.prompts]
+        cases += [(f"decode batch {b}", lambda b=b: herd_decode(llm, b, args.steps),
+                   lambda b=b: hf_decode(hf, b, args.steps)) for b in args.batches]
+        for name, ours, theirs in cases:
+            print(f"{dtype} {name} ...", file=sys.stderr)
+            row = {"dtype": dtype, "case": name, "herd": ours()}
+            if hf is not None:
+                row["transformers"] = theirs()
+            rows.append(row)
+        del llm, hf
+    if args.llamacpp:
+        script = ROOT.parent / "shared" / "anchors" / "llamacpp" / "bench.sh"
+        out = subprocess.run(["bash", str(script), str(folder), "bf16", str(args.threads)], capture_output=True,
+                             text=True)
+        for line in out.stdout.splitlines():  # "llama.cpp pp512: 2020.0 tokens/s"
+            kind, rate = line.split()[1].rstrip(":"), float(line.split()[2])
+            case = "prefill 512" if kind == "pp512" else "decode batch 1"
+            for row in rows:
+                if row["dtype"] == "bfloat16" and row["case"] == case:
+                    row["llama.cpp"] = rate
+        if out.returncode:
+            print(out.stderr[-2000:], file=sys.stderr)
+    print(f"\n{cfg.n_layers} layers, width {cfg.dim}, {args.experts} experts top-1, vocab {cfg.vocab_size}, "
+          f"{args.threads} threads; tokens/s")
+    print(f"{'dtype':9} {'case':16} {'herd':>9} {'transformers':>13} {'llama.cpp':>10} {'vs tf':>7} {'vs l.cpp':>9}")
+    for r in rows:
+        tf, lc = r.get("transformers"), r.get("llama.cpp")
+        print(f"{r['dtype']:9} {r['case']:16} {r['herd']:9.1f} {tf or float('nan'):13.1f} {lc or float('nan'):10.1f} "
+              f"{r['herd'] / tf if tf else float('nan'):6.2f}x {r['herd'] / lc if lc else float('nan'):8.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
