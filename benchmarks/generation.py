@@ -14,6 +14,11 @@ vocabulary, chunk 8192 and a NoPE layer every 4th. It is written once as a Huggi
   decode:  tokens/s over ``--steps`` greedy steps after a 64-token prompt, for B sequences at once
            (B x steps / time), both with their KV caches.
 
+Then, without transformers: KV-cache bytes of the Scout config at 8K / 128K / 1M tokens against a
+cache that keeps every layer's entries; decode step time of 2-layer models with 16 vs 128 experts
+at equal active parameters (vocabulary 256, so the head does not hide the layers); and a
+"Scout-shaped" 2-layer slice (real widths, 16 experts of 8192) for per-layer prefill/decode cost.
+
 ``--llamacpp`` also runs ../shared/anchors/llamacpp/bench.sh on the same folder (pp512 / tg128 in
 bf16), which needs llama.cpp built by its build.sh and `pip install gguf sentencepiece protobuf`.
 """
@@ -125,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--llamacpp", action="store_true")
+    ap.add_argument("--scout-slice", action="store_true", help="also time 2 Scout-width layers (~9 GB in bf16)")
     ap.add_argument("--dir", default=os.environ.get("HERD_BENCH_DIR"), help="checkpoint folder (kept between runs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -170,9 +176,61 @@ def main(argv=None) -> int:
         tf, lc = r.get("transformers"), r.get("llama.cpp")
         print(f"{r['dtype']:9} {r['case']:16} {r['herd']:9.1f} {tf or float('nan'):13.1f} {lc or float('nan'):10.1f} "
               f"{r['herd'] / tf if tf else float('nan'):6.2f}x {r['herd'] / lc if lc else float('nan'):8.2f}x")
+    extra = extras(args)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": rows, **extra}, indent=1))
     return 0
+
+
+@torch.inference_mode()
+def decode_step_s(model: TextModel, steps: int = 32) -> float:
+    engine = Engine(model, rows=1, max_len=64 + steps + 2)
+    engine.prefill(0, list(range(64)))
+    engine.decode([1])
+    return timed(lambda: [engine.decode([1]) for _ in range(steps)]) / steps
+
+
+def extras(args) -> dict:
+    from herd.config import PRESETS
+    from herd.engine.cache import full_cache_bytes, kv_cache_bytes
+
+    out: dict = {"kv": [], "experts": {}}
+    scout = PRESETS["scout"].text
+    print("\nKV cache, Scout config, bf16, batch 1:")
+    print(f"{'context':>9} {'herd GB':>9} {'all-layer GB':>13} {'ratio':>6} {'herd bytes/token':>17}")
+    for n in (8192, 131072, 1 << 20):
+        ours, full = kv_cache_bytes(scout, n), full_cache_bytes(scout, n)
+        out["kv"].append({"context": n, "herd": ours, "full": full})
+        print(f"{n:9d} {ours / 1e9:9.2f} {full / 1e9:13.2f} {ours / full:6.3f} {ours / n:17.0f}")
+    print(f"\ndecode step, 2 layers of width 1024, vocabulary 256, bf16, {args.threads} threads:")
+    for experts in (16, 128):
+        cfg = bench_config(2, experts)
+        cfg = TextConfig(**{**cfg.__dict__, "vocab_size": 256})
+        model = init_weights(TextModel(cfg)).to(torch.bfloat16).eval()
+        out["experts"][experts] = decode_step_s(model)
+        print(f"  {experts:3d} experts: {out['experts'][experts] * 1e3:6.2f} ms/step")
+        del model
+    ratio = out["experts"][128] / out["experts"][16]
+    print(f"  128 / 16 experts: {ratio:.2f}x")
+    if args.scout_slice:
+        scout2 = TextConfig(**{**scout.__dict__, "n_layers": 2, "uses_rope": (True, False), "is_moe": (True, True),
+                               "vocab_size": 256})
+        print("\nScout-shaped slice (2 layers: width 5120, 40/8 heads, 16 experts of 8192 + shared), bf16 ...",
+              file=sys.stderr)
+        model = TextModel(scout2).to(torch.bfloat16)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        model.eval()
+        step = decode_step_s(model, steps=8)
+        ids = list(range(512))
+        engine = Engine(model, rows=1, max_len=600)
+        engine.prefill(0, ids[:32])
+        prefill = 512 / timed(lambda: engine.prefill(0, ids))
+        out["scout_slice"] = {"decode_step_s": step, "prefill_tok_s": prefill}
+        print(f"Scout-shaped slice, 2 layers, bf16: decode {step * 1e3:.1f} ms/step ({step / 2 * 1e3:.1f} ms per "
+              f"layer), prefill 512 tokens {prefill:.1f} tokens/s")
+    return out
 
 
 if __name__ == "__main__":
