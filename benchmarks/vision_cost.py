@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         # One encoder layer alone, to split the encoder into a per-layer and a fixed part (patch
         # embedding, adapter, projection) for the full-depth estimate.
         x = torch.randn(n_tiles, vision.pos_embed.shape[0], vcfg.dim)
-        t_vlayer = timed(lambda: vision.layers[0](x, vision.rope_cos, vision.rope_sin), repeat=1)
+        t_vlayer = timed(lambda: vision.layers[0](x, vision.rope), repeat=1)
         h = torch.randn(1, T, tcfg.dim) * 0.02
         print(f"prefill: {T} tokens through one text layer ...", file=sys.stderr)
         t_layer = timed(lambda: text.decode_layers(h), repeat=1)

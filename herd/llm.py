@@ -12,7 +12,7 @@ from herd.checkpoint.errors import CheckpointError
 from herd.checkpoint.load import load_model, read_config, save_hf
 from herd.config import PRESETS, ModelConfig, VisionConfig, preset
 from herd.engine import requests
-from herd.engine.cache import kv_cache_bytes
+from herd.engine.cache import cache_dtype, kv_cache_bytes
 from herd.engine.generate import Sampling
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
@@ -79,6 +79,8 @@ class LLM:
         self.tokenizer = copy.copy(tokenizer)
         self.tiler = ImageTiler(config.vision, max_tiles, max_pixels) if vision is not None else None
         self.tokenizer.image_processor, self.tokenizer.max_images = self.tiler, max_images
+        # The KV cache's dtype (settable): float32 on a CPU for half-precision weights, see cache_dtype.
+        self.kv_dtype = cache_dtype(self.dtype, self.device)
 
     @property
     def device(self) -> torch.device:
@@ -109,8 +111,8 @@ class LLM:
     prefill_chunk = 512  # tokens per prefill segment: bounds activation memory for long prompts
 
     def kv_cache_bytes(self, context_len: int, batch: int = 1) -> int:
-        """Bytes of KV cache herd allocates for ``batch`` sequences of ``context_len`` tokens (this dtype)."""
-        return kv_cache_bytes(self.config.text, context_len, batch, self.dtype)
+        """Bytes of KV cache herd allocates for ``batch`` sequences of ``context_len`` tokens (in ``kv_dtype``)."""
+        return kv_cache_bytes(self.config.text, context_len, batch, self.kv_dtype)
 
     def generate(self, prompt, max_new_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: list[str] | None = None):

@@ -10,7 +10,7 @@ import torch
 import herd
 from herd.config import PRESETS
 from herd.engine.cache import full_cache_bytes, kv_cache_bytes
-from herd.engine.generate import full_forward_tokens
+from herd.engine.generate import Engine, full_forward_tokens
 from tests.conftest import tiny_text
 
 PROMPT = "The llama is a domesticated South American camelid. " * 3  # ~40 tokens: 5 chunks of 8
@@ -104,6 +104,25 @@ def test_kv_cache_accounting():
     from herd.engine.cache import KVCache
 
     assert KVCache(llm.config.text, 2, 100, torch.float32, "cpu").nbytes == llm.kv_cache_bytes(100, batch=2)
+
+
+def test_half_precision_cache_dtype_on_cpu():
+    """bf16 weights on a CPU keep a float32 cache by default (fast attention); bf16 on request."""
+    llm = herd.load("tiny-moe", dtype="bfloat16")
+    assert llm.kv_dtype == torch.float32
+    # Rotary tables stay exact whatever dtype the weights are cast to.
+    assert llm.model.inv_freq.dtype == torch.float32 and llm.vision.rope.dtype == torch.complex64
+    assert llm.kv_cache_bytes(100) == kv_cache_bytes(llm.config.text, 100, 1, torch.float32)
+    ids = llm.tokenizer.encode(PROMPT, bos=True)
+    full = llm.model(torch.tensor([ids]))[0, -1]
+    for kv in (torch.float32, torch.bfloat16):
+        engine = Engine(llm.model, rows=1, max_len=len(ids), prefill_chunk=5, kv_dtype=kv)
+        assert engine.cache.k[0].dtype == kv
+        gap = (engine.prefill(0, ids) - full).abs().max() / full.abs().max()
+        assert gap < 1.5e-2, (kv, gap)  # bf16 rounding of the weights and activations, nothing more
+    llm.kv_dtype = torch.bfloat16
+    assert llm.kv_cache_bytes(100) * 2 == kv_cache_bytes(llm.config.text, 100, 1, torch.float32)
+    assert len(llm.generate(ids, max_new_tokens=4).token_ids) == 4
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -389,11 +389,9 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
             source.mapped.drop(part)
         bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in recipe.sources))
     text.load_state_dict({k: v for k, v in state.items() if not k.startswith("vision.")}, strict=True, assign=True)
-    text.reset_buffers(device)
     if encoder is not None:
         encoder.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("vision.")}, strict=True,
                                 assign=True)
-        encoder.reset_buffers(device)
         encoder = encoder.eval().requires_grad_(False)
     return text.eval().requires_grad_(False), encoder
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from herd.engine.cache import KVCache
+from herd.engine.cache import KVCache, cache_dtype
 from herd.model.transformer import TextModel
 
 
@@ -61,12 +61,14 @@ def sample(logits_V: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> 
 
 
 class Engine:
-    """A model plus a KV cache of ``rows`` sequences of up to ``max_len`` tokens."""
+    """A model plus a KV cache of ``rows`` sequences of up to ``max_len`` tokens (``kv_dtype``: see
+    `cache_dtype` for the default)."""
 
-    def __init__(self, model: TextModel, rows: int, max_len: int, prefill_chunk: int = 512):
+    def __init__(self, model: TextModel, rows: int, max_len: int, prefill_chunk: int = 512,
+                 kv_dtype: torch.dtype | None = None):
         w = model.output.weight
         self.model, self.prefill_chunk = model, prefill_chunk
-        self.cache = KVCache(model.cfg, rows, max_len, w.dtype, w.device)
+        self.cache = KVCache(model.cfg, rows, max_len, kv_dtype or cache_dtype(w.dtype, w.device), w.device)
         self.device = w.device
 
     @torch.inference_mode()

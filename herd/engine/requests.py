@@ -124,7 +124,7 @@ def run(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Samp
     """Yield (row, newly visible text, results, trackers) as tokens come; stop strings end a row."""
     check_request(llm, prompts, max_new_tokens, stop)
     engine = Engine(llm.model, rows=len(prompts), max_len=max(len(p.ids) for p in prompts) + max_new_tokens,
-                    prefill_chunk=llm.prefill_chunk)
+                    prefill_chunk=llm.prefill_chunk, kv_dtype=llm.kv_dtype)
     trackers = [_TextTracker(llm, stop or ()) for _ in prompts]
     images = [(p.image_mask, p.image_features) if p.image_mask is not None else None for p in prompts]
     for row, token, results in generate_rows(engine, [p.ids for p in prompts], max_new_tokens,

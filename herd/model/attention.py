@@ -36,8 +36,8 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     """One query per row: q (B, H, 1, Dh), k/v (B, G, L, Dh), mask (B, 1, 1, L) or None -> (B, H, 1, Dh).
 
     The same math as scaled_dot_product_attention (scale 1/sqrt(Dh), softmax in float32), written
-    out because for a single query the fused kernel's fixed cost dominates: the H query heads of
-    each KV group become the rows of one small matmul, with no KV repeat.
+    out because for one query over many keys the fused CPU kernel is slower (1.4x at 8192 keys, 2x
+    at batch 8): the H query heads of each KV group become the rows of one matmul, no KV repeat.
     """
     B, H, _, Dh = q.shape
     G = k.shape[1]
@@ -63,15 +63,15 @@ class Attention(nn.Module):
         self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def _project(self, x_BTD: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _project(self, x_BTD: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor):
         """q (B, T, H, Dh), k and v (B, T, G, Dh), with RoPE, QK-norm and temperature as the layer needs;
-        positions [1 or B, T] and cos/sin [1 or B, T, Dh/2] give each token's absolute position."""
+        positions [1 or B, T] and rot [1 or B, T, Dh/2] (complex) give each token's absolute position."""
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, rot), apply_rope(k, rot)
         if self.use_qk_norm:  # per head, over Dh, after RoPE
             q, k = rms_norm(q, self.norm_eps), rms_norm(k, self.norm_eps)
         if self.temperature:
@@ -79,16 +79,15 @@ class Attention(nn.Module):
             q = q * scale.view(scale.shape[0], T, 1, 1).to(q.dtype)
         return q, k, v
 
-    def forward(self, x_BTD: torch.Tensor, positions_T: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, positions_T: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         """Full causal forward over a sequence that starts at positions_T[0] == 0 (no cache)."""
         B, T, _ = x_BTD.shape
-        q, k, v = self._project(x_BTD, positions_T[None], *rope)
+        q, k, v = self._project(x_BTD, positions_T[None], rot)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|G, T, Dh)
         out = self._attend(q, k, v)  # (B, H, T, Dh)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def forward_cached(self, x_BTD: torch.Tensor, pos_BT: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def forward_cached(self, x_BTD: torch.Tensor, pos_BT: torch.Tensor, rot: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor, rows: slice) -> torch.Tensor:
         """Attention for new tokens of cached sequences; their K/V are written into the cache first.
 
@@ -99,7 +98,7 @@ class Attention(nn.Module):
         slice keeps every cache read a view, never a copy of the context.
         """
         B, T, _ = x_BTD.shape
-        q, k, v = self._project(x_BTD, pos_BT, *rope)
+        q, k, v = (t.to(k_cache.dtype) for t in self._project(x_BTD, pos_BT, rot))  # attention in the cache's dtype
         slots = pos_BT % self.chunk if self.chunk is not None else pos_BT  # (B, T)
         # (R, S, G, Dh) views of the buffers: one index_put writes every new token of every row.
         row_ids = torch.arange(rows.start, rows.stop, device=x_BTD.device)[:, None]
@@ -119,11 +118,11 @@ class Attention(nn.Module):
             L = int(seen.max())
             keys, values = k_cache[rows, :, :L], v_cache[rows, :, :L]
             mask = (torch.arange(L, device=x_BTD.device)[None, :] < seen[:, None])[:, None, None, :]
-        if T == 1:
+        if T == 1 and B * L > 1024:  # measured crossover on CPU: the fused kernel wins below it
             out = _attend_one(q, keys, values, mask)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim).to(x_BTD.dtype))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         C, T = self.chunk, q.shape[2]

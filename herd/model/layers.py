@@ -16,9 +16,9 @@ from herd.config import RopeScaling
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Weightless RMS norm over the last dim, computed in float32 and cast back (Meta and HF both do)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    """Weightless RMS norm over the last dim, computed in float32 and cast back (Meta and HF both do):
+    x * rsqrt(mean(x^2) + eps), as torch's one op."""
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -52,19 +52,18 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     return scaled
 
 
-def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [..., Dh/2] for integer positions [...]: computed on demand, never tabled to max length."""
+def rope_rotations(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Unit complex numbers e^(i p f) [..., Dh/2] for integer positions [...]: computed on demand,
+    never tabled to the maximum length."""
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x_BTHD: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) — Meta's complex form, not the half-split one."""
-    xf = x_BTHD.float().unflatten(-1, (-1, 2))  # (B, T, H, Dh/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos_BTd[:, :, None, :], sin_BTd[:, :, None, :]  # broadcast over heads
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x_BTHD)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of x [..., T, H, Dh] by rot [..., T, Dh/2] (complex64),
+    in float32 — Meta's complex form, not the half-split one. Broadcasts over the heads."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., T, H, Dh/2)
+    return torch.view_as_real(xc * rot.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

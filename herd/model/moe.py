@@ -81,11 +81,10 @@ class MoE(nn.Module):
     def _few(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
         # Decode: a handful of (token, expert) pairs. One host sync for the ids, then each pair's
         # expert reads only its own weights; no sort, no scatter.
-        out = torch.zeros_like(x_ND)
-        for (n, k), e in zip(((n, k) for n in range(ids_NK.shape[0]) for k in range(ids_NK.shape[1])),
-                             ids_NK.flatten().tolist()):
-            out[n] += self.experts.one(e, x_ND[n:n + 1] * scores_NK[n, k])[0]
-        return out
+        x_in = x_ND[:, None] * scores_NK[:, :, None]  # (N, K, D): the score scales the expert input
+        K = ids_NK.shape[1]
+        rows = [self.experts.one(e, x_in[i // K, i % K, None]) for i, e in enumerate(ids_NK.flatten().tolist())]
+        return torch.cat(rows).view(-1, K, x_ND.shape[1]).sum(1)  # (N, D)
 
     def _dense(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
         E = self.experts.w1.shape[0]

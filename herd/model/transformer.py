@@ -12,7 +12,7 @@ from torch import nn
 
 from herd.config import TextConfig
 from herd.model.attention import Attention
-from herd.model.layers import Linear, RMSNorm, SwiGLU, rope_angles, rope_inv_freq
+from herd.model.layers import Linear, RMSNorm, SwiGLU, rope_rotations, rope_inv_freq
 from herd.model.moe import MoE
 
 
@@ -24,12 +24,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MoE(cfg.dim, cfg.moe) if cfg.is_moe[layer] else SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x_BTD, positions_T, rope):
-        h = x_BTD + self.attention(self.attention_norm(x_BTD), positions_T, rope)
+    def forward(self, x_BTD, positions_T, rot):
+        h = x_BTD + self.attention(self.attention_norm(x_BTD), positions_T, rot)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward_cached(self, x_BTD, pos_BT, rope, k_cache, v_cache, rows: slice):
-        h = x_BTD + self.attention.forward_cached(self.attention_norm(x_BTD), pos_BT, rope, k_cache, v_cache, rows)
+    def forward_cached(self, x_BTD, pos_BT, rot, k_cache, v_cache, rows: slice):
+        h = x_BTD + self.attention.forward_cached(self.attention_norm(x_BTD), pos_BT, rot, k_cache, v_cache, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -43,14 +43,9 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
-        # Not a parameter: derived from the config, rebuilt on whatever device the model lands on.
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-                             persistent=False)
-
-    def reset_buffers(self, device: str | torch.device) -> None:
-        """Recompute derived buffers on ``device`` (after building on the meta device)."""
-        cfg = self.cfg
-        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+        # Derived from the config, float32 on the CPU, and deliberately not a buffer: Module.to(dtype)
+        # would round it to bf16, and building on the meta device would leave it empty.
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, tokens_BT: torch.Tensor, image_mask_BT: torch.Tensor | None = None,
                 image_features_ND: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,19 +64,18 @@ class TextModel(nn.Module):
     def decode_cached(self, h_BTD: torch.Tensor, pos_BT: torch.Tensor, k_caches: list[torch.Tensor],
                       v_caches: list[torch.Tensor], rows: slice) -> torch.Tensor:
         """All blocks over new tokens of cached sequences (see Attention.forward_cached); hidden [B, T, D]."""
-        cos, sin = rope_angles(pos_BT, self.inv_freq)  # (B, T, Dh/2)
+        rot = rope_rotations(pos_BT, self.inv_freq)  # (B, T, Dh/2)
         for layer, k, v in zip(self.layers, k_caches, v_caches):
-            h_BTD = layer.forward_cached(h_BTD, pos_BT, (cos, sin), k, v, rows)
+            h_BTD = layer.forward_cached(h_BTD, pos_BT, rot, k, v, rows)
         return h_BTD
 
     def decode_layers(self, h_BTD: torch.Tensor) -> torch.Tensor:
         """All decoder blocks over embeddings [B, T, D] that start at position 0."""
         T = h_BTD.shape[1]
         positions = torch.arange(T, device=h_BTD.device)
-        cos, sin = rope_angles(positions, self.inv_freq)
-        rope = (cos[None], sin[None])  # (1, T, Dh/2), shared by every RoPE layer
+        rot = rope_rotations(positions, self.inv_freq)[None]  # (1, T, Dh/2), shared by every RoPE layer
         for layer in self.layers:
-            h_BTD = layer(h_BTD, positions, rope)
+            h_BTD = layer(h_BTD, positions, rot)
         return h_BTD
 
     def head(self, h_BTD: torch.Tensor) -> torch.Tensor:

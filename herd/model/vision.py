@@ -18,33 +18,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.config import VisionConfig
-from herd.model.layers import Linear
+from herd.model.layers import Linear, apply_rope
 
 LN_EPS = 1e-5  # both references build their LayerNorms with torch's default, whatever a config says
 
 
-def vision_rope(cfg: VisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [P+1, Dh/2] for the 2-D rotary embedding; the class token (last) is not rotated.
+def vision_rope(cfg: VisionConfig) -> torch.Tensor:
+    """Rotations [P+1, Dh/2] (complex64) for the 2-D rotary embedding; the class token (last) is not rotated.
 
     The first Dh/4 rotated pairs of each head turn with the patch's column, the next Dh/4 with its
     row, both counted from 1; frequencies theta^(-4k/Dh). This is the references' axial RoPE.
     """
     side = cfg.image_size // cfg.patch_size
     head_dim = cfg.dim // cfg.n_heads
-    idx = torch.arange(side * side)
+    idx = torch.arange(side * side, device="cpu")  # real values even inside a meta-device context
     col, row = (idx % side + 1).float(), (idx // side + 1).float()
-    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim // 2, 2)[: head_dim // 4].float() / (head_dim // 2))
+    steps = torch.arange(0, head_dim // 2, 2, device="cpu")[: head_dim // 4].float()
+    inv = 1.0 / cfg.rope_theta ** (steps / (head_dim // 2))
     angles = torch.cat([col[:, None] * inv, row[:, None] * inv], dim=-1)  # [P, Dh/2]
-    angles = torch.cat([angles, torch.zeros(1, angles.shape[1])])  # class token: angle 0
-    return angles.cos(), angles.sin()
-
-
-def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of x [n, P, Hv, Dh] by angles [P, Dh/2], in float32."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    a, b = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
+    angles = torch.cat([angles, torch.zeros(1, angles.shape[1], device="cpu")])  # class token: angle 0
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 class VisionAttention(nn.Module):
@@ -53,9 +46,9 @@ class VisionAttention(nn.Module):
         self.n_heads = cfg.n_heads
         self.wq, self.wk, self.wv, self.wo = (Linear(cfg.dim, cfg.dim) for _ in range(4))
 
-    def forward(self, x_nPC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_nPC: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         q, k, v = (w(x_nPC).unflatten(-1, (self.n_heads, -1)) for w in (self.wq, self.wk, self.wv))
-        q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
         # Every patch sees every patch of its tile (no mask); scale 1/sqrt(Dh).
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.wo(out.transpose(1, 2).flatten(2))
@@ -77,8 +70,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMLP(cfg.dim, cfg.mlp_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin)
+    def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rot)
         return x + self.mlp(self.norm2(x))
 
 
@@ -113,14 +106,7 @@ class VisionModel(nn.Module):
         self.adapter_fc1 = Linear(int(d / cfg.pixel_shuffle_ratio ** 2), cfg.projector_input_dim, bias=False)
         self.adapter_fc2 = Linear(cfg.projector_input_dim, cfg.output_dim, bias=False)
         self.projector = Linear(cfg.output_dim, text_dim, bias=False)
-        cos, sin = vision_rope(cfg)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-
-    def reset_buffers(self, device: torch.device | str) -> None:
-        """Recompute the rotary tables (needed after building on the meta device)."""
-        cos, sin = vision_rope(self.cfg)
-        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        self.rope = vision_rope(cfg)  # complex64 on the CPU, not a buffer (as TextModel.inv_freq)
 
     @property
     def tokens_per_tile(self) -> int:
@@ -135,8 +121,9 @@ class VisionModel(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [n, P, C], patches in row-major order
         x = torch.cat([x, self.class_token.expand(x.shape[0], 1, -1)], dim=1)  # class token last
         x = self.norm_pre(x + self.pos_embed)
+        rot = self.rope.to(x.device)
         for layer in self.layers:
-            x = layer(x, self.rope_cos, self.rope_sin)
+            x = layer(x, rot)
         x = self.norm_post(x)[:, :-1]  # [n, P, C]
         x = pixel_shuffle(x, self.cfg.pixel_shuffle_ratio)  # [n, Q, C/r²]
         x = F.gelu(self.adapter_fc2(F.gelu(self.adapter_fc1(x))))  # [n, Q, output_dim]
