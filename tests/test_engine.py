@@ -114,12 +114,13 @@ def test_half_precision_cache_dtype_on_cpu():
     assert llm.model.inv_freq.dtype == torch.float32 and llm.vision.rope.dtype == torch.complex64
     assert llm.kv_cache_bytes(100) == kv_cache_bytes(llm.config.text, 100, 1, torch.float32)
     ids = llm.tokenizer.encode(PROMPT, bos=True)
-    full = llm.model(torch.tensor([ids]))[0, -1]
+    exact = herd.load("tiny-moe").model(torch.tensor([ids]))[0, -1]  # same weights in float32
+    gap = lambda logits: float((logits - exact).abs().max() / exact.abs().max())  # noqa: E731
+    assert gap(llm.model(torch.tensor([ids]))[0, -1]) < 3e-2  # bf16 full forward: ~0.7-1% here
     for kv in (torch.float32, torch.bfloat16):
         engine = Engine(llm.model, rows=1, max_len=len(ids), prefill_chunk=5, kv_dtype=kv)
         assert engine.cache.k[0].dtype == kv
-        gap = (engine.prefill(0, ids) - full).abs().max() / full.abs().max()
-        assert gap < 1.5e-2, (kv, gap)  # bf16 rounding of the weights and activations, nothing more
+        assert gap(engine.prefill(0, ids)) < 3e-2, kv  # the same bf16 rounding, nothing more
     llm.kv_dtype = torch.bfloat16
     assert llm.kv_cache_bytes(100) * 2 == kv_cache_bytes(llm.config.text, 100, 1, torch.float32)
     assert len(llm.generate(ids, max_new_tokens=4).token_ids) == 4
