@@ -112,6 +112,28 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+    from pathlib import Path
+
+    import uvicorn
+
+    from herd.serve.app import ServeOptions, create_app
+
+    llm = _load(args)
+    key = args.api_key or os.environ.get("HERD_API_KEY") or None
+    name = args.served_model_name or (args.model if args.model.strip("/").count("/") == 0 else
+                                      Path(args.model).name)
+    options = ServeOptions(name, key, args.max_batch, args.max_queue, args.max_context, args.max_body_mb << 20,
+                           args.allow_images_from)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
+        print(f"herd: WARNING: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    print(f"herd: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1)", file=sys.stderr)
+    uvicorn.run(create_app(llm, options), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="herd", description="Llama 4 (Scout, Maverick, Behemoth) in plain PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -135,6 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="cpu")
     c.set_defaults(func=cmd_chat)
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming, tools)")
+    s.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"checkpoint folder or preset (default: {DEFAULT_MODEL}, random weights)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set HERD_API_KEY)")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    s.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond the batch; then 429")
+    s.add_argument("--max-context", type=int, default=8192, help="tokens per sequence (prompt + reply)")
+    s.add_argument("--max-body-mb", type=int, default=32, help="largest request body (413 beyond)")
+    s.add_argument("--allow-images-from", default=None, metavar="DIR",
+                   help="let file:// image URLs read images below DIR (off by default)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--log-level", default="warning")
+    s.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="config and parameter counts of a checkpoint or preset (no weights read)")
     i.add_argument("model")

@@ -108,7 +108,9 @@ class LLM:
             raise ValueError(f"input_ids must be in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
         return ids.to(device=self.device, dtype=torch.long)
 
-    prefill_chunk = 512  # tokens per prefill segment: bounds activation memory for long prompts
+    # Tokens per prefill segment (bounds activation memory for long prompts); None: 512 on a CPU,
+    # 4096 on a GPU (see Engine).
+    prefill_chunk: int | None = None
 
     def kv_cache_bytes(self, context_len: int, batch: int = 1) -> int:
         """Bytes of KV cache herd allocates for ``batch`` sequences of ``context_len`` tokens (in ``kv_dtype``)."""

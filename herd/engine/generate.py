@@ -3,8 +3,8 @@
 `Engine` owns a KVCache with a row per sequence. `prefill(row, ...)` runs a prompt through the
 model in segments (never more than `prefill_chunk` tokens, never across an attention-chunk
 boundary, so no T x T mask or score matrix exists for long prompts); `decode(tokens)` advances
-every row by one token at its own position. `generate_rows` is the loop over both that
-`LLM.generate` / `LLM.stream` and (later) the server consume.
+every row by one token at its own position. `herd.engine.batch.Batcher` is the loop over both
+that `LLM.generate` / `LLM.stream` and the server drive.
 
 `full_forward_tokens` is the slow reference: a full forward per new token, no cache. The cached
 engine must reproduce it token for token (tests/test_engine.py).
@@ -12,9 +12,8 @@ engine must reproduce it token for token (tests/test_engine.py).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -64,10 +63,13 @@ class Engine:
     """A model plus a KV cache of ``rows`` sequences of up to ``max_len`` tokens (``kv_dtype``: see
     `cache_dtype` for the default)."""
 
-    def __init__(self, model: TextModel, rows: int, max_len: int, prefill_chunk: int = 512,
+    def __init__(self, model: TextModel, rows: int, max_len: int, prefill_chunk: int | None = None,
                  kv_dtype: torch.dtype | None = None):
         w = model.output.weight
-        self.model, self.prefill_chunk = model, prefill_chunk
+        # Longer segments amortise a GPU's per-call costs; on a CPU 512 is as fast and keeps
+        # activations small.
+        self.model = model
+        self.prefill_chunk = prefill_chunk or (512 if w.device.type == "cpu" else 4096)
         self.cache = KVCache(model.cfg, rows, max_len, kv_dtype or cache_dtype(w.dtype, w.device), w.device)
         self.device = w.device
 
@@ -118,55 +120,14 @@ class Engine:
             self.cache.lengths[r] += 1
         return self.model.head(h[:, -1])
 
-
-@dataclass
-class RowResult:
-    """New token ids of one sequence and why it ended."""
-
-    token_ids: list[int] = field(default_factory=list)
-    stop_reason: str | None = None  # "stop" (a stop token) or "length"; None while running
-    prefill_s: float = 0.0
-
-
-def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: frozenset[int],
-                  sampling: Sampling, images: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
-                  ) -> Iterator[tuple[int, int, list[RowResult]]]:
-    """Generate for every prompt at once (rows 0..n-1 of the engine's cache).
-
-    Yields (row, token id, results) for each new token as it is chosen; a row stops at a stop id
-    (included in its tokens) or after max_new_tokens. Finished rows keep a seat in the batch (their
-    steps are wasted) until every row is done.
-    """
-    n = len(prompts)
-    gens = [torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
-            for _ in range(n)]
-    results = [RowResult() for _ in range(n)]
-    last = []
-    for r, prompt in enumerate(prompts):
-        t0 = time.perf_counter()
-        mask, feats = images[r] if images and images[r] is not None else (None, None)
-        logits = engine.prefill(r, prompt, mask, feats)
-        results[r].prefill_s = time.perf_counter() - t0
-        last.append(sample(logits.cpu(), sampling, gens[r]))
-    while True:
-        for r in range(n):
-            if results[r].stop_reason is None:
-                results[r].token_ids.append(last[r])
-                if last[r] in stop_ids:
-                    results[r].stop_reason = "stop"
-                elif len(results[r].token_ids) >= max_new_tokens:
-                    results[r].stop_reason = "length"
-                yield r, last[r], results
-        running = [r for r in range(n) if results[r].stop_reason is None]
-        if not running:
-            return
-        for r in range(n):  # a finished row rewrites its last slot: harmless, and keeps shapes fixed
-            if results[r].stop_reason is not None:
-                engine.cache.lengths[r] -= 1
-        logits = engine.decode(last).cpu()
-        for r in range(n):
-            if results[r].stop_reason is None:
-                last[r] = sample(logits[r], sampling, gens[r])
+    def move_row(self, src: int, dst: int) -> None:
+        """Move a sequence from cache row ``src`` to row ``dst`` (its filled entries only)."""
+        n = self.cache.lengths[src]
+        for k, v in zip(self.cache.k, self.cache.v):
+            filled = min(n, k.shape[2])
+            k[dst, :, :filled] = k[src, :, :filled]
+            v[dst, :, :filled] = v[src, :, :filled]
+        self.cache.lengths[dst], self.cache.lengths[src] = n, 0
 
 
 @torch.inference_mode()

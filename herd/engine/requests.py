@@ -4,15 +4,14 @@ engine work, and from engine tokens back to text: the typed boundary `LLM.genera
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from herd.engine.generate import Engine, RowResult, Sampling, generate_rows
-from herd.tokenizer.tokenizer import StreamDecoder
+from herd.engine.batch import Batcher, Job
+from herd.engine.generate import Engine, Sampling
 
 if TYPE_CHECKING:
     from herd.llm import LLM
@@ -63,11 +62,7 @@ def prepare(llm: LLM, prompt: Any) -> Prompt:
                          f"got {type(prompt).__name__ if prompt is not None else None!r}"
                          + (" (empty)" if isinstance(prompt, Sequence) else ""))
     if all(isinstance(p, Mapping) for p in prompt):
-        ids = tok.apply_chat_template(prompt, add_generation_prompt=True)
-        if ids.pixel_values is None:
-            return Prompt(list(ids))
-        mask = torch.tensor(list(ids)) == tok.token_id("<|patch|>")
-        return Prompt(list(ids), mask, llm.image_features(ids.pixel_values, int(mask.sum())))
+        return chat_prompt(llm, tok.apply_chat_template(prompt, add_generation_prompt=True))
     if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
         V = llm.config.text.vocab_size
         bad = [p for p in prompt if not 0 <= p < V]
@@ -77,6 +72,14 @@ def prepare(llm: LLM, prompt: Any) -> Prompt:
             raise ValueError("token ids hold <|patch|> tokens: pass chat messages with the images instead")
         return Prompt(list(prompt))
     raise ValueError("prompt must be a string, a list of token ids, or a list of chat message dicts")
+
+
+def chat_prompt(llm: LLM, ids) -> Prompt:
+    """Chat ids (a ChatIds, maybe with images) -> Prompt, running the vision encoder on the images."""
+    if ids.pixel_values is None:
+        return Prompt(list(ids))
+    mask = torch.tensor(list(ids)) == llm.tokenizer.token_id("<|patch|>")
+    return Prompt(list(ids), mask, llm.image_features(ids.pixel_values, int(mask.sum())))
 
 
 def check_request(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, stop: Sequence[str] | None) -> None:
@@ -91,64 +94,39 @@ def check_request(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, stop
                              f"model's context of {limit} tokens")
 
 
-class _TextTracker:
-    """Incremental text of one row, holding back what could still become a stop string."""
-
-    def __init__(self, llm: LLM, stop: Sequence[str]):
-        self.decoder, self.stop, self.stop_ids = StreamDecoder(llm.tokenizer), list(stop), llm.tokenizer.stop_ids
-        self.text, self.sent, self.hit = "", 0, False
-
-    def push(self, token: int) -> str:
-        """Add a token; return the text that is now safe to show."""
-        if token not in self.stop_ids:
-            self.text += self.decoder.push(token)
-        for s in self.stop:
-            at = self.text.find(s)
-            if at >= 0:
-                self.text, self.hit = self.text[:at], True
-        hold = 0 if self.hit else max((len(s) - 1 for s in self.stop), default=0)
-        ready = self.text[self.sent:max(self.sent, len(self.text) - hold)]
-        self.sent += len(ready)
-        return ready
-
-    def finish(self) -> str:
-        if not self.hit:
-            self.text += self.decoder.flush()
-        rest = self.text[self.sent:]
-        self.sent = len(self.text)
-        return rest
-
-
-def run(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling,
-        stop: Sequence[str] | None) -> Iterator[tuple[int, str, list[RowResult], list[_TextTracker]]]:
-    """Yield (row, newly visible text, results, trackers) as tokens come; stop strings end a row."""
+def run(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling, stop: Sequence[str] | None,
+        ) -> Iterator[tuple[int, str]]:
+    """Yield (prompt index, newly final text) as tokens come; returns the finished Jobs
+    (StopIteration.value). All prompts join one batch; each leaves it when it ends."""
     check_request(llm, prompts, max_new_tokens, stop)
     engine = Engine(llm.model, rows=len(prompts), max_len=max(len(p.ids) for p in prompts) + max_new_tokens,
                     prefill_chunk=llm.prefill_chunk, kv_dtype=llm.kv_dtype)
-    trackers = [_TextTracker(llm, stop or ()) for _ in prompts]
-    images = [(p.image_mask, p.image_features) if p.image_mask is not None else None for p in prompts]
-    for row, token, results in generate_rows(engine, [p.ids for p in prompts], max_new_tokens,
-                                             llm.tokenizer.stop_ids, sampling, images):
-        piece = trackers[row].push(token)
-        if trackers[row].hit:
-            results[row].stop_reason = "stop"
-        if results[row].stop_reason is not None:
-            piece += trackers[row].finish()
-        yield row, piece, results, trackers
+    batcher = Batcher(engine, llm.tokenizer)
+    pieces: list[tuple[int, str]] = []
+    jobs = [Job(p.ids, max_new_tokens, sampling, stop or (), image_mask=p.image_mask, image_features=p.image_features,
+                on_event=lambda job, text, i=i: pieces.append((i, text))) for i, p in enumerate(prompts)]
+    for job in jobs:
+        batcher.add(job)
+        yield from _drain(pieces)
+    while batcher.seats:
+        batcher.step()
+        yield from _drain(pieces)
+    return jobs
+
+
+def _drain(pieces: list[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+    for i, text in pieces:
+        if text:
+            yield i, text
+    pieces.clear()
 
 
 def stream(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling,
            stop: Sequence[str] | None) -> Iterator[tuple[int, str]]:
     """Yield (row, text piece) as text becomes final; returns the Generations (StopIteration.value)."""
-    start = time.perf_counter()
-    results, trackers = [], []
-    for row, piece, results, trackers in run(llm, prompts, max_new_tokens, sampling, stop):
-        if piece:
-            yield row, piece
-    total = time.perf_counter() - start
-    prefill = sum(r.prefill_s for r in results)
-    return [Generation(r.token_ids, t.text, r.stop_reason, len(p.ids), r.prefill_s, total - prefill)
-            for r, t, p in zip(results, trackers, prompts)]
+    jobs = yield from run(llm, prompts, max_new_tokens, sampling, stop)
+    return [Generation(j.token_ids, j.text, j.stop_reason, len(p.ids), j.prefill_s, j.decode_s)
+            for j, p in zip(jobs, prompts)]
 
 
 def generate(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling,

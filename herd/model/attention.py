@@ -12,10 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from herd.config import TextConfig
 from herd.model.layers import Linear, apply_rope, rms_norm
+
+
+_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
@@ -118,8 +122,13 @@ class Attention(nn.Module):
             L = int(seen.max())
             keys, values = k_cache[rows, :, :L], v_cache[rows, :, :L]
             mask = (torch.arange(L, device=x_BTD.device)[None, :] < seen[:, None])[:, None, None, :]
-        if T == 1 and B * L > 1024:  # measured crossover on CPU: the fused kernel wins below it
+        if T == 1 and (q.device.type != "cpu" or B * L > 1024):  # CPU: the fused kernel wins below that
             out = _attend_one(q, keys, values, mask)
+        elif q.device.type == "cuda":
+            # Not cuDNN's kernel: it builds a plan for every new shape (~6 ms on an H100), and a
+            # cache's key length changes with every segment.
+            with sdpa_kernel(_CUDA_SDPA):
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim).to(x_BTD.dtype))

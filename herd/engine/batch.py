@@ -1,0 +1,182 @@
+"""Continuous batching: sequences join a running batch, decode together one token per step, and
+leave the moment they finish — the loop behind `llm.generate` (all prompts join at once) and
+`herd serve` (requests join and leave between steps).
+
+Cache rows are kept packed: the batch's sequences occupy rows 0..n-1, so every decode step reads
+the cache through slices (views, never copies of the context). When a sequence leaves, the last
+one moves into its row (a copy of that row's filled entries only).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from herd.engine.generate import Engine, Sampling, sample
+from herd.tokenizer.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability under the model, and the ``top`` most likely tokens'."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Job:
+    """One sequence to generate: what to do, and (filled as it runs) what happened.
+
+    ``on_event(job, text)`` is called with each piece of newly final text (possibly "") after every
+    token, and once more when the job ends (``job.stop_reason`` set). Set ``cancelled`` from any
+    thread to make the job leave the batch at the next step (stop_reason "cancelled").
+    """
+
+    ids: list[int]
+    max_new_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: Sequence[str] = ()
+    logprobs: int | None = None  # None: off; k: the chosen token's and the top k (0..20) log-probabilities
+    image_mask: torch.Tensor | None = None
+    image_features: torch.Tensor | None = None
+    on_event: Callable[[Job, str], None] | None = None
+    cancelled: bool = False
+    # results
+    token_ids: list[int] = field(default_factory=list)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    text: str = ""
+    stop_reason: str | None = None  # "stop" (stop token or string), "length", "cancelled", "error"
+    error: str | None = None
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+class _Text:
+    """Incremental text of one job, holding back what could still become a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
+        self.decoder, self.stop, self.stop_ids = StreamDecoder(tokenizer), list(stop), tokenizer.stop_ids
+        self.text, self.sent, self.hit = "", 0, False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text that is now safe to show."""
+        if token not in self.stop_ids:
+            self.text += self.decoder.push(token)
+        for s in self.stop:
+            at = self.text.find(s)
+            if at >= 0:
+                self.text, self.hit = self.text[:at], True
+        hold = 0 if self.hit else max((len(s) - 1 for s in self.stop), default=0)
+        return self._release(len(self.text) - hold)
+
+    def finish(self) -> str:
+        if not self.hit:
+            self.text += self.decoder.flush()
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        ready = self.text[self.sent:max(self.sent, upto)]
+        self.sent += len(ready)
+        return ready
+
+
+@dataclass
+class _Seat:
+    job: Job
+    text: _Text
+    gen: torch.Generator | None
+    last: int = -1
+    started: float = 0.0
+
+
+class Batcher:
+    """Drives an Engine: `add` prefills a job into the next free row and picks its first token;
+    `step` decodes every seated job by one token. Not thread-safe: one thread calls both."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.seats: list[_Seat] = []  # seats[i] owns cache row i
+
+    @property
+    def free(self) -> int:
+        return self.engine.cache.rows - len(self.seats)
+
+    def add(self, job: Job) -> None:
+        """Prefill ``job`` and choose its first token (it may finish at once). Errors end the job
+        with stop_reason "error" and leave the batch as it was."""
+        if not self.free:
+            raise RuntimeError("no free row in the batch")
+        if len(job.ids) + job.max_new_tokens > self.engine.cache.max_len:
+            return self._end(job, None, "error", f"{len(job.ids)} prompt tokens + max_new_tokens "
+                             f"{job.max_new_tokens} exceed the engine's context of {self.engine.cache.max_len}")
+        s = job.sampling
+        seat = _Seat(job, _Text(self.tokenizer, job.stop),
+                     torch.Generator().manual_seed(s.seed) if s.seed is not None else None)
+        row = len(self.seats)
+        start = time.perf_counter()
+        logits = self.engine.prefill(row, job.ids, job.image_mask, job.image_features)
+        job.prefill_s = time.perf_counter() - start
+        seat.started = time.perf_counter()
+        self.seats.append(seat)
+        self._choose(seat, logits.float().cpu())
+        self._leave_finished()
+
+    def step(self) -> None:
+        """One decode step for every seated job; finished and cancelled jobs leave."""
+        for seat in self.seats:
+            if seat.job.cancelled and seat.job.stop_reason is None:
+                self._end(seat.job, seat, "cancelled")
+        self._leave_finished()
+        if not self.seats:
+            return
+        logits = self.engine.decode([seat.last for seat in self.seats]).float().cpu()
+        for seat, row in zip(self.seats, logits):
+            self._choose(seat, row)
+        self._leave_finished()
+
+    def _choose(self, seat: _Seat, logits_V: torch.Tensor) -> None:
+        job = seat.job
+        token = sample(logits_V, job.sampling, seat.gen)
+        seat.last = token
+        job.token_ids.append(token)
+        if job.logprobs is not None:
+            lp = torch.log_softmax(logits_V, dim=-1)
+            top = torch.topk(lp, job.logprobs) if job.logprobs else None
+            job.token_logprobs.append(TokenLogprob(token, float(lp[token]), list(zip(
+                top.indices.tolist(), top.values.tolist())) if top is not None else []))
+        piece = seat.text.push(token)
+        if seat.text.hit or token in self.tokenizer.stop_ids:
+            reason = "stop"
+        elif len(job.token_ids) >= job.max_new_tokens:
+            reason = "length"
+        else:
+            job.text = seat.text.text
+            if job.on_event is not None:
+                job.on_event(job, piece)
+            return
+        self._end(job, seat, reason, piece=piece)
+
+    def _end(self, job: Job, seat: _Seat | None, reason: str, error: str | None = None, piece: str = "") -> None:
+        if seat is not None:
+            piece += seat.text.finish()
+            job.text = seat.text.text
+            job.decode_s = time.perf_counter() - seat.started
+        job.stop_reason, job.error = reason, error
+        if job.on_event is not None:
+            job.on_event(job, piece)
+
+    def _leave_finished(self) -> None:
+        kept = [s for s in self.seats if s.job.stop_reason is None]
+        if len(kept) == len(self.seats):
+            return
+        # Pack the survivors into rows 0..n-1, moving each only if its row changes.
+        old_row = {id(s): i for i, s in enumerate(self.seats)}
+        for new, seat in enumerate(kept):
+            if old_row[id(seat)] != new:
+                self.engine.move_row(old_row[id(seat)], new)
+        self.seats = kept

@@ -1,0 +1,500 @@
+"""`herd serve`: an OpenAI-compatible HTTP API over one loaded model (FastAPI + uvicorn).
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (both with ``stream``), GET /v1/models,
+GET /health, GET /metrics (Prometheus text). Every error has OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``, and never carries a stack trace.
+
+Requests are checked completely (JSON, fields, images, context) before they queue; the engine
+loop (scheduler.py) batches all running requests into shared decode steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from herd.engine.batch import Job
+from herd.engine.generate import Sampling
+from herd.engine.requests import Prompt, chat_prompt, prepare
+from herd.llm import LLM
+from herd.serve.scheduler import QueueFull, Scheduler
+
+log = logging.getLogger("herd.serve")
+
+MAX_N = 8  # choices per request
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = dict(headers or {})
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+@dataclass
+class ServeOptions:
+    model_name: str
+    api_key: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    max_context: int | None = None
+    max_body_bytes: int = 32 << 20
+    allowed_image_dir: str | None = None  # file:// image URLs are read only below this folder
+
+
+# ---- request checking -----------------------------------------------------------------------------
+
+
+def _int(body: Mapping, name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ApiError(400, f"'{name}' must be an integer, got {json.dumps(v)[:40]}", name)
+    if v < lo or (hi is not None and v > hi):
+        raise ApiError(400, f"'{name}' must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}", name)
+    return v
+
+
+def _num(body: Mapping, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ApiError(400, f"'{name}' must be a number, got {json.dumps(v)[:40]}", name)
+    if v < lo or v > hi or (lo_open and v == lo):
+        raise ApiError(400, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name)
+    return float(v)
+
+
+def _bool(body: Mapping, name: str) -> bool:
+    v = body.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(v)[:40]}", name)
+    return v
+
+
+def _stop(body: Mapping) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    return stop
+
+
+def _sampling(body: Mapping) -> Sampling:
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise ApiError(400, f"'{name}' is not supported (only 0)", name)
+    if body.get("logit_bias"):
+        raise ApiError(400, "'logit_bias' is not supported", "logit_bias")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
+        raise ApiError(400, f"'seed' must be an integer, got {json.dumps(seed)[:40]}", "seed")
+    return Sampling(temperature=_num(body, "temperature", 1.0, 0.0, 2.0), top_p=_num(body, "top_p", 1.0, 0.0, 1.0, True),
+                    top_k=_int(body, "top_k", 0, 0), min_p=_num(body, "min_p", 0.0, 0.0, 0.999),
+                    seed=None if seed is None else seed % 2**63)
+
+
+async def _read_json(request: Request, limit: int) -> dict:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+def _image_parts(messages: Any, allowed_dir: str | None) -> Any:
+    """Map file:// image URLs to paths (only below the allowed folder); refuse raw 'image' parts
+    (a path or object the client cannot legitimately send). Other checks happen in the chat format."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, Mapping) and isinstance(m.get("content"), list):
+            parts = []
+            for j, part in enumerate(m["content"]):
+                where = f"messages[{i}].content[{j}]"
+                if isinstance(part, Mapping) and part.get("type") == "image":
+                    raise ApiError(400, f"{where}: use an 'image_url' part with a data: URL", f"messages[{i}].content")
+                url = part.get("image_url") if isinstance(part, Mapping) else None
+                url = url.get("url") if isinstance(url, Mapping) else url
+                if isinstance(url, str) and url.startswith("file://"):
+                    part = {"type": "image", "image": _allowed_file(url[7:], allowed_dir, where)}
+                parts.append(part)
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
+
+
+def _allowed_file(path: str, allowed_dir: str | None, where: str) -> str:
+    if allowed_dir is None:
+        raise ApiError(400, f"{where}: file:// image URLs are not allowed on this server (no --allow-images-from)",
+                       "messages")
+    root = Path(allowed_dir).resolve()
+    target = Path(path).resolve()
+    if not target.is_relative_to(root):
+        raise ApiError(400, f"{where}: {path!r} is outside the folder images may be read from", "messages")
+    if not target.is_file():
+        raise ApiError(400, f"{where}: no image file at {path!r}", "messages")
+    return str(target)
+
+
+# ---- the app ----------------------------------------------------------------------------------------
+
+
+def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
+    scheduler: Scheduler | None = None
+    requests_total: dict[tuple[str, int], int] = {}
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        nonlocal scheduler
+        scheduler = Scheduler(llm, options.max_batch, options.max_queue, options.max_context)
+        try:
+            yield
+        finally:
+            scheduler.close()
+
+    app = FastAPI(title="herd", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        path = request.url.path
+        try:
+            if options.api_key is not None and path.startswith("/v1/"):
+                auth = request.headers.get("authorization", "")
+                given = auth[7:] if auth.lower().startswith("bearer ") else ""
+                if not hmac.compare_digest(given.encode(), options.api_key.encode()):
+                    raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                   kind="authentication_error", code="invalid_api_key")
+            response = await call_next(request)
+        except ApiError as e:
+            response = e.response()
+        except Exception:  # never a stack trace on the wire; the operator's log gets it
+            log.exception("internal error on %s %s", request.method, path)
+            response = ApiError(500, "internal error", kind="server_error").response()
+        key = (path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models") else "other",
+               response.status_code)
+        requests_total[key] = requests_total.get(key, 0) + 1
+        return response
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        message = f"no route {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
+        return ApiError(e.status_code, message, kind=kind).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        return ApiError(400, str(e.errors()[0].get("msg", "invalid request"))).response()
+
+    @app.exception_handler(Exception)
+    async def _any_error(request: Request, e: Exception):
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=e)
+        return ApiError(500, "internal error", kind="server_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": options.model_name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(options.model_name, created)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != options.model_name:
+            raise ApiError(404, f"model {name!r} does not exist; this server has {options.model_name!r}", "model",
+                           "model_not_found", kind="not_found_error")
+        return _model_card(options.model_name, created)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(_metrics(scheduler, requests_total), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await _read_json(request, options.max_body_bytes)
+        _check_model(body, options.model_name)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "'messages' must be a non-empty list of messages", "messages")
+        tools = body.get("tools")
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools)):
+            raise ApiError(400, "'tools' must be a list of tool definitions", "tools")
+        choice = body.get("tool_choice", "auto")
+        if choice not in ("auto", "none", "required") and not isinstance(choice, Mapping):
+            raise ApiError(400, "'tool_choice' must be 'auto', 'none', 'required' or a function", "tool_choice")
+        if choice == "none":
+            tools = None
+        logprobs = _bool(body, "logprobs")
+        top = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+        if top and not logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        messages = _image_parts(messages, options.allowed_image_dir)
+
+        def encode() -> Prompt:
+            return chat_prompt(llm, llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                      tools=tools or None))
+
+        prompt = await _prepare(encode)
+        return await _complete(request, body, prompt, chat=True, logprobs=top if logprobs else None,
+                               tools=bool(tools))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _read_json(request, options.max_body_bytes)
+        _check_model(body, options.model_name)
+        if _bool(body, "echo"):
+            raise ApiError(400, "'echo' is not supported", "echo")
+        if body.get("suffix") is not None:
+            raise ApiError(400, "'suffix' is not supported", "suffix")
+        raw = body.get("prompt")
+        if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], (str, list)):
+            raw = raw[0]  # a batch of one
+        if not (isinstance(raw, str) and raw) and not (isinstance(raw, list) and raw and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in raw)):
+            raise ApiError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
+                           "prompt")
+        top = _int(body, "logprobs", None, 0, 5)
+        prompt = await _prepare(lambda: prepare(llm, raw))
+        return await _complete(request, body, prompt, chat=False, logprobs=top, tools=False)
+
+    async def _prepare(fn) -> Prompt:
+        try:
+            return await run_in_threadpool(fn)
+        except ApiError:
+            raise
+        except (ValueError, TypeError, KeyError, OverflowError) as e:
+            raise ApiError(400, str(e) or type(e).__name__, "messages") from None
+
+    async def _complete(request: Request, body: dict, prompt: Prompt, chat: bool, logprobs: int | None,
+                        tools: bool):
+        assert scheduler is not None
+        sampling = _sampling(body)
+        n = _int(body, "n", 1, 1, MAX_N)
+        stream = _bool(body, "stream")
+        opts = body.get("stream_options")
+        if opts is not None and (not stream or not isinstance(opts, Mapping)):
+            raise ApiError(400, "'stream_options' is only allowed with 'stream': true, as an object", "stream_options")
+        usage_in_stream = bool(opts and opts.get("include_usage"))
+        room = scheduler.max_len - len(prompt.ids)
+        name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _int(body, name, None if chat else 16, 1)
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            raise ApiError(400, f"the prompt has {len(prompt.ids)} tokens; with {name} {max_tokens or 1} that is more "
+                           f"than the context of {scheduler.max_len} tokens", name, "context_length_exceeded")
+        max_tokens = max_tokens or room
+        stop = _stop(body)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_event(job: Job, text: str) -> None:  # engine thread
+            loop.call_soon_threadsafe(events.put_nowait, (job, text))
+
+        jobs = []
+        for i in range(n):
+            s = sampling if sampling.seed is None else Sampling(**{**sampling.__dict__, "seed": sampling.seed + i})
+            jobs.append(Job(prompt.ids, max_tokens, s, stop, logprobs, prompt.image_mask, prompt.image_features,
+                            on_event))
+        try:
+            scheduler.submit(jobs)
+        except QueueFull as e:
+            raise ApiError(429, f"server busy: {e}; retry later", kind="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        meta = dict(id=rid, created=int(time.time()), model=options.model_name)
+        if stream:
+            return StreamingResponse(_sse(request, jobs, events, meta, chat, tools, usage_in_stream, len(prompt.ids)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            await _wait_all(request, jobs, events)
+        finally:
+            for job in jobs:
+                job.cancelled = True  # no-op for finished jobs; frees the rows of a vanished client
+        _raise_job_error(jobs)
+        choices = [_choice(llm, job, i, chat, tools) for i, job in enumerate(jobs)]
+        return {"object": "chat.completion" if chat else "text_completion", **meta, "choices": choices,
+                "usage": _usage(len(prompt.ids), jobs)}
+
+    async def _sse(request: Request, jobs: list[Job], events: asyncio.Queue, meta: dict, chat: bool, tools: bool,
+                   usage: bool, prompt_tokens: int) -> AsyncIterator[bytes]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list, **extra) -> bytes:
+            return b"data: " + json.dumps({"object": kind, **meta, "choices": choices, **extra}).encode() + b"\n\n"
+
+        sent_logprobs = [0] * len(jobs)
+        try:
+            if chat:
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(len(jobs))])
+            done = 0
+            while done < len(jobs):
+                job, text = await events.get()
+                i = jobs.index(job)
+                lp = None
+                if job.logprobs is not None:
+                    new = job.token_logprobs[sent_logprobs[i]:]
+                    sent_logprobs[i] = len(job.token_logprobs)
+                    lp = _logprobs(llm, new, chat) if new else None
+                if job.stop_reason == "error":
+                    yield chunk([], error={"message": job.error, "type": "server_error"})
+                    return
+                if text and not tools:
+                    delta = {"content": text} if chat else None
+                    yield chunk([{"index": i, **({"delta": delta} if chat else {"text": text}), "logprobs": lp,
+                                  "finish_reason": None}])
+                if job.stop_reason is not None:
+                    done += 1
+                    final = _choice(llm, job, i, chat, tools)
+                    delta: dict = {}
+                    if tools:
+                        message = final["message"]
+                        delta = {"content": message["content"]} if message["content"] else {}
+                        if message.get("tool_calls"):
+                            delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
+                    yield chunk([{"index": i, **({"delta": delta} if chat else {"text": ""}), "logprobs": None,
+                                  "finish_reason": final["finish_reason"]}])
+            if usage:
+                yield chunk([], usage=_usage(prompt_tokens, jobs))
+            yield b"data: [DONE]\n\n"
+        finally:
+            for job in jobs:
+                job.cancelled = True  # a disconnected client frees its rows at the next step
+
+    return app
+
+
+def _check_model(body: Mapping, name: str) -> None:
+    model = body.get("model")
+    if model is None:
+        raise ApiError(400, "'model' is required", "model")
+    if model != name:
+        raise ApiError(404, f"model {model!r} does not exist; this server has {name!r}", "model", "model_not_found",
+                       kind="not_found_error")
+
+
+def _model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "herd"}
+
+
+async def _wait_all(request: Request, jobs: list[Job], events: asyncio.Queue) -> None:
+    while any(job.stop_reason is None for job in jobs):
+        try:
+            await asyncio.wait_for(events.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return
+
+
+def _raise_job_error(jobs: list[Job]) -> None:
+    for job in jobs:
+        if job.stop_reason == "error":
+            status = 400 if "exceed" in (job.error or "") else 500
+            raise ApiError(status, job.error or "generation failed", kind="server_error" if status == 500 else
+                           "invalid_request_error")
+
+
+def _finish_reason(job: Job, tool_calls: bool) -> str:
+    if tool_calls:
+        return "tool_calls"
+    return "length" if job.stop_reason == "length" else "stop"
+
+
+def _choice(llm: LLM, job: Job, index: int, chat: bool, tools: bool) -> dict:
+    lp = _logprobs(llm, job.token_logprobs, chat) if job.logprobs is not None else None
+    if not chat:
+        return {"index": index, "text": job.text, "logprobs": lp, "finish_reason": _finish_reason(job, False)}
+    message: dict[str, Any] = {"role": "assistant", "content": job.text}
+    calls = llm.tokenizer.parse_assistant(job.token_ids).tool_calls if tools else ()
+    if calls:
+        message["content"] = None
+        message["tool_calls"] = [{"id": c.call_id or "call_" + uuid.uuid4().hex[:24], "type": "function",
+                                  "function": {"name": c.name, "arguments": json.dumps(c.arguments)}} for c in calls]
+    return {"index": index, "message": message, "logprobs": lp, "finish_reason": _finish_reason(job, bool(calls))}
+
+
+def _usage(prompt_tokens: int, jobs: list[Job]) -> dict:
+    completion = sum(len(j.token_ids) for j in jobs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _token(llm: LLM, token_id: int) -> tuple[str, list[int]]:
+    raw = llm.tokenizer.token_bytes(token_id)
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def _logprobs(llm: LLM, entries, chat: bool) -> dict:
+    if chat:
+        content = []
+        for e in entries:
+            text, raw = _token(llm, e.token_id)
+            top = [{"token": _token(llm, t)[0], "logprob": lp, "bytes": _token(llm, t)[1]} for t, lp in e.top]
+            content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
+        return {"content": content}
+    tokens = [_token(llm, e.token_id)[0] for e in entries]
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{_token(llm, t)[0]: lp for t, lp in e.top} for e in entries], "text_offset": []}
+
+
+def _metrics(scheduler: Scheduler | None, requests_total: dict[tuple[str, int], int]) -> str:
+    lines = ["# HELP herd_requests_total HTTP requests by endpoint and status.", "# TYPE herd_requests_total counter"]
+    lines += [f'herd_requests_total{{endpoint="{p}",status="{s}"}} {n}' for (p, s), n in sorted(requests_total.items())]
+    if scheduler is not None:
+        st = scheduler.stats
+        for name, kind, value, help_ in (
+                ("herd_prompt_tokens_total", "counter", st.prompt_tokens, "Prompt tokens prefilled."),
+                ("herd_generation_tokens_total", "counter", st.generated_tokens, "Tokens generated."),
+                ("herd_requests_finished_total", "counter", st.finished, "Sequences finished."),
+                ("herd_queue_depth", "gauge", scheduler.queue_depth, "Sequences waiting for a batch row."),
+                ("herd_running", "gauge", scheduler.running, "Sequences in the running batch."),
+                ("herd_time_to_first_token_seconds_sum", "counter", st.ttft_sum, "Queue + prefill time, summed."),
+                ("herd_time_to_first_token_seconds_count", "counter", st.ttft_count, "Sequences with a first token."),
+                ("herd_decode_tokens_per_second", "gauge", st.decode_tokens_per_s, "Tokens/s of the last step.")):
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,127 @@
+"""The server's engine loop: one thread owns the model and a Batcher; requests wait in a bounded
+queue, join the running batch between decode steps (one prefill per step, so a long prompt does
+not stall everyone for more than its own prefill), and leave as soon as they finish or their
+client goes away.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+
+from herd.engine.batch import Batcher, Job
+from herd.engine.generate import Engine
+from herd.llm import LLM
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the queue holds."""
+
+
+@dataclass
+class Stats:
+    """Counters for /metrics (written by the engine thread, read by the server)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    ttft_sum: float = 0.0  # time to first token, summed over jobs that produced one
+    ttft_count: int = 0
+    decode_tokens_per_s: float = 0.0  # over the last decode step, all rows together
+
+
+class Scheduler:
+    def __init__(self, llm: LLM, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        self.max_len = min(llm.config.text.max_seq_len, max_context or llm.config.text.max_seq_len)
+        self.engine = Engine(llm.model, rows=max_batch, max_len=self.max_len, prefill_chunk=llm.prefill_chunk,
+                             kv_dtype=llm.kv_dtype)
+        self.batcher = Batcher(self.engine, llm.tokenizer)
+        self.max_queue = max_queue
+        self.waiting: collections.deque[tuple[Job, float]] = collections.deque()
+        self.cond = threading.Condition()
+        self.stats = Stats()
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
+        self.thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.batcher.seats)
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs (the n choices of one request go in together, or not at all)."""
+        with self.cond:
+            if self.closed:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) + len(jobs) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (limit {self.max_queue})")
+            now = time.perf_counter()
+            self.waiting.extend((job, now) for job in jobs)
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed and not self.waiting and not self.batcher.seats:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                entry = self.waiting.popleft() if self.waiting and self.batcher.free else None
+            if entry is not None:
+                self._admit(*entry)
+            if self.batcher.seats:
+                self._step()
+
+    def _admit(self, job: Job, queued_at: float) -> None:
+        if job.cancelled:
+            job.stop_reason = "cancelled"
+            if job.on_event is not None:
+                job.on_event(job, "")
+            return
+        self.stats.prompt_tokens += len(job.ids)
+        try:
+            self.batcher.add(job)
+        except Exception as e:  # a bad job must not take the loop down
+            self._fail([job], e)
+            return
+        self.stats.ttft_sum += time.perf_counter() - queued_at
+        self.stats.ttft_count += 1
+        self.stats.generated_tokens += 1
+        self.stats.finished += job.stop_reason is not None
+
+    def _step(self) -> None:
+        jobs = [seat.job for seat in self.batcher.seats]
+        before = sum(len(j.token_ids) for j in jobs)
+        start = time.perf_counter()
+        try:
+            self.batcher.step()
+        except Exception as e:
+            self._fail(jobs, e)
+            self.batcher.seats.clear()
+            return
+        made = sum(len(j.token_ids) for j in jobs) - before
+        self.stats.generated_tokens += made
+        self.stats.decode_tokens_per_s = made / max(time.perf_counter() - start, 1e-9)
+        self.stats.finished += sum(j.stop_reason is not None for j in jobs)
+
+    @staticmethod
+    def _fail(jobs: list[Job], error: Exception) -> None:
+        for job in jobs:
+            if job.stop_reason is None:
+                job.stop_reason, job.error = "error", f"{type(error).__name__}: {error}"
+                if job.on_event is not None:
+                    job.on_event(job, "")

@@ -1,0 +1,300 @@
+"""`herd serve` as a real process on a loopback port, driven by the official OpenAI client.
+
+Two models are served: the tiny-moe preset (random weights, a vision encoder) and a *scripted*
+tiny model whose weights make greedy decoding follow a fixed token chain — the way to get a
+known reply (a tool call, a stop string) out of a model nobody trained.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import herd
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key-123"
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: str, tmp: Path, *extra: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp / f"serve-{self.port}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--model", model, "--port",
+                                      str(self.port), "--api-key", KEY, "--max-context", "1024", *extra],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"herd serve exited: {self.log.read()[-3000:]}")
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("herd serve did not start in 120 s")
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, **kw)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# ---- a model that says what we want -------------------------------------------------------------
+
+
+def scripted(llm, chains: list[list[int]], strength: float = 40.0):
+    """Make greedy decoding of ``llm`` follow each chain [a, b, c, ...]: after token a comes b, then c...
+
+    Every attention and FFN output projection is zeroed, so the last hidden state is the current
+    token's embedding, and the output row of each successor is aimed at its predecessor's
+    normalised embedding. A token may have only one successor across all chains.
+    """
+    m = llm.model
+    nxt: dict[int, int] = {}
+    for chain in chains:
+        for a, b in zip(chain, chain[1:]):
+            assert nxt.setdefault(a, b) == b, f"token {a} would need two successors"
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.attention.wo.weight.zero_()
+            ff = layer.feed_forward
+            if hasattr(ff, "experts"):
+                ff.experts.w2.zero_()
+                ff.shared_expert.w2.weight.zero_()
+            else:
+                ff.w2.weight.zero_()
+        m.output.weight.zero_()
+        for a, b in nxt.items():
+            h = m.norm(m.tok_embeddings.weight[a])
+            m.output.weight[b] += strength * h / h.pow(2).sum()
+    return llm
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    server = Server("tiny-moe", tmp, "--max-batch", "4", "--allow-images-from", str(tmp))
+    yield server
+    server.stop()
+
+
+TOOL_TEXT = '[get_weather(city="Paris")]'
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory):
+    """A saved checkpoint whose greedy reply to any chat is a tool call when tools are offered
+    (the tools prompt ends the system turn differently) — simpler: the reply chain starts at the
+    assistant header's final token, so every chat gets the same reply; tools are parsed from it."""
+    tmp = tmp_path_factory.mktemp("scripted")
+    llm = herd.load("tiny-moe", vision=False)
+    tok = llm.tokenizer
+    start = tok.encode("\n\n")[-1]  # the last token of every generation prompt
+    reply = tok.encode(TOOL_TEXT) + [tok.token_id("<|eom|>")]
+    llm = scripted(llm, [[start, *reply]])
+    folder = llm.save_pretrained(tmp / "ckpt")
+    server = Server(str(folder), tmp, "--served-model-name", "scripted")
+    yield server
+    server.stop()
+
+
+def _png(color=(200, 30, 30), size=(40, 30)) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# ---- tests ----------------------------------------------------------------------------------------
+
+
+def test_models_and_health(tiny):
+    assert json.loads(urllib.request.urlopen(tiny.url + "/health").read())["status"] == "ok"
+    models = tiny.client().models.list()
+    assert [m.id for m in models.data] == ["tiny-moe"]
+
+
+def test_chat_usage_is_exact(tiny):
+    llm = herd.load("tiny-moe", device="meta")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
+    out = tiny.client().chat.completions.create(model="tiny-moe", messages=messages, max_tokens=7, temperature=0)
+    prompt_ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert out.usage.prompt_tokens == len(prompt_ids)
+    assert out.usage.completion_tokens <= 7 and out.usage.total_tokens == len(prompt_ids) + out.usage.completion_tokens
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert isinstance(out.choices[0].message.content, str)
+
+
+def test_stream_equals_non_stream_for_a_seed(tiny):
+    c = tiny.client()
+    args = dict(model="tiny-moe", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24,
+                temperature=0.9, top_p=0.95, seed=11)
+    whole = c.chat.completions.create(**args)
+    pieces, usage, finish = [], None, None
+    for chunk in c.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            pieces.append(ch.delta.content or "")
+            finish = ch.finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert finish == whole.choices[0].finish_reason
+
+
+def test_chat_with_two_images(tiny):
+    content = [{"type": "text", "text": "Compare these."}, {"type": "image_url", "image_url": {"url": _png()}},
+               {"type": "image_url", "image_url": {"url": _png((20, 20, 220), (90, 40))}}]
+    out = tiny.client().chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": content}],
+                                                max_tokens=4, temperature=0)
+    text_only = tiny.client().chat.completions.create(
+        model="tiny-moe", messages=[{"role": "user", "content": "Compare these."}], max_tokens=4, temperature=0)
+    assert out.usage.prompt_tokens > text_only.usage.prompt_tokens + 8  # image tokens were counted
+
+
+def test_completions_n_and_logprobs(tiny):
+    c = tiny.client()
+    out = c.completions.create(model="tiny-moe", prompt="Once upon a time", max_tokens=5, n=3, temperature=1.0,
+                               seed=3, logprobs=2)
+    assert len(out.choices) == 3 and out.usage.completion_tokens == sum(
+        len(ch.logprobs.tokens) for ch in out.choices)
+    for ch in out.choices:
+        assert all(lp <= 0 for lp in ch.logprobs.token_logprobs)
+        assert all(len(top) <= 2 for top in ch.logprobs.top_logprobs)
+    chat = c.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                     temperature=0, logprobs=True, top_logprobs=3)
+    entries = chat.choices[0].logprobs.content
+    assert len(entries) == chat.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.logprob - 1e-5 for e in entries)
+
+
+def test_tool_call_round_trip(script):
+    c = script.client()
+    messages = [{"role": "user", "content": "What's the weather in Paris?"}]
+    out = c.chat.completions.create(model="scripted", messages=messages, tools=TOOLS, max_tokens=30, temperature=0)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    # The client sends the call and its result back; the server must take the whole conversation.
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp_c": 18})}]
+    again = c.chat.completions.create(model="scripted", messages=messages, tools=TOOLS, max_tokens=30, temperature=0)
+    assert again.choices[0].message.tool_calls[0].function.name == "get_weather"
+    # Streaming gives the same call, as tool_calls deltas.
+    calls = []
+    for chunk in c.chat.completions.create(model="scripted", messages=messages[:1], tools=TOOLS, max_tokens=30,
+                                           temperature=0, stream=True):
+        for ch in chunk.choices:
+            calls += ch.delta.tool_calls or []
+    assert calls[0].function.name == "get_weather"
+    # Without tools the same tokens are plain text.
+    plain = c.chat.completions.create(model="scripted", messages=messages[:1], max_tokens=30, temperature=0)
+    assert plain.choices[0].message.content == TOOL_TEXT and plain.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_streams_share_the_batch(tiny):
+    import concurrent.futures
+
+    c = tiny.client()
+
+    def one(i):
+        text = ""
+        for chunk in c.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": f"Hi {i}"}],
+                                               max_tokens=12, temperature=0, stream=True):
+            text += "".join(ch.delta.content or "" for ch in chunk.choices)
+        return text
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(one, range(6)))
+    assert together == [one(i) for i in range(6)]  # batching does not change greedy results
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 400, "model"),
+    (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model"),
+    (json.dumps({"model": "tiny-moe", "messages": []}).encode(), 400, "messages"),
+    (json.dumps({"model": "tiny-moe", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}).encode(),
+     400, "max_tokens"),
+    (json.dumps({"model": "tiny-moe", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**12}).encode(),
+     400, "max_tokens"),
+    (json.dumps({"model": "tiny-moe", "messages": [{"role": "user", "content": "x"}], "top_p": 0}).encode(),
+     400, "top_p"),
+    (json.dumps({"model": "tiny-moe", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(),
+     400, "temperature"),
+    (json.dumps({"model": "tiny-moe", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}).encode(), 400, "messages"),
+    (json.dumps({"model": "tiny-moe", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}).encode(), 400, "messages"),
+    (json.dumps({"model": "tiny-moe", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}).encode(), 400, "messages"),
+])
+def test_bad_requests_get_openai_errors(tiny, body, status, param):
+    req = urllib.request.Request(tiny.url + "/v1/chat/completions", data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == status
+    err = json.loads(e.value.read())["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "Traceback" not in err["message"]
+    if param is not None:
+        assert err["param"] == param
+    # and the server still answers
+    assert tiny.client().models.list().data
+
+
+def test_api_key_and_unknown_route(tiny):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=tiny.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    req = urllib.request.Request(tiny.url + "/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 404 and json.loads(e.value.read())["error"]["type"] == "not_found_error"
+
+
+def test_allowed_image_folder(tiny, tmp_path_factory):
+    from PIL import Image
+
+    folder = Path(tiny.log.name).parent
+    Image.new("RGB", (30, 30), (0, 200, 0)).save(folder / "green.png")
+    content = [{"type": "text", "text": "What is it?"},
+               {"type": "image_url", "image_url": {"url": f"file://{folder / 'green.png'}"}}]
+    out = tiny.client().chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": content}],
+                                                max_tokens=2, temperature=0)
+    assert out.usage.prompt_tokens > 10
+    with pytest.raises(openai.BadRequestError, match="outside the folder"):
+        tiny.client().chat.completions.create(model="tiny-moe", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"file://{folder}/../../../etc/hostname"}}]}])
