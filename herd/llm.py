@@ -14,6 +14,7 @@ from herd.config import PRESETS, ModelConfig, VisionConfig, preset
 from herd.engine import requests
 from herd.engine.cache import cache_dtype, kv_cache_bytes
 from herd.engine.generate import Sampling
+from herd.model.layers import gemv_column_major, to_column_major
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 from herd.tokenizer.tokenizer import Tokenizer, TokenizerError
@@ -220,6 +221,8 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
                 return LLM(cfg, tok, TextModel(cfg.text).to(dt), name, encoder, **limits)
         _check_fits(cfg, dt, name)
         model = init_weights(TextModel(cfg.text), seed=seed).to(device=device, dtype=dt)
+        if gemv_column_major(model.output.weight.shape, dt, device):
+            model.output.weight.data = to_column_major(model.output.weight.data)
         encoder = None
         if with_vision:
             encoder = init_weights(VisionModel(cfg.vision, cfg.text.dim), seed=seed + 1).to(device=device, dtype=dt)

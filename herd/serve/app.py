@@ -1,7 +1,7 @@
 """`herd serve`: an OpenAI-compatible HTTP API over one loaded model (FastAPI + uvicorn).
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with ``stream``), GET /v1/models,
-GET /health, GET /metrics (Prometheus text). Every error has OpenAI's shape,
+GET /health, GET /metrics (Prometheus text), and a small web chat at GET /. Every error has OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``, and never carries a stack trace.
 
 Requests are checked completely (JSON, fields, images, context) before they queue; the engine
@@ -11,6 +11,7 @@ loop (scheduler.py) batches all running requests into shared decode steps.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -25,7 +26,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,6 +37,7 @@ from herd.llm import LLM
 from herd.serve.scheduler import QueueFull, Scheduler
 
 log = logging.getLogger("herd.serve")
+PAGE = Path(__file__).with_name("page.html")  # the web chat at /: plain HTML + JS, no build step
 
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
@@ -125,18 +127,27 @@ def _sampling(body: Mapping) -> Sampling:
 
 async def _read_json(request: Request, limit: int) -> dict:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes", code="body_too_large")
-    chunks, size = [], 0
+    chunks, size, too_big = [], 0, declared is not None and declared.isdigit() and int(declared) > limit
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+        too_big = too_big or size > limit
+        if too_big:
+            # Drain (up to 4x the limit) instead of reading on: a client still sending gets a clean
+            # 413 rather than a connection reset.
+            if size > 4 * limit:
+                break
+            chunks.clear()
+            continue
         chunks.append(chunk)
+    if too_big:
+        raise ApiError(413, f"request body of {declared or f'over {size}'} bytes exceeds the limit of {limit} bytes",
+                       code="body_too_large")
     try:
         body = json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
@@ -185,11 +196,30 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
     scheduler: Scheduler | None = None
     requests_total: dict[tuple[str, int], int] = {}
     created = int(time.time())
+    # Engine events reach the requests' queues in one event-loop wake-up per engine step.
+    pending: collections.deque[tuple[Job, str]] = collections.deque()
+    queues: dict[int, asyncio.Queue] = {}  # id(job) -> its request's queue
+
+    def on_event(job: Job, text: str) -> None:  # engine thread
+        pending.append((job, text))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal scheduler
-        scheduler = Scheduler(llm, options.max_batch, options.max_queue, options.max_context)
+        loop = asyncio.get_running_loop()
+
+        def deliver() -> None:  # event loop
+            while pending:
+                job, text = pending.popleft()
+                queue = queues.get(id(job))
+                if queue is not None:
+                    queue.put_nowait((job, text))
+
+        def after_step() -> None:  # engine thread
+            if pending:
+                loop.call_soon_threadsafe(deliver)
+
+        scheduler = Scheduler(llm, options.max_batch, options.max_queue, options.max_context, after_step)
         try:
             yield
         finally:
@@ -236,6 +266,10 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
     async def _any_error(request: Request, e: Exception):
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=e)
         return ApiError(500, "internal error", kind="server_error").response()
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():
@@ -330,20 +364,19 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
                            f"than the context of {scheduler.max_len} tokens", name, "context_length_exceeded")
         max_tokens = max_tokens or room
         stop = _stop(body)
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-
-        def on_event(job: Job, text: str) -> None:  # engine thread
-            loop.call_soon_threadsafe(events.put_nowait, (job, text))
-
         jobs = []
         for i in range(n):
             s = sampling if sampling.seed is None else Sampling(**{**sampling.__dict__, "seed": sampling.seed + i})
             jobs.append(Job(prompt.ids, max_tokens, s, stop, logprobs, prompt.image_mask, prompt.image_features,
                             on_event))
+        for job in jobs:
+            queues[id(job)] = events
         try:
             scheduler.submit(jobs)
         except QueueFull as e:
+            for job in jobs:
+                queues.pop(id(job), None)
             raise ApiError(429, f"server busy: {e}; retry later", kind="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -356,6 +389,7 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
         finally:
             for job in jobs:
                 job.cancelled = True  # no-op for finished jobs; frees the rows of a vanished client
+                queues.pop(id(job), None)
         _raise_job_error(jobs)
         choices = [_choice(llm, job, i, chat, tools) for i, job in enumerate(jobs)]
         return {"object": "chat.completion" if chat else "text_completion", **meta, "choices": choices,
@@ -406,6 +440,7 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
         finally:
             for job in jobs:
                 job.cancelled = True  # a disconnected client frees its rows at the next step
+                queues.pop(id(job), None)
 
     return app
 

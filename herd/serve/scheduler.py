@@ -1,7 +1,7 @@
 """The server's engine loop: one thread owns the model and a Batcher; requests wait in a bounded
-queue, join the running batch between decode steps (one prefill per step, so a long prompt does
-not stall everyone for more than its own prefill), and leave as soon as they finish or their
-client goes away.
+queue, join the running batch between decode steps (up to a prompt-token budget per step, so a
+burst joins at once while a long prompt stalls the others for no more than its own prefill), and
+leave as soon as they finish or their client goes away.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from herd.engine.batch import Batcher, Job
@@ -33,7 +34,10 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, llm: LLM, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None):
+    def __init__(self, llm: LLM, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
+                 after_step: Callable[[], None] | None = None):
+        """``after_step`` runs on the engine thread after every admission or decode step (the
+        server uses it to hand a whole step's events to its event loop in one wake-up)."""
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.max_len = min(llm.config.text.max_seq_len, max_context or llm.config.text.max_seq_len)
@@ -45,6 +49,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.stats = Stats()
         self.closed = False
+        self.after_step = after_step
         self.thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
         self.thread.start()
 
@@ -80,11 +85,20 @@ class Scheduler:
                     self.cond.wait()
                 if self.closed:
                     return
-                entry = self.waiting.popleft() if self.waiting and self.batcher.free else None
-            if entry is not None:
+                # Admit waiting jobs up to a prompt-token budget per iteration (at least one): a
+                # burst of requests joins in a few iterations, yet one long prompt never holds
+                # the running rows up for more than about its own prefill.
+                entries, budget = [], self.engine.prefill_chunk
+                while self.waiting and self.batcher.free > len(entries) and (
+                        not entries or len(self.waiting[0][0].ids) <= budget):
+                    entries.append(self.waiting.popleft())
+                    budget -= len(entries[-1][0].ids)
+            for entry in entries:
                 self._admit(*entry)
             if self.batcher.seats:
                 self._step()
+            if self.after_step is not None:
+                self.after_step()
 
     def _admit(self, job: Job, queued_at: float) -> None:
         if job.cancelled:
