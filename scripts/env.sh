@@ -17,4 +17,12 @@ if [ ! -f "$stamp" ]; then
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test]"
     touch "$stamp"
 fi
+# The web page's browser test drives Debian's Chromium through chromedriver; install them once where
+# this runs as root with apt (CI, fresh Debian machines). Elsewhere: apt install chromium chromium-driver.
+if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "herd: installing Debian's chromium and chromium-driver for the web page test (once)" >&2
+    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
+        { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } ||
+        echo "herd: could not install chromium; the web page test will fail" >&2
+fi
 export PATH="$venv/bin:$PATH"

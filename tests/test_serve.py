@@ -474,3 +474,47 @@ def test_full_queue_answers_429_with_retry_after(tmp_path):
         assert server.client().models.list().data  # and it still serves
     finally:
         server.stop()
+
+
+def test_web_page_streams_a_reply_in_headless_chromium(tiny):
+    """The page at / in Debian's Chromium (through chromedriver): type a message, press Enter, watch
+    the reply stream in. The screenshot is kept as tests/artifacts/web_chat.png."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    missing = [p for p in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not Path(p).exists()]
+    assert not missing, f"{missing} missing: apt install chromium chromium-driver (scripts/env.sh does, as root)"
+    opts = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=900,700"):
+        opts.add_argument(flag)
+    opts.binary_location = "/usr/bin/chromium"
+    driver = webdriver.Chrome(options=opts, service=Service("/usr/bin/chromedriver"))
+    try:
+        driver.get(tiny.url + "/")
+        key = driver.find_element(By.ID, "key")
+        key.send_keys(KEY)
+        driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").text == "tiny-moe")
+        box = driver.find_element(By.ID, "text")
+        box.send_keys("Hello from the browser!")
+        box.send_keys(Keys.ENTER)
+        lengths = []  # the reply's length as the page shows it, sampled while it streams
+
+        def finished(d):
+            replies = d.find_elements(By.CSS_SELECTOR, ".msg.assistant > div:first-child")
+            lengths.append(len(replies[0].text) if replies else 0)
+            return d.find_element(By.ID, "send").is_enabled() and replies and replies[0].text
+        WebDriverWait(driver, 120, poll_frequency=0.02).until(finished)
+        user = driver.find_element(By.CSS_SELECTOR, ".msg.user").text
+        stats = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .stats").text
+        out = Path(__file__).parent / "artifacts"
+        out.mkdir(exist_ok=True)
+        driver.save_screenshot(str(out / "web_chat.png"))
+    finally:
+        driver.quit()
+    assert "Hello from the browser!" in user
+    assert "tokens/s" in stats  # usage arrived at the end of the stream
+    assert len(set(lengths)) > 2, lengths  # the text grew in several steps: it streamed
