@@ -119,8 +119,11 @@ def script(tmp_path_factory):
     llm = herd.load("tiny-moe", vision=False)
     tok = llm.tokenizer
     start = tok.encode("\n\n")[-1]  # the last token of every generation prompt
-    reply = tok.encode(TOOL_TEXT) + [tok.token_id("<|eom|>")]
-    llm = scripted(llm, [[start, *reply]])
+    eom = tok.token_id("<|eom|>")
+    reply = tok.encode(TOOL_TEXT) + [eom]
+    # After a forced "[" (tool_choice "required") the same call goes on from "get".
+    forced = tok.encode("[") + tok.encode(TOOL_TEXT[1:]) + [eom]
+    llm = scripted(llm, [[start, *reply], forced])
     folder = llm.save_pretrained(tmp / "ckpt")
     server = Server(str(folder), tmp, "--served-model-name", "scripted")
     yield server
@@ -218,6 +221,15 @@ def test_tool_call_round_trip(script):
         for ch in chunk.choices:
             calls += ch.delta.tool_calls or []
     assert calls[0].function.name == "get_weather"
+    # tool_choice "required" starts the reply as a call ("["); the model continues it.
+    forced = c.chat.completions.create(model="scripted", messages=messages[:1], tools=TOOLS, max_tokens=30,
+                                       temperature=0, tool_choice="required")
+    assert forced.choices[0].message.tool_calls[0].function.name == "get_weather"
+    for bad in ({"type": "function", "function": {"name": "launch_rockets"}}, "sometimes"):
+        with pytest.raises(openai.BadRequestError, match="tool_choice"):
+            c.chat.completions.create(model="scripted", messages=messages[:1], tools=TOOLS, tool_choice=bad)
+    with pytest.raises(openai.BadRequestError, match="needs 'tools'"):
+        c.chat.completions.create(model="scripted", messages=messages[:1], tool_choice="required")
     # Without tools the same tokens are plain text.
     plain = c.chat.completions.create(model="scripted", messages=messages[:1], max_tokens=30, temperature=0)
     assert plain.choices[0].message.content == TOOL_TEXT and plain.choices[0].finish_reason == "stop"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -300,10 +301,8 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
         tools = body.get("tools")
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools)):
             raise ApiError(400, "'tools' must be a list of tool definitions", "tools")
-        choice = body.get("tool_choice", "auto")
-        if choice not in ("auto", "none", "required") and not isinstance(choice, Mapping):
-            raise ApiError(400, "'tool_choice' must be 'auto', 'none', 'required' or a function", "tool_choice")
-        if choice == "none":
+        forced = _forced_call_prefix(body.get("tool_choice", "auto"), tools)
+        if body.get("tool_choice") == "none":
             tools = None
         logprobs = _bool(body, "logprobs")
         top = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
@@ -312,12 +311,18 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
         messages = _image_parts(messages, options.allowed_image_dir)
 
         def encode() -> Prompt:
-            return chat_prompt(llm, llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                                      tools=tools or None))
+            ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools or None)
+            prompt = chat_prompt(llm, ids)
+            if forced:  # the reply starts as a call: the model only continues it
+                extra = llm.tokenizer.encode(forced)
+                prompt.ids += extra
+                if prompt.image_mask is not None:
+                    prompt.image_mask = torch.cat([prompt.image_mask, prompt.image_mask.new_zeros(len(extra))])
+            return prompt
 
         prompt = await _prepare(encode)
         return await _complete(request, body, prompt, chat=True, logprobs=top if logprobs else None,
-                               tools=bool(tools))
+                               tools=forced if tools else None)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -347,7 +352,8 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
             raise ApiError(400, str(e) or type(e).__name__, "messages") from None
 
     async def _complete(request: Request, body: dict, prompt: Prompt, chat: bool, logprobs: int | None,
-                        tools: bool):
+                        tools: str | None):
+        """``tools``: None without tools, else the text the reply was forced to start with ("" if none)."""
         assert scheduler is not None
         sampling = _sampling(body)
         n = _int(body, "n", 1, 1, MAX_N)
@@ -395,7 +401,7 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
         return {"object": "chat.completion" if chat else "text_completion", **meta, "choices": choices,
                 "usage": _usage(len(prompt.ids), jobs)}
 
-    async def _sse(request: Request, jobs: list[Job], events: asyncio.Queue, meta: dict, chat: bool, tools: bool,
+    async def _sse(request: Request, jobs: list[Job], events: asyncio.Queue, meta: dict, chat: bool, tools: str | None,
                    usage: bool, prompt_tokens: int) -> AsyncIterator[bytes]:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -419,7 +425,7 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
                 if job.stop_reason == "error":
                     yield chunk([], error={"message": job.error, "type": "server_error"})
                     return
-                if text and not tools:
+                if text and tools is None:
                     delta = {"content": text} if chat else None
                     yield chunk([{"index": i, **({"delta": delta} if chat else {"text": text}), "logprobs": lp,
                                   "finish_reason": None}])
@@ -427,7 +433,7 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
                     done += 1
                     final = _choice(llm, job, i, chat, tools)
                     delta: dict = {}
-                    if tools:
+                    if tools is not None:
                         message = final["message"]
                         delta = {"content": message["content"]} if message["content"] else {}
                         if message.get("tool_calls"):
@@ -481,12 +487,34 @@ def _finish_reason(job: Job, tool_calls: bool) -> str:
     return "length" if job.stop_reason == "length" else "stop"
 
 
-def _choice(llm: LLM, job: Job, index: int, chat: bool, tools: bool) -> dict:
+def _forced_call_prefix(choice: Any, tools: Any) -> str:
+    """What a reply must start with for tool_choice: '' (auto / none), '[' (required: some call, in
+    the Python-list form the tools prompt asks for), '[name(' (that function)."""
+    if choice in ("auto", "none"):
+        return ""
+    if choice == "required" or isinstance(choice, Mapping):
+        if not tools:
+            raise ApiError(400, f"tool_choice {json.dumps(choice)[:60]} needs 'tools'", "tool_choice")
+        if choice == "required":
+            return "["
+        name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), Mapping) else None
+        names = [t.get("function", {}).get("name") for t in tools if isinstance(t.get("function"), Mapping)]
+        if choice.get("type", "function") != "function" or name not in names:
+            raise ApiError(400, f"tool_choice names function {name!r}, which is not among the tools {names}",
+                           "tool_choice")
+        return f"[{name}("
+    raise ApiError(400, "'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                   "{'name': ...}}", "tool_choice")
+
+
+def _choice(llm: LLM, job: Job, index: int, chat: bool, tools: str | None) -> dict:
     lp = _logprobs(llm, job.token_logprobs, chat) if job.logprobs is not None else None
     if not chat:
         return {"index": index, "text": job.text, "logprobs": lp, "finish_reason": _finish_reason(job, False)}
-    message: dict[str, Any] = {"role": "assistant", "content": job.text}
-    calls = llm.tokenizer.parse_assistant(job.token_ids).tool_calls if tools else ()
+    message: dict[str, Any] = {"role": "assistant", "content": (tools or "") + job.text}
+    calls = ()
+    if tools is not None:  # a forced start is part of the reply
+        calls = llm.tokenizer.parse_assistant(llm.tokenizer.encode(tools) + job.token_ids).tool_calls
     if calls:
         message["content"] = None
         message["tool_calls"] = [{"id": c.call_id or "call_" + uuid.uuid4().hex[:24], "type": "function",
