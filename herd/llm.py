@@ -109,8 +109,8 @@ class LLM:
             raise ValueError(f"input_ids must be in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
         return ids.to(device=self.device, dtype=torch.long)
 
-    # Tokens per prefill segment (bounds activation memory for long prompts); None: 512 on a CPU,
-    # 4096 on a GPU (see Engine).
+    # Tokens per prefill segment (bounds activation memory for long prompts); None: the engine's
+    # default_prefill_chunk (512 on a CPU in float32, 2048 in half precision, 4096 on a GPU).
     prefill_chunk: int | None = None
 
     def kv_cache_bytes(self, context_len: int, batch: int = 1) -> int:

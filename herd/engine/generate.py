@@ -59,6 +59,16 @@ def sample(logits_V: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> 
     return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 
 
+def default_prefill_chunk(dtype: torch.dtype, device: torch.device) -> int:
+    """Tokens per prefill segment. Longer segments amortise per-call costs: a GPU's launches, and on
+    a CPU the up-casting of half-precision expert weights for each segment (bf16 prefill of 4096
+    tokens here: 2048-token segments 1.25-1.35x faster than 512; float32 gains nothing, so it keeps
+    512 and small activations)."""
+    if device.type != "cpu":
+        return 4096
+    return 2048 if dtype in (torch.bfloat16, torch.float16) else 512
+
+
 class Engine:
     """A model plus a KV cache of ``rows`` sequences of up to ``max_len`` tokens (``kv_dtype``: see
     `cache_dtype` for the default)."""
@@ -66,10 +76,8 @@ class Engine:
     def __init__(self, model: TextModel, rows: int, max_len: int, prefill_chunk: int | None = None,
                  kv_dtype: torch.dtype | None = None):
         w = model.output.weight
-        # Longer segments amortise a GPU's per-call costs; on a CPU 512 is as fast and keeps
-        # activations small.
         self.model = model
-        self.prefill_chunk = prefill_chunk or (512 if w.device.type == "cpu" else 4096)
+        self.prefill_chunk = prefill_chunk or default_prefill_chunk(w.dtype, w.device)
         self.cache = KVCache(model.cfg, rows, max_len, kv_dtype or cache_dtype(w.dtype, w.device), w.device)
         self.device = w.device
 
