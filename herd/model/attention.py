@@ -9,11 +9,13 @@ temperature 1 + attn_scale * log(floor((p + 1) / floor_scale) + 1) — exactly 1
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from herd.config import TextConfig
 from herd.model.layers import Linear, apply_rope, rms_norm
@@ -53,6 +55,36 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     return out.reshape(B, H, 1, Dh)
 
 
+@dataclass(frozen=True)
+class CacheSlots:
+    """Where a step's new tokens go in one kind of layer's cache, and what they read; the same for
+    every layer of that kind, so computed once per step (see `cache_slots`)."""
+
+    rows: slice  # the batch's cache rows (a slice keeps every cache read a view)
+    row_ids: torch.Tensor  # (B, 1)
+    slots: torch.Tensor  # (B, T) slot of each new token
+    length: int  # entries read: up to the last query of the row that has seen most
+    mask: torch.Tensor | CausalBias | None  # None: every read entry is visible
+
+
+def cache_slots(pos_BT: torch.Tensor, rows: slice, chunk: int | None) -> CacheSlots:
+    """Either one row with T new tokens at consecutive positions inside one chunk (prefill), or B
+    rows with one token each at their own positions (decode); slot p % chunk, or p for global layers."""
+    B, T = pos_BT.shape
+    slots = pos_BT % chunk if chunk is not None else pos_BT
+    row_ids = torch.arange(rows.start, rows.stop, device=pos_BT.device)[:, None]
+    seen = slots[:, -1] + 1  # entries each row's last query may see (chunk start or 0 .. itself)
+    if B == 1:
+        length = int(seen[0])
+        # The T queries are the last T of the keys: causal aligned to the bottom right.
+        return CacheSlots(rows, row_ids, slots, length, causal_lower_right(T, length) if T > 1 else None)
+    if T != 1:
+        raise ValueError("cached attention takes one row with many tokens or many rows with one")
+    length = int(seen.max())
+    mask = (torch.arange(length, device=pos_BT.device)[None, :] < seen[:, None])[:, None, None, :]
+    return CacheSlots(rows, row_ids, slots, length, mask)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
@@ -61,6 +93,7 @@ class Attention(nn.Module):
         self.use_qk_norm = cfg.use_qk_norm and self.use_rope
         self.temperature = cfg.attn_temperature_tuning and not self.use_rope
         self.chunk = cfg.attention_chunk_size if self.use_rope else None
+        self.gqa = cfg.n_heads != cfg.n_kv_heads
         self.norm_eps, self.floor_scale, self.attn_scale = cfg.norm_eps, cfg.floor_scale, cfg.attn_scale
         self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -92,52 +125,35 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def forward_cached(self, x_BTD: torch.Tensor, pos_BT: torch.Tensor, rot: torch.Tensor,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor, rows: slice) -> torch.Tensor:
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, at: CacheSlots) -> torch.Tensor:
         """Attention for new tokens of cached sequences; their K/V are written into the cache first.
 
         k_cache/v_cache [R, G, S, Dh] hold the layer's entries: slot p % C for a chunked layer (one
-        chunk's worth), slot p for a global one. Either one row with T new tokens at consecutive
-        positions inside one chunk (prefill), or B rows with one token each at their own
-        positions (decode). ``rows`` (a slice of B cache rows) says where the batch rows live; a
-        slice keeps every cache read a view, never a copy of the context.
+        chunk's worth), slot p for a global one; ``at`` (from `cache_slots`, shared by all layers
+        of a kind) says which rows and slots the new tokens take and how much each query reads.
         """
         B, T, _ = x_BTD.shape
         q, k, v = (t.to(k_cache.dtype) for t in self._project(x_BTD, pos_BT, rot))  # attention in the cache's dtype
-        slots = pos_BT % self.chunk if self.chunk is not None else pos_BT  # (B, T)
         # (R, S, G, Dh) views of the buffers: one index_put writes every new token of every row.
-        row_ids = torch.arange(rows.start, rows.stop, device=x_BTD.device)[:, None]
-        k_cache.transpose(1, 2).index_put_((row_ids, slots), k)
-        v_cache.transpose(1, 2).index_put_((row_ids, slots), v)
-        seen = slots[:, -1] + 1  # (B,) entries each row's last query may see (chunk start or 0 .. itself)
+        k_cache.transpose(1, 2).index_put_((at.row_ids, at.slots), k)
+        v_cache.transpose(1, 2).index_put_((at.row_ids, at.slots), v)
         q = q.transpose(1, 2)  # (B, H, T, Dh)
-        gqa = self.n_heads != self.n_kv_heads
-        if B == 1:
-            L = int(seen[0])
-            keys, values = k_cache[rows, :, :L], v_cache[rows, :, :L]
-            # The T queries are the last T of the L keys: causal aligned to the bottom right.
-            mask = causal_lower_right(T, L) if T > 1 else None
-        else:
-            if T != 1:
-                raise ValueError("cached attention takes one row with many tokens or many rows with one")
-            L = int(seen.max())
-            keys, values = k_cache[rows, :, :L], v_cache[rows, :, :L]
-            mask = (torch.arange(L, device=x_BTD.device)[None, :] < seen[:, None])[:, None, None, :]
-        if T == 1 and (q.device.type != "cpu" or B * L > 1024):  # CPU: the fused kernel wins below that
-            out = _attend_one(q, keys, values, mask)
+        keys, values = k_cache[at.rows, :, :at.length], v_cache[at.rows, :, :at.length]
+        if T == 1 and (q.device.type != "cpu" or B * at.length > 1024):  # CPU: the fused kernel wins below that
+            out = _attend_one(q, keys, values, at.mask)
         elif q.device.type == "cuda":
             # Not cuDNN's kernel: it builds a plan for every new shape (~6 ms on an H100), and a
             # cache's key length changes with every segment.
             with sdpa_kernel(_CUDA_SDPA):
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=at.mask, enable_gqa=self.gqa)
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=at.mask, enable_gqa=self.gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim).to(x_BTD.dtype))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         C, T = self.chunk, q.shape[2]
-        gqa = self.n_heads != self.n_kv_heads
         if C is None or T <= C:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
         # Chunked local attention from position 0 is block-diagonal causal attention: fold the
         # chunks into the batch and run plain causal attention inside each. No T x T mask exists,
         # and the cost is T * C instead of T^2. The tail is padded to a whole chunk; causal masking
@@ -149,6 +165,6 @@ class Attention(nn.Module):
             t = F.pad(t, (0, 0, 0, pad))
             return t.unflatten(2, (n, C)).transpose(1, 2).flatten(0, 1)
 
-        out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), is_causal=True, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), is_causal=True, enable_gqa=self.gqa)
         B, H = q.shape[:2]
         return out.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)[:, :, :T]

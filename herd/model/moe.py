@@ -106,6 +106,8 @@ class MoE(nn.Module):
     def _few(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
         # Decode: a handful of (token, expert) pairs. One host sync for the ids, then each pair's
         # expert reads only its own weights; no sort, no scatter.
+        if ids_NK.numel() == 1:  # batch-1 decode with top-1: one expert on one row
+            return self.experts.one(int(ids_NK), x_ND * scores_NK)
         x_in = x_ND[:, None] * scores_NK[:, :, None]  # (N, K, D): the score scales the expert input
         K = ids_NK.shape[1]
         rows = [self.experts.one(e, x_in[i // K, i % K, None]) for i, e in enumerate(ids_NK.flatten().tolist())]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from herd.config import TextConfig
-from herd.model.attention import Attention
+from herd.model.attention import Attention, CacheSlots, cache_slots
 from herd.model.layers import Linear, RMSNorm, SwiGLU, rope_rotations, rope_inv_freq
 from herd.model.moe import MoE
 
@@ -28,8 +28,8 @@ class Block(nn.Module):
         h = x_BTD + self.attention(self.attention_norm(x_BTD), positions_T, rot)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward_cached(self, x_BTD, pos_BT, rot, k_cache, v_cache, rows: slice):
-        h = x_BTD + self.attention.forward_cached(self.attention_norm(x_BTD), pos_BT, rot, k_cache, v_cache, rows)
+    def forward_cached(self, x_BTD, pos_BT, rot, k_cache, v_cache, at: CacheSlots):
+        h = x_BTD + self.attention.forward_cached(self.attention_norm(x_BTD), pos_BT, rot, k_cache, v_cache, at)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -65,8 +65,12 @@ class TextModel(nn.Module):
                       v_caches: list[torch.Tensor], rows: slice) -> torch.Tensor:
         """All blocks over new tokens of cached sequences (see Attention.forward_cached); hidden [B, T, D]."""
         rot = rope_rotations(pos_BT, self.inv_freq)  # (B, T, Dh/2)
+        slots: dict[int | None, CacheSlots] = {}  # per layer kind (its chunk), computed once
         for layer, k, v in zip(self.layers, k_caches, v_caches):
-            h_BTD = layer.forward_cached(h_BTD, pos_BT, rot, k, v, rows)
+            chunk = layer.attention.chunk
+            if chunk not in slots:
+                slots[chunk] = cache_slots(pos_BT, rows, chunk)
+            h_BTD = layer.forward_cached(h_BTD, pos_BT, rot, k, v, slots[chunk])
         return h_BTD
 
     def decode_layers(self, h_BTD: torch.Tensor) -> torch.Tensor:
