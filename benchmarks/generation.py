@@ -65,25 +65,39 @@ def write_checkpoint(cfg: TextConfig, folder: Path) -> Path:
     return folder
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def timed(fn, repeat: int = 1) -> float:
+    """Seconds of the fastest of ``repeat`` calls (on a GPU, synchronised: the work, not its launch)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    best = float("inf")
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _random_ids(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.randint(0, 200_000, shape, device=device)
 
 
 @torch.inference_mode()
-def herd_prefill(llm, n: int) -> float:
-    ids = torch.randint(0, 200_000, (n,)).tolist()
-    engine = Engine(llm.model, rows=1, max_len=n + 1, prefill_chunk=llm.prefill_chunk)
+def herd_prefill(model: TextModel, n: int, repeat: int = 1) -> float:
+    """Tokens/s of a prefill of n tokens into herd's KV cache (default segment size)."""
+    ids = _random_ids((n,), model.output.weight.device).tolist()
+    engine = Engine(model, rows=1, max_len=n + 1)
     engine.prefill(0, ids[:64])  # warm-up
-    return n / timed(lambda: engine.prefill(0, ids))
+    return n / timed(lambda: engine.prefill(0, ids), repeat)
 
 
 @torch.inference_mode()
-def herd_decode(llm, batch: int, steps: int) -> float:
-    engine = Engine(llm.model, rows=batch, max_len=64 + steps + 2)
+def herd_decode(model: TextModel, batch: int, steps: int, repeat: int = 1) -> float:
+    """Tokens/s of greedy decode steps for ``batch`` rows after 64-token prompts."""
+    device = model.output.weight.device
+    engine = Engine(model, rows=batch, max_len=64 + (repeat + 1) * steps + 2)
     for r in range(batch):
-        engine.prefill(r, torch.randint(0, 200_000, (64,)).tolist())
+        engine.prefill(r, _random_ids((64,), device).tolist())
     tokens = [1] * batch
     engine.decode(tokens)  # warm-up
 
@@ -92,20 +106,19 @@ def herd_decode(llm, batch: int, steps: int) -> float:
         for _ in range(steps):
             tokens = engine.decode(tokens).argmax(-1).tolist()
 
-    return batch * steps / timed(run)
+    return batch * steps / timed(run, repeat)
 
 
 @torch.inference_mode()
-def hf_prefill(model, n: int) -> float:
-    ids = torch.randint(0, 200_000, (1, n))
+def hf_prefill(model, n: int, repeat: int = 1) -> float:
+    ids = _random_ids((1, n), model.device)
     model(ids[:, :4], use_cache=True, logits_to_keep=1)  # warm-up
-    return n / timed(lambda: model(ids, use_cache=True, logits_to_keep=1))
+    return n / timed(lambda: model(ids, use_cache=True, logits_to_keep=1), repeat)
 
 
 @torch.inference_mode()
-def hf_decode(model, batch: int, steps: int, prompt: int = 64) -> float:
-    ids = torch.randint(0, 200_000, (batch, prompt))
-    out = model(ids, use_cache=True, logits_to_keep=1)
+def hf_decode(model, batch: int, steps: int, prompt: int = 64, repeat: int = 1) -> float:
+    out = model(_random_ids((batch, prompt), model.device), use_cache=True, logits_to_keep=1)
     cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     out = model(nxt, past_key_values=cache, use_cache=True)  # warm-up step
     cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
@@ -116,7 +129,7 @@ def hf_decode(model, batch: int, steps: int, prompt: int = 64) -> float:
             o = model(nxt, past_key_values=cache, use_cache=True)
             cache, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
 
-    return batch * steps / timed(run)
+    return batch * steps / timed(run, repeat)
 
 
 def main(argv=None) -> int:
@@ -152,9 +165,9 @@ def main(argv=None) -> int:
         # experts' bf16 bmm): it is timed on --tf-bf16-tokens tokens instead (its rate barely
         # depends on the length there), and the table marks those figures with *.
         cap = args.tf_bf16_tokens if dtype == "bfloat16" else None
-        cases = [(f"prefill {n}", lambda n=n: herd_prefill(llm, n), lambda n=n: hf_prefill(hf, min(n, cap or n)))
+        cases = [(f"prefill {n}", lambda n=n: herd_prefill(llm.model, n), lambda n=n: hf_prefill(hf, min(n, cap or n)))
                  for n in args.prompts]
-        cases += [(f"decode batch {b}", lambda b=b: herd_decode(llm, b, args.steps),
+        cases += [(f"decode batch {b}", lambda b=b: herd_decode(llm.model, b, args.steps),
                    lambda b=b: hf_decode(hf, b, min(args.steps, cap or args.steps), cap or 64)) for b in args.batches]
         for name, ours, theirs in cases:
             print(f"{dtype} {name} ...", file=sys.stderr)
@@ -180,7 +193,7 @@ def main(argv=None) -> int:
             llm = herd.load(folder, dtype="bfloat16", progress=False)
             for row in rows:
                 if row["dtype"] == "bfloat16" and row["case"] == "decode batch 1":
-                    row["herd_again"] = herd_decode(llm, 1, args.steps)
+                    row["herd_again"] = herd_decode(llm.model, 1, args.steps)
             del llm
     print(f"\n{cfg.n_layers} layers, width {cfg.dim}, {args.experts} experts top-1, vocab {cfg.vocab_size}, "
           f"{args.threads} threads; tokens/s")

@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,26 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import herd  # noqa: E402
 from herd.checkpoint.load import save_hf  # noqa: E402
-from herd.engine.generate import Engine, full_forward_tokens  # noqa: E402
+from herd.engine.generate import full_forward_tokens  # noqa: E402
 from herd.llm import init_weights  # noqa: E402
 from herd.model.transformer import TextModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import bench_config  # noqa: E402
+from generation import bench_config, herd_decode, herd_prefill, hf_decode, hf_prefill  # noqa: E402
 
 PROMPT = "The llama is a domesticated South American camelid. " * 3
-
-
-def sync_timed(fn, repeat: int = 3) -> float:
-    """Best of ``repeat`` runs (the first run of a shape pays for kernel selection and caches)."""
-    best = float("inf")
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def checks() -> list[tuple[str, bool, str]]:
@@ -78,49 +66,10 @@ def checks() -> list[tuple[str, bool, str]]:
     return out
 
 
-@torch.inference_mode()
-def herd_speed(model: TextModel, prompts: list[int], batches: list[int], steps: int) -> dict:
-    res = {}
-    for n in prompts:
-        ids = torch.randint(0, 200_000, (n,)).tolist()
-        engine = Engine(model, rows=1, max_len=n + 1)
-        engine.prefill(0, ids[:64])
-        res[f"prefill {n}"] = n / sync_timed(lambda: engine.prefill(0, ids))
-    for b in batches:
-        engine = Engine(model, rows=b, max_len=64 + 4 * steps + 2)  # warm-up + 3 timed runs
-        for r in range(b):
-            engine.prefill(r, torch.randint(0, 200_000, (64,)).tolist())
-        tokens = [1] * b
-        engine.decode(tokens)
-
-        def run():
-            nonlocal tokens
-            for _ in range(steps):
-                tokens = engine.decode(tokens).argmax(-1).tolist()
-
-        res[f"decode batch {b}"] = b * steps / sync_timed(run)
-    return res
-
-
-@torch.inference_mode()
-def hf_speed(model, prompts: list[int], batches: list[int], steps: int) -> dict:
-    res = {}
-    for n in prompts:
-        ids = torch.randint(0, 200_000, (1, n), device="cuda")
-        model(ids[:, :64], use_cache=True, logits_to_keep=1)
-        res[f"prefill {n}"] = n / sync_timed(lambda: model(ids, use_cache=True, logits_to_keep=1))
-    for b in batches:
-        out = model(torch.randint(0, 200_000, (b, 64), device="cuda"), use_cache=True, logits_to_keep=1)
-        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-
-        def run():
-            nonlocal cache, nxt
-            for _ in range(steps):
-                o = model(nxt, past_key_values=cache, use_cache=True)
-                cache, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
-
-        run()
-        res[f"decode batch {b}"] = b * steps / sync_timed(run)
+def speeds(prefill, decode, prompts: list[int], batches: list[int], steps: int) -> dict:
+    """Best of 3 (the first run of a shape pays for kernel selection and caches)."""
+    res = {f"prefill {n}": prefill(n, repeat=3) for n in prompts}
+    res |= {f"decode batch {b}": decode(b, steps, repeat=3) for b in batches}
     return res
 
 
@@ -138,7 +87,7 @@ def main(argv=None) -> int:
     cfg = bench_config(args.layers, args.experts)
     model = init_weights(TextModel(cfg)).to(device="cuda", dtype=torch.bfloat16).eval()
     prompts, batches = [512, 4096], [1, 8]
-    ours = herd_speed(model, prompts, batches, args.steps)
+    ours = speeds(partial(herd_prefill, model), partial(herd_decode, model), prompts, batches, args.steps)
     theirs = {}
     try:
         from transformers import Llama4ForCausalLM
@@ -146,7 +95,7 @@ def main(argv=None) -> int:
         folder = Path(tempfile.mkdtemp()) / "ckpt"
         save_hf(model, folder)
         hf = Llama4ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
-        theirs = hf_speed(hf, prompts, batches, args.steps)
+        theirs = speeds(partial(hf_prefill, hf), partial(hf_decode, hf), prompts, batches, args.steps)
     except Exception as e:  # report, do not hide herd's figures
         print(f"transformers could not run: {type(e).__name__}: {e}", flush=True)
     print(f"\n{cfg.n_layers} layers, width {cfg.dim}, {args.experts} experts top-1, vocab {cfg.vocab_size}, bf16, "

@@ -122,8 +122,7 @@ def cmd_serve(args) -> int:
 
     llm = _load(args)
     key = args.api_key or os.environ.get("HERD_API_KEY") or None
-    name = args.served_model_name or (args.model if args.model.strip("/").count("/") == 0 else
-                                      Path(args.model).name)
+    name = args.served_model_name or Path(args.model).name  # a preset's name, or the folder's
     options = ServeOptions(name, key, args.max_batch, args.max_queue, args.max_context, args.max_body_mb << 20,
                            args.allow_images_from)
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:

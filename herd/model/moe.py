@@ -11,6 +11,8 @@ test the fast ones.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,8 +23,13 @@ from herd.model.layers import Linear, SwiGLU, linear
 
 def _grouped_gemm_ok(x: torch.Tensor) -> bool:
     """torch._grouped_mm exists for bf16 on CUDA devices of compute capability 9.0 and up."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    return x.is_cuda and x.dtype == torch.bfloat16 and _has_grouped_mm(x.device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_grouped_mm(device_index: int | None) -> bool:
+    # Asked once per device, not in every MoE layer of every step.
+    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 class Experts(nn.Module):

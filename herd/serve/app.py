@@ -474,11 +474,10 @@ async def _wait_all(request: Request, jobs: list[Job], events: asyncio.Queue) ->
 
 
 def _raise_job_error(jobs: list[Job]) -> None:
+    # Requests are checked against the context before they queue, so a job error is the server's.
     for job in jobs:
         if job.stop_reason == "error":
-            status = 400 if "exceed" in (job.error or "") else 500
-            raise ApiError(status, job.error or "generation failed", kind="server_error" if status == 500 else
-                           "invalid_request_error")
+            raise ApiError(500, job.error or "generation failed", kind="server_error")
 
 
 def _finish_reason(job: Job, tool_calls: bool) -> str:
@@ -537,7 +536,8 @@ def _logprobs(llm: LLM, entries, chat: bool) -> dict:
         content = []
         for e in entries:
             text, raw = _token(llm, e.token_id)
-            top = [{"token": _token(llm, t)[0], "logprob": lp, "bytes": _token(llm, t)[1]} for t, lp in e.top]
+            top = [{"token": t_text, "logprob": lp, "bytes": t_raw}
+                   for (t_text, t_raw), lp in ((_token(llm, t), lp) for t, lp in e.top)]
             content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
         return {"content": content}
     tokens = [_token(llm, e.token_id)[0] for e in entries]
