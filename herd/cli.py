@@ -133,6 +133,23 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from herd.train.config import describe_fields, load_config
+
+    if args.fields:
+        print(describe_fields())
+        return 0
+    if args.config is None and not args.set:
+        raise ValueError("herd train needs a CONFIG file (or --set overrides); --fields lists every field")
+    from herd.train.trainer import train
+
+    cfg = load_config(args.config, args.set)
+    out = train(cfg, stop_after=args.stop_after)
+    if out is not None and int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"herd: training done; model in {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="herd", description="Llama 4 (Scout, Maverick, Behemoth) in plain PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -174,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("train", help="pretrain, fine-tune (sft) or LoRA-tune a model from a TOML config "
+                       "(several processes: torchrun --nproc-per-node N -m herd train CONFIG)")
+    t.add_argument("config", nargs="?", help="the TOML file (see --fields)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
+    t.add_argument("--fields", action="store_true", help="print every config field with its default and meaning")
+    t.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop (checkpointed) once this step is done; a later run resumes")
+    t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", help="config and parameter counts of a checkpoint or preset (no weights read)")
     i.add_argument("model")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from herd.checkpoint.adapters import load_adapters
 from herd.checkpoint.errors import CheckpointError
 from herd.checkpoint.load import load_model, read_config, save_hf
 from herd.config import PRESETS, ModelConfig, VisionConfig, preset
@@ -199,14 +200,28 @@ class LLM:
 
 def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
          *, seed: int = 0, progress: bool = True, vision: bool = True, max_images: int = DEFAULT_MAX_IMAGES,
-         max_tiles: int = DEFAULT_MAX_TILES, max_pixels: int = DEFAULT_MAX_PIXELS) -> LLM:
+         max_tiles: int = DEFAULT_MAX_TILES, max_pixels: int = DEFAULT_MAX_PIXELS,
+         adapters: str | os.PathLike | None = None) -> LLM:
     """Load a Hugging Face folder, a Meta folder, or a preset name (random weights) as an LLM.
+
+    ``adapters``: a folder of LoRA adapters saved by `herd train` (job lora), merged into the weights.
 
     ``vision=False`` skips a checkpoint's vision encoder (less memory; text prompts only). The image
     limits apply to prompts: images per prompt, tiles per image, pixels per image.
     Raises CheckpointError (a ValueError) naming the file, tensor or field at fault; nothing is
     returned half-loaded.
     """
+    llm = _load(path_or_preset, dtype, device, seed=seed, progress=progress, vision=vision, max_images=max_images,
+                max_tiles=max_tiles, max_pixels=max_pixels)
+    if adapters is not None:
+        try:
+            load_adapters(llm.model, adapters)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    return llm
+
+
+def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, max_tiles, max_pixels) -> LLM:
     limits = dict(max_images=max_images, max_tiles=max_tiles, max_pixels=max_pixels)
     dt = resolve_dtype(dtype)
     name = os.fspath(path_or_preset)

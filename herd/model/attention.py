@@ -38,6 +38,21 @@ def chunked_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | N
     return allowed
 
 
+def packed_mask(segments_BT: torch.Tensor, positions_BT: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask for rows that pack several documents (training).
+
+    A query sees earlier tokens of its own document only (segment ids), and in a chunked layer only
+    those of its own attention chunk, counted from the document's start (positions restart at 0 in
+    each document): every document is computed exactly as if it were alone at position 0.
+    """
+    T = segments_BT.shape[1]
+    idx = torch.arange(T, device=segments_BT.device)
+    allowed = (segments_BT[:, :, None] == segments_BT[:, None, :]) & (idx[None, :] <= idx[:, None])
+    if chunk is not None:
+        allowed &= (positions_BT[:, :, None] // chunk) == (positions_BT[:, None, :] // chunk)
+    return allowed[:, None]
+
+
 def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """One query per row: q (B, H, 1, Dh), k/v (B, G, L, Dh), mask (B, 1, 1, L) or None -> (B, H, 1, Dh).
 
@@ -116,12 +131,17 @@ class Attention(nn.Module):
             q = q * scale.view(scale.shape[0], T, 1, 1).to(q.dtype)
         return q, k, v
 
-    def forward(self, x_BTD: torch.Tensor, positions_T: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        """Full causal forward over a sequence that starts at positions_T[0] == 0 (no cache)."""
+    def forward(self, x_BTD: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor,
+                mask_B1TT: torch.Tensor | None = None) -> torch.Tensor:
+        """Full forward, no cache: over sequences that start at position 0 (positions [1, T], mask None),
+        or over packed rows with per-token positions [B, T] and their `packed_mask`."""
         B, T, _ = x_BTD.shape
-        q, k, v = self._project(x_BTD, positions_T[None], rot)
+        q, k, v = self._project(x_BTD, positions, rot)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|G, T, Dh)
-        out = self._attend(q, k, v)  # (B, H, T, Dh)
+        if mask_B1TT is None:
+            out = self._attend(q, k, v)  # (B, H, T, Dh)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TT, enable_gqa=self.gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def forward_cached(self, x_BTD: torch.Tensor, pos_BT: torch.Tensor, rot: torch.Tensor,

@@ -104,10 +104,19 @@ def to_column_major(w: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) that multiplies with :func:`linear`."""
+    """nn.Linear (same parameters and state-dict names) that multiplies with :func:`linear`.
+
+    ``adapter`` (None, or a module set from outside, e.g. a LoRA adapter in training) adds its
+    output of the same input: y = x W^T + b + adapter(x).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw):
+        super().__init__(in_features, out_features, bias, **kw)
+        self.adapter: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
+        return y if self.adapter is None else y + self.adapter(x)
 
 
 class SwiGLU(nn.Module):

@@ -45,10 +45,18 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        # None, or a module set from outside (LoRA in training) whose delta(name, e, x) is added to
+        # the output of projection `name` ('w1', 'w3', 'w2') of expert e.
+        self.adapter: nn.Module | None = None
 
     def one(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens [N, D] -> [N, D]; touches only expert e's weights."""
-        return linear(F.silu(linear(x_ND, self.w1[e])) * linear(x_ND, self.w3[e]), self.w2[e])
+        a = self.adapter
+        gate, up = linear(x_ND, self.w1[e]), linear(x_ND, self.w3[e])
+        if a is not None:
+            gate, up = gate + a.delta("w1", e, x_ND), up + a.delta("w3", e, x_ND)
+        h = F.silu(gate) * up
+        return linear(h, self.w2[e]) if a is None else linear(h, self.w2[e]) + a.delta("w2", e, h)
 
 
 class MoE(nn.Module):
@@ -59,19 +67,29 @@ class MoE(nn.Module):
         self.experts = Experts(moe.num_experts, dim, moe.expert_dim)
         self.shared_expert = SwiGLU(dim, moe.expert_dim)
         self.dense_reference = False  # True: Meta's every-token-through-every-expert oracle
+        # Set from outside for expert parallelism (herd.train.parallel): a function
+        # (moe, x_ND, ids_NK, scores_NK) -> routed output, when this rank holds a slice of the experts.
+        self.expert_parallel = None
+        # In training, the last forward's router logits [N, E] and choices [N, K], for the
+        # load-balancing losses and per-expert token counts (herd.train.moe_losses).
+        self.router_stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-K expert ids [N, K] and their sigmoid scores [N, K] (top-K on raw logits)."""
         logits_NE = self.router(x_ND)
         top_NK, ids_NK = torch.topk(logits_NE, self.top_k, dim=-1)
+        if self.training:
+            self.router_stats = (logits_NE, ids_NK)
         return ids_NK, torch.sigmoid(top_NK.float()).to(x_ND.dtype)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         ids_NK, scores_NK = self.route(x_ND)
-        if self.dense_reference:
+        if self.expert_parallel is not None:
+            routed = self.expert_parallel(self, x_ND, ids_NK, scores_NK)
+        elif self.dense_reference:
             routed = self._dense(x_ND, ids_NK, scores_NK)
-        elif _grouped_gemm_ok(x_ND):
+        elif _grouped_gemm_ok(x_ND) and self.experts.adapter is None:
             routed = self._grouped(x_ND, ids_NK, scores_NK)
         elif ids_NK.numel() <= 4:
             routed = self._few(x_ND, ids_NK, scores_NK)

@@ -82,12 +82,15 @@ class ChatIds(list):
 
     ``pixel_values`` is float32 [tiles, 3, S, S] in prompt order (None without images) and
     ``image_grids`` the (rows, cols) of each image; pass them to ``llm.logits(..., pixel_values=)``.
+    ``assistant_mask`` is True for the tokens the assistant wrote (its messages' content, tool calls
+    and end token, not their headers): the tokens fine-tuning learns.
     """
 
     def __init__(self, ids: list[int], pixel_values: torch.Tensor | None = None,
-                 image_grids: tuple[tuple[int, int], ...] = ()):
+                 image_grids: tuple[tuple[int, int], ...] = (), assistant_mask: list[bool] | None = None):
         super().__init__(ids)
         self.pixel_values, self.image_grids = pixel_values, image_grids
+        self.assistant_mask = assistant_mask if assistant_mask is not None else [False] * len(ids)
 
 
 @dataclass(frozen=True)
@@ -307,13 +310,18 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *, 
         else:
             parsed.insert(0, ChatMessage("system", (offer,)))
     ids = [tokenizer.bos_id]
+    mask = [False]
     per_tile = image_processor.tokens_per_tile if image_processor is not None else 0
     for message in parsed:
-        ids += encode_message(tokenizer, message, tool_format, images, per_tile)
+        m_ids = encode_message(tokenizer, message, tool_format, images, per_tile)
+        header = len(encode_header(tokenizer, message.role))
+        ids += m_ids
+        mask += [False] * header + [message.role == "assistant"] * (len(m_ids) - header)
     if add_generation_prompt:
         ids += encode_header(tokenizer, "assistant")
+        mask += [False] * (len(ids) - len(mask))
     tiles = [images[p.index][0] for p in parts]
-    return ChatIds(ids, torch.cat(tiles) if tiles else None, tuple(images[p.index][1] for p in parts))
+    return ChatIds(ids, torch.cat(tiles) if tiles else None, tuple(images[p.index][1] for p in parts), mask)
 
 
 # ---- generated ids out ----------------------------------------------------------------------

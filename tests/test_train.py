@@ -1,0 +1,353 @@
+"""herd train: packing exactness, the fused loss, pretraining + bitwise resume, kill-safe checkpoints,
+LoRA (merge, adapters, transformers export), FSDP2 + expert parallel on gloo, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import herd
+from herd.config import PRESETS
+from herd.llm import init_weights
+from herd.model.lora import add_adapters
+from herd.model.transformer import LinearCrossEntropy, TextModel
+from herd.train.config import TrainConfigError, describe_fields, load_config
+from herd.train.data import DataError, pack
+from herd.train.trainer import Trainer
+from tests.conftest import assert_logits_close
+from tests.corpus import corpus
+
+REPO = Path(__file__).resolve().parents[1]
+QA = [("Who found the silver key?", "The old farmer found it."), ("What did the baker sell?", "Warm bread."),
+      ("Where is the white horse?", "By the sea."), ("Who built the stone bridge?", "My brother did."),
+      ("What did the red fox follow?", "The long road."), ("When did the queen return?", "After the rain."),
+      ("Who lost the map?", "A small dog."), ("What did the sailor paint?", "The green door.")]
+
+
+def write_config(folder: Path, text: str) -> Path:
+    path = folder / "train.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+PRETRAIN = """
+    job = "pretrain"
+    out_dir = "{out}"
+    [model]
+    preset = "tiny-moe"
+    vision = false
+    [data]
+    train = ["corpus.txt"]
+    seq_len = 64
+    [optim]
+    lr = 3e-3
+    warmup_steps = 10
+    [train]
+    steps = {steps}
+    micro_batch = 2
+    eval_every = 100
+    eval_rows = 16
+    save_every = {save_every}
+    progress = false
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    (d / "corpus.txt").write_text(corpus(300, seed=1))
+    return d
+
+
+@pytest.fixture(scope="module")
+def pretrained(workdir):
+    """An uninterrupted 200-step pretraining run (checkpoints at 100 and 200)."""
+    cfg = load_config(write_config(workdir, PRETRAIN.format(out="full", steps=200, save_every=100)))
+    final = Trainer(cfg).run()
+    return workdir / "full", final
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- exactness -------------------------------------------------------------------------------
+
+
+def test_packed_rows_compute_each_document_alone():
+    """Doc masks + per-document positions: a packed row's logits equal each document's own forward,
+    across several attention chunks (8) and where the NoPE temperature is active (positions >= 4)."""
+    cfg = PRESETS["tiny-moe"].text
+    model = init_weights(TextModel(cfg), seed=3, std=0.3).eval()
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 1000, (n,), generator=gen) for n in (29, 20, 11)]
+    tokens = torch.cat(docs + [torch.zeros(4, dtype=torch.long)])[None]  # 4 padding tokens at the end
+    segments = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)] + [torch.full((4,), -1)])[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs] + [torch.arange(4)])[None]
+    with torch.no_grad():
+        packed = model(tokens, segments_BT=segments, positions_BT=positions)
+        at = 0
+        for d in docs:
+            alone = model(d[None])
+            assert_logits_close(packed[:, at:at + len(d)], alone, rel=1e-5)
+            at += len(d)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_linear_cross_entropy_matches_autograd(lora):
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(1100, 24, generator=gen, requires_grad=True)
+    w = torch.randn(300, 24, generator=gen, requires_grad=True)
+    t = torch.randint(0, 300, (1100,), generator=gen)
+    extra = (torch.randn(4, 24, generator=gen, requires_grad=True),
+             torch.randn(300, 4, generator=gen, requires_grad=True), 0.5) if lora else ()
+    ours = LinearCrossEntropy.apply(h, w, t, *extra)
+    (ours * 0.3).backward()
+    leaves = [h, w] + list(extra[:2])
+    got = [x.grad.clone() for x in leaves]
+    for x in leaves:
+        x.grad = None
+    logits = h @ w.t() + ((h @ extra[0].t()) @ extra[1].t() * extra[2] if lora else 0)
+    ref = F.cross_entropy(logits, t, reduction="sum")
+    (ref * 0.3).backward()
+    assert abs(float(ours.detach()) - float(ref.detach())) <= 1e-5 * abs(float(ref.detach()))
+    for g, x in zip(got, leaves):
+        assert torch.allclose(g, x.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_packing_covers_every_target_once_and_is_seeded():
+    lengths = np.array([5, 300, 64, 65, 1, 130, 7])
+    plan = pack(lengths, np.arange(len(lengths)), 64, order_seed=0)
+    seen = {}
+    for r in range(len(plan)):
+        segs = plan.segments(r)
+        assert sum(n for _, _, n in segs) <= 64
+        for d, s, n in segs:
+            for i in range(s + 1, s + n):  # tokens predicted inside this piece
+                seen[(d, i)] = seen.get((d, i), 0) + 1
+    expected = {(d, i) for d, n in enumerate(lengths) if n >= 2 for i in range(1, n)}
+    assert set(seen) == expected and set(seen.values()) == {1}
+    again = pack(lengths, np.arange(len(lengths)), 64, order_seed=0)
+    other = pack(lengths, np.arange(len(lengths)), 64, order_seed=1)
+    assert np.array_equal(plan.doc, again.doc) and not np.array_equal(plan.doc, other.doc)
+    with pytest.raises(DataError, match="document 1: 300 tokens with images"):
+        pack(lengths, np.arange(len(lengths)), 64, order_seed=0, unsplittable={1})
+
+
+def test_assistant_mask_marks_only_what_the_assistant_wrote():
+    tok = herd.load("tiny-dense").tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+                                  add_generation_prompt=False)
+    learned = [i for i, m in zip(ids, ids.assistant_mask) if m]
+    assert tok.decode(learned) == "Hello.<|eot|>"
+
+
+# ---- pretraining, resume, checkpoints ----------------------------------------------------------
+
+
+def test_pretraining_lowers_held_out_loss(pretrained):
+    run, final = pretrained
+    rows = metrics(run)
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 100, 200]
+    assert evals[-1]["eval_loss"] <= 0.7 * evals[0]["eval_loss"], evals
+    assert (run / "loss.png").stat().st_size > 1000
+    assert all(len(counts) == 4 for counts in (r["expert_tokens"][0] for r in rows if "expert_tokens" in r))
+    llm = herd.load(final, progress=False)  # the export loads and generates
+    assert llm.generate("The old", max_new_tokens=4).token_ids
+
+
+def test_resume_from_step_100_repeats_the_run_bitwise(pretrained, workdir):
+    run, _ = pretrained
+    resumed = workdir / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "step-000100", resumed / "checkpoints" / "step-000100")
+    (resumed / "checkpoints" / "latest").write_text("step-000100")
+    cfg = load_config(write_config(workdir, PRETRAIN.format(out="resumed", steps=200, save_every=100)))
+    trainer = Trainer(cfg)
+    assert trainer.step == 100
+    trainer.run()
+    full = {r["step"]: r["loss"] for r in metrics(run) if "loss" in r and r["step"] > 100}
+    again = {r["step"]: r["loss"] for r in metrics(resumed) if "loss" in r and r["step"] > 100}
+    assert len(full) == 100 and again == full  # bitwise: the same float64 of every step
+
+
+def test_kill_during_checkpoint_save_keeps_the_previous_one(workdir):
+    out = workdir / "killed"
+    config = write_config(workdir, PRETRAIN.format(out="killed", steps=6, save_every=2))
+    script = textwrap.dedent(f"""
+        import os, signal
+        from herd.train import checkpoint
+        from herd.train.config import load_config
+        from herd.train.trainer import train
+        real = checkpoint._write
+        def dying(path, write):
+            if "step-000004" in str(path) and "optimizer" in path.name:
+                os.kill(os.getpid(), signal.SIGKILL)  # mid-save: model file written, optimizer not
+            real(path, write)
+        checkpoint._write = dying
+        train(load_config({str(config)!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (out / "checkpoints" / "latest").read_text() == "step-000002"
+    assert (out / "checkpoints" / "step-000004.partial").exists()  # the interrupted save, never pointed at
+    trainer = Trainer(load_config(config))  # resumes from step 2, cleaning up the partial save
+    assert trainer.step == 2 and not (out / "checkpoints" / "step-000004.partial").exists()
+    assert trainer.run() is not None
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+# ---- LoRA --------------------------------------------------------------------------------------
+
+
+def test_lora_learns_merges_and_exports(pretrained, workdir):
+    from transformers import Llama4ForCausalLM
+
+    _, base = pretrained
+    with open(workdir / "sft.jsonl", "w") as f:
+        for q, a in QA:
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+    config = write_config(workdir, f"""
+        job = "lora"
+        out_dir = "lora"
+        [model]
+        checkpoint = "{base}"
+        [data]
+        train = ["sft.jsonl"]
+        val_fraction = 0
+        seq_len = 64
+        [optim]
+        lr = 5e-3
+        warmup_steps = 5
+        weight_decay = 0.0
+        [train]
+        steps = 90
+        micro_batch = 8
+        eval_every = 0
+        save_every = 0
+        progress = false
+        [moe]
+        aux_loss = 0.0
+        [lora]
+        rank = 16
+        targets = ["attention", "shared_expert", "experts", "output"]
+    """)
+    cfg = load_config(config)
+    trainer = Trainer(cfg)
+    merged_dir = trainer.run()
+    rows = metrics(workdir / "lora")
+    assert rows[-1]["loss"] <= 0.1, rows[-1]
+
+    # base + adapters (unmerged, as trained) vs the merged export vs herd.load(..., adapters=)
+    unmerged = herd.load(base, progress=False)
+    add_adapters(unmerged.model, 16, cfg.lora.alpha, cfg.lora.targets)
+    unmerged.model.load_state_dict({k: v for k, v in trainer.model.state_dict().items() if ".adapter." in k},
+                                   strict=False)
+    merged = herd.load(merged_dir, progress=False)
+    loaded = herd.load(base, progress=False, adapters=workdir / "lora" / "adapters")
+    ids = [merged.tokenizer.apply_chat_template([{"role": "user", "content": q}]) + merged.tokenizer.encode(a)
+           for q, a in QA[:2]]
+    for row in ids:
+        expected = unmerged.logits([row])
+        assert (merged.logits([row]) - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-5
+        assert (loaded.logits([row]) - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-5
+        ref = Llama4ForCausalLM.from_pretrained(merged_dir).eval()
+        with torch.no_grad():
+            assert_logits_close(merged.logits([row]), ref(torch.tensor([row])).logits)
+    # The fine-tuned model answers from the set, through the user-facing generate
+    out = merged.generate([{"role": "user", "content": QA[0][0]}], max_new_tokens=12)
+    assert out.text == QA[0][1]
+
+
+def test_bad_adapter_folder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="not a herd adapter folder"):
+        herd.load("tiny-dense", adapters=tmp_path)
+
+
+# ---- scale-out ---------------------------------------------------------------------------------
+
+
+def test_two_processes_fsdp_and_expert_parallel_follow_one_process(workdir):
+    base = PRETRAIN.format(out="{out}", steps=50, save_every=0).replace("micro_batch = 2", "micro_batch = 1")
+    single = write_config(workdir, base.replace("{out}", "one"))
+    Trainer(load_config(single, ["train.grad_accum=2", "train.eval_every=0"])).run()
+    two = workdir / "two.toml"
+    two.write_text(textwrap.dedent(base.replace("{out}", str(workdir / "two"))).replace(
+        'train = ["corpus.txt"]', f'train = ["{workdir / "corpus.txt"}"]'))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "herd",
+                           "train", str(two), "--set", "train.eval_every=0"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = [r["loss"] for r in metrics(workdir / "one")]
+    b = [r["loss"] for r in metrics(workdir / "two")]
+    assert len(a) == len(b) == 50
+    worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    assert worst <= 1e-3, worst
+    assert a[-1] < 0.8 * a[0]
+    # The sharded run exports the same kind of model (experts re-joined from both ranks).
+    sd = herd.load(workdir / "two" / "final", progress=False).model.state_dict()
+    assert sd["layers.0.feed_forward.experts.w1"].shape[0] == 4
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+_BASE = "[model]\npreset = 'tiny-moe'\n[data]\ntrain = ['x.txt']\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate = 1\n" + _BASE, "learning_rate: unknown key"),
+    (_BASE + "[optim]\nlr = 'fast'\n", "optim.lr: expected float, got str"),
+    (_BASE + "[optim]\nlr = -1\n", "optim.lr: must be > 0"),
+    (_BASE + "[train]\nsteps = 0\n", "train.steps: must be >= 1"),
+    ("[model]\n[data]\ntrain = ['x.txt']\n", "pretrain needs exactly one of model.preset, model.config"),
+    ("job = 'sft'\n[data]\ntrain = ['x.txt']\n", "model.checkpoint: sft starts from a checkpoint"),
+    (_BASE + "[lora]\ntargets = ['attention', 'mlp']\n", "lora.targets: unknown or empty: \\['mlp'\\]"),
+    ("[train\n", "not valid TOML"),
+])
+def test_config_errors_name_the_field(tmp_path, text, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(TrainConfigError, match=message):
+        load_config(path)
+
+
+def test_overrides_and_field_docs(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\npreset = 'tiny-moe'\n[data]\ntrain = ['x.txt']\n")
+    cfg = load_config(path, ["optim.lr=1e-3", "train.dtype=bfloat16", "data.train=['a.txt', 'b.txt']"])
+    assert cfg.optim.lr == 1e-3 and cfg.train.dtype == "bfloat16" and cfg.data.train[1] == str(tmp_path / "b.txt")
+    with pytest.raises(TrainConfigError, match="optim.nope: unknown key"):
+        load_config(path, ["optim.nope=1"])
+    docs = describe_fields()
+    assert "optim.lr = 0.0003  # peak learning rate" in docs and "[distributed]" in docs
+
+
+def test_bad_training_data_is_named(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{oops\n')
+    path = tmp_path / "c.toml"
+    base = tmp_path / "base"
+    herd.load("tiny-dense").save_pretrained(base)
+    path.write_text(f"job = 'sft'\nout_dir = 'o'\n[model]\ncheckpoint = '{base}'\n[data]\ntrain = ['bad.jsonl']\n"
+                    "[train]\nprogress = false\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: no assistant message"):
+        Trainer(load_config(path))
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                        '{"role": "assistant", "content": "yo"}]}\n{oops\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        Trainer(load_config(path))
+    path.write_text(path.read_text().replace("bad.jsonl", "missing*.jsonl"))
+    with pytest.raises(DataError, match="data.train: .*missing\\*.jsonl matches no file"):
+        Trainer(load_config(path))
