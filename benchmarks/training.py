@@ -70,6 +70,7 @@ def run_side(args) -> dict:
         from herd.config import to_hf_text_config
         hc = Llama4TextConfig(**to_hf_text_config(cfg))
         hc._attn_implementation = "sdpa"
+        hc.pad_token_id = None  # its default (200018) lies outside a small vocabulary; herd has no padding row
         hc.use_cache = False
         model = Llama4ForCausalLM(hc)
         model.load_state_dict(hf.to_hf(herd_model.state_dict(), cfg, layout="causal"))

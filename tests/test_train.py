@@ -351,3 +351,60 @@ def test_bad_training_data_is_named(tmp_path):
     path.write_text(path.read_text().replace("bad.jsonl", "missing*.jsonl"))
     with pytest.raises(DataError, match="data.train: .*missing\\*.jsonl matches no file"):
         Trainer(load_config(path))
+
+
+def test_sft_with_images_bf16_and_activation_checkpointing(tmp_path):
+    """Chat rows with images train the vision encoder too (early fusion); bf16 autocast and activation
+    checkpointing give the step the float32 run gives, to bf16 precision."""
+    from PIL import Image
+    Image.new("RGB", (80, 60), (230, 25, 25)).save(tmp_path / "red.png")
+    Image.new("RGB", (60, 80), (25, 25, 230)).save(tmp_path / "blue.png")
+    with open(tmp_path / "img.jsonl", "w") as f:
+        for name, colour in (("red.png", "Red."), ("blue.png", "Blue.")) * 4:
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": [{"type": "image", "image": name},
+                                             {"type": "text", "text": "What colour is this?"}]},
+                {"role": "assistant", "content": colour}]}) + "\n")
+    base = tmp_path / "base"
+    herd.load("tiny-moe").save_pretrained(base)
+    (tmp_path / "c.toml").write_text(textwrap.dedent(f"""
+        job = "sft"
+        [model]
+        checkpoint = "{base}"
+        [data]
+        train = ["img.jsonl"]
+        val_fraction = 0
+        seq_len = 128
+        [train]
+        steps = 2
+        micro_batch = 4
+        eval_every = 0
+        save_every = 0
+        progress = false
+    """))
+    losses = {}
+    for name, extra in (("f32", []), ("bf16", ["train.dtype=bfloat16", "train.activation_checkpointing=true"])):
+        trainer = Trainer(load_config(tmp_path / "c.toml", [f"out_dir={tmp_path / name}"] + extra))
+        before = trainer.vision.projector.weight.detach().clone()
+        first = trainer.train_step()
+        assert first["tokens"] > 4 * 2 * 4  # rows hold the images' patch tokens
+        assert not torch.equal(before, trainer.vision.projector.weight)  # the encoder learned
+        losses[name] = first["loss"]
+    assert abs(losses["bf16"] - losses["f32"]) <= 0.02 * losses["f32"], losses
+
+
+def test_one_document_file_larger_than_a_read_block(tmp_path):
+    """data.doc_separator = '': a file is one document even when read in several blocks."""
+    from herd.train import data
+    text = corpus(60, seed=2).replace("\n\n", " ")
+    (tmp_path / "one.txt").write_text(text)
+    tok = herd.load("tiny-dense").tokenizer
+    old, data._READ_BYTES = data._READ_BYTES, 1000  # force many blocks
+    try:
+        docs = data.tokenise([tmp_path / "one.txt"], tmp_path / "cache", data.Encoder(tok, chat=False), "", False)
+    finally:
+        data._READ_BYTES = old
+    assert len(docs) == 1
+    ids = [int(i) for i in docs.tokens]
+    assert ids[0] == tok.bos_id and ids[-1] == tok.token_id("<|end_of_text|>")
+    assert tok.decode(ids[1:-1]) == text

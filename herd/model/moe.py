@@ -109,7 +109,8 @@ class MoE(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                out.index_add_(0, token_of[start:start + n], self.experts.one(e, x_in[start:start + n]))
+                y = self.experts.one(e, x_in[start:start + n])
+                out.index_add_(0, token_of[start:start + n], y.to(out.dtype))  # bf16 under autocast
             start += n
         return out
 

@@ -33,6 +33,11 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_ND, w_VD, t_N, a_RD=None, b_VR=None, scale=1.0):
+        with torch.autocast(h_ND.device.type, enabled=False):  # float32 whatever the autocast around
+            return LinearCrossEntropy._forward(ctx, h_ND, w_VD, t_N, a_RD, b_VR, scale)
+
+    @staticmethod
+    def _forward(ctx, h_ND, w_VD, t_N, a_RD, b_VR, scale):
         need = ctx.needs_input_grad
         h, w = h_ND.float(), w_VD.float()
         lora = a_RD is not None

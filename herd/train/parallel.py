@@ -99,7 +99,7 @@ class ExpertParallel:
         y_grouped = torch.cat(outs) if outs else x_grouped[:0]
         y_recv = torch.empty_like(y_grouped).index_copy(0, by_expert, y_grouped)  # back to arrival order
         y_send = dist_fn.all_to_all_single(x_send.new_empty(x_send.shape), y_recv, send, recv)
-        return torch.zeros_like(x_ND).index_add(0, token_of, y_send)
+        return torch.zeros_like(x_ND).index_add(0, token_of, y_send.to(x_ND.dtype))
 
 
 def expert_parameters(model: TextModel) -> list[nn.Parameter]:
