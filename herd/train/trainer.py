@@ -223,7 +223,7 @@ class Trainer:
     def _forward(self, batch: Batch) -> torch.Tensor:
         dev = torch.device(self.cfg.device)
         tokens = batch.tokens.to(dev)
-        mask, feats = None, None
+        mask, feats, unused = None, None, 0.0
         if batch.images:
             if self.vision is None:
                 raise DataError("training rows hold images but the model has no vision encoder")
@@ -232,12 +232,15 @@ class Trainer:
             mask = tokens == self.patch_id
         elif self.vision is not None and self.world.size > 1:
             # Every rank must run the (FSDP-sharded) encoder each step, or the collectives mismatch.
-            feats_dummy = self.vision(torch.zeros(1, 3, self.vision.cfg.image_size, self.vision.cfg.image_size,
-                                                  device=dev))
-            return self.model(tokens, segments_BT=batch.segments.to(dev), positions_BT=batch.positions.to(dev),
-                              targets_BT=batch.targets.to(dev)) + 0.0 * feats_dummy.sum()
+            S = self.vision.cfg.image_size
+            unused = 0.0 * self.vision(torch.zeros(1, 3, S, S, device=dev)).sum()
         return self.model(tokens, mask, feats, segments_BT=batch.segments.to(dev),
-                          positions_BT=batch.positions.to(dev), targets_BT=batch.targets.to(dev))
+                          positions_BT=batch.positions.to(dev), targets_BT=batch.targets.to(dev)) + unused
+
+    def _autocast(self):
+        """bf16 autocast when train.dtype says so (float32 master weights), else a no-op context."""
+        return torch.autocast(torch.device(self.cfg.device).type, dtype=torch.bfloat16,
+                              enabled=self.cfg.train.dtype == "bfloat16")
 
     def train_step(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -246,17 +249,17 @@ class Trainer:
         n_targets = self.train_data.count_targets(list(all_rows))  # the whole step's, on every rank
         if n_targets == 0:
             raise DataError(f"step {step}: its {self.rows_per_step} rows hold no target token")
-        autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=t.dtype == "bfloat16")
         loss_sum = aux_sum = z_sum = 0.0
         counts = None
         tokens = 0
         n_micro = t.grad_accum * self.world.size
         for micro in range(t.grad_accum):
             batch = self.train_data.batch(self._rows(step, micro))
-            tokens += int((batch.segments >= 0).sum())
-            with autocast:
+            real = batch.segments >= 0  # not padding
+            tokens += int(real.sum())
+            with self._autocast():
                 total = self._forward(batch)
-            aux, z, c = router_losses(self.model, (batch.segments >= 0).flatten().to(total.device))
+            aux, z, c = router_losses(self.model, real.flatten().to(total.device))
             loss = total / n_targets + (cfg.moe.aux_loss * aux + cfg.moe.z_loss * z) / n_micro
             (loss * self.world.size).backward()  # FSDP averages over ranks; we want their sum
             loss_sum += float(total.detach())
@@ -295,8 +298,7 @@ class Trainer:
         for i in range(rounds):
             rows = list(range(mine[i], min(mine[i] + mb, n_rows))) if i < len(mine) else []
             batch = self.val_data.batch(rows or [0])
-            with torch.autocast(torch.device(self.cfg.device).type, dtype=torch.bfloat16,
-                                enabled=self.cfg.train.dtype == "bfloat16"):
+            with self._autocast():
                 s = float(self._forward(batch).detach())
             if rows:
                 total, count = total + s, count + batch.n_targets
