@@ -8,6 +8,7 @@ tuples; model code reads ``cfg.uses_rope[i]`` and ``cfg.is_moe[i]`` and never re
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 LLAMA4_VOCAB = 202_048  # 200,000 BPE ranks + 2,048 special tokens
@@ -408,8 +409,12 @@ def from_hf_config(cfg: dict, where: str = "config.json") -> ModelConfig:
     return ModelConfig(text=text, vision=vision, name="hf")
 
 
-def to_hf_text_config(t: TextConfig) -> dict:
-    """The ``text_config`` (or Llama4ForCausalLM config) dict transformers reads back to the same model."""
+def to_hf_text_config(t: TextConfig, special_tokens: Mapping[str, int] | None = None) -> dict:
+    """The ``text_config`` (or Llama4ForCausalLM config) dict transformers reads back to the same model.
+
+    ``special_tokens``: the tokenizer's name -> id table, for bos / eos / pad ids; default: Llama 4's
+    layout (`llama4_special_ids`).
+    """
     d = dict(
         model_type="llama4_text", vocab_size=t.vocab_size, hidden_size=t.dim, num_hidden_layers=t.n_layers,
         num_attention_heads=t.n_heads, num_key_value_heads=t.n_kv_heads, head_dim=t.head_dim,
@@ -421,8 +426,8 @@ def to_hf_text_config(t: TextConfig) -> dict:
         floor_scale=int(t.floor_scale) if float(t.floor_scale).is_integer() else t.floor_scale,
         max_position_embeddings=t.max_seq_len, rope_theta=t.rope_theta, hidden_act="silu",
         attention_bias=False, tie_word_embeddings=False,
-        bos_token_id=200000, eos_token_id=[200001, 200007, 200008], pad_token_id=200018,
     )
+    d |= hf_token_fields(special_tokens or llama4_special_ids(t.vocab_size))[0]
     rope = {"rope_type": "default", "rope_theta": t.rope_theta}
     if t.rope_scaling:
         s = t.rope_scaling
@@ -433,6 +438,23 @@ def to_hf_text_config(t: TextConfig) -> dict:
     d["rope_parameters"] = rope
     d["rope_scaling"] = None if rope["rope_type"] == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
     return d
+
+
+def llama4_special_ids(vocab_size: int) -> dict[str, int]:
+    """Special token name -> id in Llama 4's layout: its 2,048 special tokens, in Meta's order, are
+    the last ids of the vocabulary (a tokenizer file, when there is one, is the authority)."""
+    from herd.tokenizer.tokenizer import NUM_SPECIAL, llama4_special_tokens
+    return {name: vocab_size - NUM_SPECIAL + i for i, name in enumerate(llama4_special_tokens())}
+
+
+def hf_token_fields(special: Mapping[str, int]) -> tuple[dict, dict]:
+    """The config.json token fields from a name -> id table: (text_config's bos / eos / pad ids,
+    Llama4ForConditionalGeneration's image token indices)."""
+    text = {"bos_token_id": special["<|begin_of_text|>"], "pad_token_id": special["<|finetune_right_pad|>"],
+            "eos_token_id": [special["<|end_of_text|>"], special["<|eom|>"], special["<|eot|>"]]}
+    image = {"boi_token_index": special["<|image_start|>"], "eoi_token_index": special["<|image_end|>"],
+             "image_token_index": special["<|patch|>"]}
+    return text, image
 
 
 def to_hf_vision_config(v: VisionConfig) -> dict:
@@ -511,6 +533,6 @@ def preset(name: str) -> ModelConfig:
 
 __all__ = [
     "ConfigError", "RopeScaling", "MoEConfig", "VisionConfig", "TextConfig", "ModelConfig", "PRESETS", "preset",
-    "from_hf_config", "to_hf_text_config", "to_hf_vision_config", "from_meta_params", "to_meta_params", "meta_ffn_dims", "every",
+    "from_hf_config", "to_hf_text_config", "llama4_special_ids", "hf_token_fields", "to_hf_vision_config", "from_meta_params", "to_meta_params", "meta_ffn_dims", "every",
     "rope_layout",
 ]

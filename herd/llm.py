@@ -23,6 +23,9 @@ from herd.tokenizer.tokenizer import Tokenizer, TokenizerError
 from herd.vision.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TILES, preprocess_image
 
 DEFAULT_MAX_IMAGES = 64  # images per prompt
+# Trained models shipped inside the package, loadable by name (herd.load("herd-tiny")).
+MODELS_DIR = Path(__file__).parent / "models"
+MODELS = ("herd-tiny",)
 _ENCODE_TILES = 16  # tiles per vision-encoder batch: bounds activation memory for many-image prompts
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -52,6 +55,28 @@ def init_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> to
         else:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
     return model
+
+
+# Files a checkpoint folder may carry beside its weights that herd reads or passes on when saving.
+PROCESSOR_FILES = ("preprocessor_config.json", "tokenizer_config.json")
+
+
+def folder_max_tiles(folder: str | os.PathLike) -> int | None:
+    """Tiles per image a checkpoint was trained with: ``max_patches`` of its preprocessor_config.json
+    (transformers' Llama4ImageProcessor name), or None when the folder does not say."""
+    path = Path(folder) / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    import json
+    try:
+        value = json.loads(path.read_text()).get("max_patches")
+    except (ValueError, AttributeError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON object ({e})") from None
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CheckpointError(f"{path}: max_patches must be a positive integer, got {value!r}")
+    return value
 
 
 class ImageTiler:
@@ -191,23 +216,25 @@ class LLM:
     def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
         """Write a Hugging Face checkpoint folder that herd.load and transformers both read (with the
         vision encoder, as Llama4ForConditionalGeneration, when the model has one)."""
-        extra = {}
+        extra = {f: Path(self.source) / f for f in PROCESSOR_FILES if (Path(self.source) / f).is_file()}
         if self.tokenizer.path is not None:
             extra[self.tokenizer.path.name] = self.tokenizer.path
         return save_hf(self.model, folder, dtype=None if dtype is None else resolve_dtype(dtype), extra_files=extra,
-                       vision=self.vision)
+                       vision=self.vision, special_tokens=self.tokenizer.special_tokens)
 
 
 def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
          *, seed: int = 0, progress: bool = True, vision: bool = True, max_images: int = DEFAULT_MAX_IMAGES,
-         max_tiles: int = DEFAULT_MAX_TILES, max_pixels: int = DEFAULT_MAX_PIXELS,
+         max_tiles: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
          adapters: str | os.PathLike | None = None) -> LLM:
-    """Load a Hugging Face folder, a Meta folder, or a preset name (random weights) as an LLM.
+    """Load a Hugging Face folder, a Meta folder, an embedded model ("herd-tiny", trained by herd) or
+    a preset name (random weights) as an LLM.
 
     ``adapters``: a folder of LoRA adapters saved by `herd train` (job lora), merged into the weights.
 
     ``vision=False`` skips a checkpoint's vision encoder (less memory; text prompts only). The image
-    limits apply to prompts: images per prompt, tiles per image, pixels per image.
+    limits apply to prompts: images per prompt, tiles per image (default: the checkpoint's
+    preprocessor_config.json ``max_patches``, else 16), pixels per image.
     Raises CheckpointError (a ValueError) naming the file, tensor or field at fault; nothing is
     returned half-loaded.
     """
@@ -222,7 +249,7 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
 
 
 def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, max_tiles, max_pixels) -> LLM:
-    limits = dict(max_images=max_images, max_tiles=max_tiles, max_pixels=max_pixels)
+    limits = dict(max_images=max_images, max_tiles=max_tiles or DEFAULT_MAX_TILES, max_pixels=max_pixels)
     dt = resolve_dtype(dtype)
     name = os.fspath(path_or_preset)
     if name in PRESETS and not Path(name).exists():
@@ -243,7 +270,13 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
             encoder = init_weights(VisionModel(cfg.vision, cfg.text.dim), seed=seed + 1).to(device=device, dtype=dt)
             encoder.eval().requires_grad_(False)
         return LLM(cfg, tok, model.eval().requires_grad_(False), name, encoder, **limits)
+    if name in MODELS and not Path(name).exists():
+        name = os.fspath(MODELS_DIR / name)
+        if not (Path(name) / "config.json").is_file():
+            raise CheckpointError(f"{name}: the embedded model '{os.fspath(path_or_preset)}' is missing from this "
+                                  f"installation (rebuild it with scripts/train-herd-tiny)")
     cfg, fmt = read_config(name)
+    limits["max_tiles"] = max_tiles or folder_max_tiles(name) or DEFAULT_MAX_TILES
     try:
         tok = Tokenizer.from_folder(name, cfg.text.vocab_size)
     except TokenizerError as e:

@@ -391,6 +391,14 @@ def test_sft_with_images_bf16_and_activation_checkpointing(tmp_path):
         assert not torch.equal(before, trainer.vision.projector.weight)  # the encoder learned
         losses[name] = first["loss"]
     assert abs(losses["bf16"] - losses["f32"]) <= 0.02 * losses["f32"], losses
+    # The encoder is part of the checkpoint: a resumed run continues with the trained encoder.
+    cfg = load_config(tmp_path / "c.toml", [f"out_dir={tmp_path / 'resume'}", "train.save_every=1"])
+    trainer = Trainer(cfg)
+    trainer.run(stop_after=1)
+    trained = {k: v.detach().clone() for k, v in trainer.vision.state_dict().items()}
+    resumed = Trainer(cfg)
+    assert resumed.step == 1
+    assert all(torch.equal(trained[k], v) for k, v in resumed.vision.state_dict().items())
 
 
 def test_one_document_file_larger_than_a_read_block(tmp_path):
@@ -401,7 +409,7 @@ def test_one_document_file_larger_than_a_read_block(tmp_path):
     tok = herd.load("tiny-dense").tokenizer
     old, data._READ_BYTES = data._READ_BYTES, 1000  # force many blocks
     try:
-        docs = data.tokenise([tmp_path / "one.txt"], tmp_path / "cache", data.Encoder(tok, chat=False), "", False)
+        docs = data.tokenise([tmp_path / "one.txt"], tmp_path / "cache", data.Encoder(tok), "", False)
     finally:
         data._READ_BYTES = old
     assert len(docs) == 1

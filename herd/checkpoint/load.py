@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 
 from herd.checkpoint import hf, meta
 from herd.checkpoint.errors import CheckpointError
-from herd.config import (ConfigError, ModelConfig, from_hf_config, from_meta_params, to_hf_text_config,
+from herd.config import (ConfigError, ModelConfig, from_hf_config, from_meta_params, hf_token_fields,
+                         llama4_special_ids, to_hf_text_config,
                          to_hf_vision_config)
 from herd.model.layers import gemv_column_major
 from herd.model.transformer import TextModel
@@ -411,10 +412,12 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
 
 def save_hf(model: TextModel, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
             max_shard_bytes: int = 5 << 30, extra_files: Mapping[str, Path] | None = None,
-            vision: VisionModel | None = None) -> Path:
+            vision: VisionModel | None = None, special_tokens: Mapping[str, int] | None = None) -> Path:
     """Write a Hugging Face folder (config.json, safetensors shards + index): Llama4ForCausalLM, or
     Llama4ForConditionalGeneration when a vision model is given.
 
+    ``special_tokens``: the tokenizer's name -> id table, for the token ids config.json names
+    (default: Llama 4's layout at the end of the vocabulary).
     Written into a temporary sibling folder and renamed at the end, so an interrupted save never
     leaves a half-written checkpoint under ``folder``.
     """
@@ -449,13 +452,13 @@ def save_hf(model: TextModel, folder: str | os.PathLike, *, dtype: torch.dtype |
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     torch_dtype = str(dtype or next(iter(tensors.values())).dtype).removeprefix("torch.")
+    special = special_tokens or llama4_special_ids(cfg.vocab_size)
     if vision is None:
-        config = {**to_hf_text_config(cfg), "architectures": ["Llama4ForCausalLM"], "torch_dtype": torch_dtype}
+        config = {**to_hf_text_config(cfg, special), "architectures": ["Llama4ForCausalLM"], "torch_dtype": torch_dtype}
     else:
         config = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
-                  "text_config": to_hf_text_config(cfg), "vision_config": to_hf_vision_config(vision.cfg),
-                  "boi_token_index": 200080, "eoi_token_index": 200081, "image_token_index": 200092,
-                  "tie_word_embeddings": False, "torch_dtype": torch_dtype}
+                  "text_config": to_hf_text_config(cfg, special), "vision_config": to_hf_vision_config(vision.cfg),
+                  **hf_token_fields(special)[1], "tie_word_embeddings": False, "torch_dtype": torch_dtype}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     for name, src in (extra_files or {}).items():
         (tmp / name).write_bytes(Path(src).read_bytes())

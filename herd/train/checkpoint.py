@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +71,22 @@ def _optimizer_restore(opt: torch.optim.Optimizer, saved: dict) -> None:
     opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
-def save(run_dir: Path, step: int, model: torch.nn.Module, opt, sched, world: World, keep: int,
-         trainable_only: bool) -> Path:
-    """Write checkpoint ``step`` (every rank calls this); returns its folder."""
+def _state(modules: Mapping[str, torch.nn.Module | None], trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The checkpointed tensors of every module under its key prefix ('' for the text model,
+    'vision.' for the encoder): all of them, or only the trainable ones (LoRA adapters)."""
+    out = {}
+    for prefix, m in modules.items():
+        if m is None:
+            continue
+        names = {n for n, p in m.named_parameters() if p.requires_grad} if trainable_only else None
+        out |= {prefix + k: v for k, v in m.state_dict().items() if names is None or k in names}
+    return out
+
+
+def save(run_dir: Path, step: int, modules: Mapping[str, torch.nn.Module | None], opt, sched, world: World,
+         keep: int, trainable_only: bool) -> Path:
+    """Write checkpoint ``step`` (every rank calls this); returns its folder. ``modules``: key prefix
+    -> module, e.g. {'': text model, 'vision.': vision encoder}."""
     folder = run_dir / "checkpoints"
     final = folder / f"step-{step:06d}"
     tmp = folder / f"step-{step:06d}.partial"
@@ -80,9 +94,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, opt, sched, world: Wo
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     world.barrier()
-    names = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
-    tensors = {k: local_tensor(v).detach().contiguous() for k, v in model.state_dict().items()
-               if names is None or k in names}
+    tensors = {k: local_tensor(v).detach().contiguous() for k, v in _state(modules, trainable_only).items()}
     _write(tmp / f"model-rank{world.rank}.safetensors", lambda p: save_file(tensors, p))
     _write(tmp / f"optimizer-rank{world.rank}.pt", lambda p: torch.save(_optimizer_local(opt), p))
     world.barrier()
@@ -107,18 +119,23 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, opt, sched, world: Wo
     return final
 
 
-def restore(path: Path, model: torch.nn.Module, opt, sched, world: World) -> int:
-    """Load a checkpoint into the built model / optimizer / scheduler; returns its step."""
+def restore(path: Path, modules: Mapping[str, torch.nn.Module | None], opt, sched, world: World,
+            trainable_only: bool) -> int:
+    """Load a checkpoint into the built modules / optimizer / scheduler; returns its step. Every
+    tensor `save` would write must be there (a checkpoint without the vision encoder is refused)."""
     from torch.distributed.tensor import DTensor
     meta = torch.load(path / "trainer.pt", weights_only=False)
     if meta["world_size"] != world.size:
         raise RuntimeError(f"{path}: saved by {meta['world_size']} processes; resume it with as many "
                            f"(this run has {world.size})")
     tensors = load_file(str(path / f"model-rank{world.rank}.safetensors"))
-    own = model.state_dict()
-    unknown = sorted(set(tensors) - set(own))
+    own = _state(modules, trainable_only)
+    unknown, missing = sorted(set(tensors) - set(own)), sorted(set(own) - set(tensors))
     if unknown:
         raise RuntimeError(f"{path}: tensors {unknown[:3]} do not belong to this model (config changed?)")
+    if missing:
+        raise RuntimeError(f"{path}: tensors {missing[:3]} of this model are missing ({len(missing)} in all; "
+                           f"config changed?)")
     with torch.no_grad():
         for k, t in tensors.items():
             target = own[k]

@@ -39,8 +39,9 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: list = doc("files or glob patterns: .txt (raw text), .jsonl ({'text': ...} for pretrain, "
-                      "{'messages': [...]} for sft / lora)", [])
+    train: list = doc("files or glob patterns: .txt (raw text), .jsonl (per line {'text': ...}: raw text, every "
+                      "token learned, or {'messages': [...]}: a chat, only assistant tokens learned; any job "
+                      "takes both)", [])
     val: list = doc("held-out files; empty: take val_fraction of the training documents", [])
     val_fraction: float = doc("share of documents held out when no val files are given (chosen by seed)", 0.05)
     seq_len: int = doc("tokens per packed training row", 512)

@@ -98,22 +98,24 @@ class Encoded:
 
 
 class Encoder:
-    """Turns one record into token ids and a learn-mask for a job (pretrain or chat)."""
+    """Turns one record into token ids and a learn-mask. A JSONL record with ``messages`` is a chat
+    (only the assistant's tokens are learned); one with the text field is raw text (every token
+    is learned); one file may mix both, in any job."""
 
-    def __init__(self, tokenizer, chat: bool, text_field: str = "text"):
-        self.tok, self.chat, self.text_field = tokenizer, chat, text_field
+    def __init__(self, tokenizer, text_field: str = "text"):
+        self.tok, self.text_field = tokenizer, text_field
 
     def text(self, text: str, first: bool = True, last: bool = True) -> Encoded:
         ids = self.tok.encode(text, bos=first, eos=last)
         return Encoded(ids, [True] * len(ids), [])
 
     def record(self, where: str, rec: dict, folder: Path) -> Encoded:
-        if not self.chat:
+        if "messages" not in rec:
             text = rec.get(self.text_field)
             if not isinstance(text, str):
-                raise DataError(f"{where}: expected a string field {self.text_field!r}")
+                raise DataError(f"{where}: expected a 'messages' list or a string field {self.text_field!r}")
             return self.text(text)
-        messages = rec.get("messages")
+        messages = rec["messages"]
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{where}: expected a non-empty 'messages' list")
         images: list[str] = []
@@ -176,19 +178,23 @@ class Documents:
         return self.images.get(str(i), [])
 
 
-def _fingerprint(files: list[Path], tokenizer, chat: bool, separator: str, text_field: str) -> str:
+def _fingerprint(files: list[Path], tokenizer, separator: str, text_field: str) -> str:
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(f"{tokenizer.path}|{tokenizer.vocab_size}|{chat}|{separator!r}|{text_field}".encode())
+    tok = tokenizer.path.stat() if tokenizer.path is not None else None  # a rebuilt tokenizer re-tokenises
+    tiler = tokenizer.image_processor  # images become tiles x tokens per tile <|patch|> tokens
+    tiling = tiler and (tiler.tile_size, tiler.max_tiles, tiler.tokens_per_tile)
+    h.update(f"{tokenizer.path}|{tok and (tok.st_size, tok.st_mtime_ns)}|{tokenizer.vocab_size}|{separator!r}|"
+             f"{text_field}|{tiling}".encode())
     return h.hexdigest()[:16]
 
 
 def tokenise(files: list[Path], folder: Path, encoder: Encoder, separator: str, progress: bool = True) -> Documents:
     """Tokenise the files into ``folder`` (written under a temporary name, renamed when complete;
     an existing complete folder with the same fingerprint is reused)."""
-    stamp = _fingerprint(files, encoder.tok, encoder.chat, separator, encoder.text_field)
+    stamp = _fingerprint(files, encoder.tok, separator, encoder.text_field)
     if (folder / "done.json").exists() and json.loads((folder / "done.json").read_text()).get("stamp") == stamp:
         return Documents(folder)
     tmp = folder.with_name(folder.name + ".partial")

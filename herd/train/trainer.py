@@ -38,6 +38,7 @@ class Built:
     tokenizer: object
     tiler: object | None
     base: str  # where the weights came from
+    extra_files: dict  # name -> path: copied into the exported model folder
 
 
 def init_for_training(model: nn.Module, seed: int, std: float, n_layers: int) -> None:
@@ -53,7 +54,8 @@ def init_for_training(model: nn.Module, seed: int, std: float, n_layers: int) ->
 
 def build(cfg: TrainConfig) -> Built:
     import herd
-    from herd.llm import ImageTiler
+    from herd.llm import PROCESSOR_FILES, ImageTiler, folder_max_tiles
+    from herd.vision.preprocess import DEFAULT_MAX_TILES
     from herd.tokenizer.tokenizer import Tokenizer
     m = cfg.model
     if cfg.job == "pretrain":
@@ -80,9 +82,12 @@ def build(cfg: TrainConfig) -> Built:
             vision = VisionModel(mcfg.vision, mcfg.text.dim)
             init_for_training(vision, cfg.seed + 1, m.init_std, mcfg.vision.n_layers)
         base = m.preset or m.config
+        folder = default_tok
+        max_tiles = (folder_max_tiles(folder) if folder is not None else None) or DEFAULT_MAX_TILES
     else:
         llm = herd.load(m.checkpoint, dtype="float32", device="cpu", vision=m.vision, progress=cfg.train.progress)
         model, vision, tok, mcfg, base = llm.model, llm.vision, llm.tokenizer, llm.config, m.checkpoint
+        folder, max_tiles = Path(m.checkpoint), llm.tiler.max_tiles if llm.tiler is not None else DEFAULT_MAX_TILES
         model.output.weight.data = model.output.weight.data.contiguous()  # inference may keep it column-major
     device = torch.device(cfg.device)
     model.to(device).train().requires_grad_(cfg.job != "lora")
@@ -91,15 +96,19 @@ def build(cfg: TrainConfig) -> Built:
     if cfg.job == "lora":
         add_adapters(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=cfg.seed)
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    tiler = ImageTiler(mcfg.vision) if vision is not None else None
+    tiler = ImageTiler(mcfg.vision, max_tiles) if vision is not None else None
     tok.image_processor = tiler
-    return Built(model, vision, tok, tiler, base)
+    # Passed on to the export: the tokenizer and the processor / chat-template files beside the architecture.
+    extra = {f: folder / f for f in PROCESSOR_FILES if folder is not None and (folder / f).is_file()}
+    if tok.path is not None:
+        extra[tok.path.name] = tok.path
+    return Built(model, vision, tok, tiler, base, extra)
 
 
 def prepare_data(cfg: TrainConfig, tok, world: World) -> tuple[PackedData, PackedData | None]:
     d = cfg.data
     cache = Path(d.cache_dir or Path(cfg.out_dir) / "data")
-    encoder = Encoder(tok, chat=cfg.job != "pretrain", text_field=d.text_field)
+    encoder = Encoder(tok, text_field=d.text_field)
     train_files = expand_sources(d.train, "data.train")
     val_files = expand_sources(d.val, "data.val") if d.val else []
     if world.main:  # one process tokenises; the others wait and map the result
@@ -206,9 +215,11 @@ class Trainer:
         self.rows_per_step = t.micro_batch * t.grad_accum * W
         self.metrics = Metrics(self.out, enabled=self.world.main)
         self.step = 0
+        self.checkpointed = {"": self.model, "vision.": self.vision}  # key prefix -> module
         resume = ckpt.latest(self.out)
         if resume is not None:
-            self.step = ckpt.restore(resume, self.model, self.opt, self.sched, self.world)
+            self.step = ckpt.restore(resume, self.checkpointed, self.opt, self.sched, self.world,
+                                     trainable_only=cfg.job == "lora")
             self.metrics.truncate(self.step)
         if self.world.main:
             (self.out / "config.json").write_text(json.dumps(as_dict(cfg), indent=2))
@@ -312,7 +323,7 @@ class Trainer:
     # -- the run ---------------------------------------------------------------------------------
 
     def save(self) -> Path:
-        return ckpt.save(self.out, self.step, self.model, self.opt, self.sched, self.world,
+        return ckpt.save(self.out, self.step, self.checkpointed, self.opt, self.sched, self.world,
                          self.cfg.train.keep_checkpoints, trainable_only=self.cfg.job == "lora")
 
     def run(self, stop_after: int | None = None) -> Path | None:
@@ -368,9 +379,8 @@ class Trainer:
                 self.world.barrier()
                 return self.out / "adapters"
             merge(model)
-        tok = self.built.tokenizer
-        extra = {tok.path.name: tok.path} if tok.path is not None else {}
-        save_hf(model, _fresh(final), vision=vision, extra_files=extra)
+        save_hf(model, _fresh(final), vision=vision, extra_files=self.built.extra_files,
+                special_tokens=self.built.tokenizer.special_tokens)
         self.world.barrier()
         return final
 

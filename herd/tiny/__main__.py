@@ -1,0 +1,41 @@
+"""python -m herd.tiny data OUT | package FINAL DEST | eval MODEL [--report FILE] (see scripts/train-herd-tiny)."""
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m herd.tiny", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data", help="build herd-tiny's tokenizer, config.json and training data into OUT")
+    d.add_argument("out")
+    d.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("package", help="write a trained model (bf16) + loss curve into DEST, e.g. herd/models/herd-tiny")
+    p.add_argument("final", help="the run's exported model (OUT_DIR/final)")
+    p.add_argument("dest")
+    p.add_argument("--run", help="the run folder (its loss.png is copied)")
+    e = sub.add_parser("eval", help="evaluate a herd-tiny checkpoint on fresh generated examples")
+    e.add_argument("model")
+    e.add_argument("--report", help="write the report (markdown) here")
+    e.add_argument("--seed", type=int, default=12345, help="seed of the fresh examples (not the training seeds)")
+    e.add_argument("--n", type=int, default=200, help="examples per task")
+    args = ap.parse_args(argv)
+    if args.cmd == "data":
+        from herd.tiny.build import build
+        print(f"herd-tiny data in {build(args.out, seed=args.seed)}")
+    elif args.cmd == "package":
+        from herd.tiny.build import package
+        print(f"herd-tiny packaged in {package(args.final, args.dest, args.run)}")
+    else:
+        from herd.tiny.evaluate import evaluate, report
+        results = evaluate(args.model, seed=args.seed, n=args.n)
+        text = report(results, args.model)
+        print(text)
+        if args.report:
+            with open(args.report, "w") as f:
+                f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Everything herd-tiny is trained from, built from seeds: its BPE tokenizer (with Llama 4's
+special tokens and chat format), its architecture (config.json) and its training data.
+
+`python -m herd.tiny data OUT` writes into OUT:
+  tokenizer.json, tokenizer_config.json (chat template), config.json, preprocessor_config.json
+  train.jsonl, val.jsonl, images/*.png
+Records are chats (`messages`: only the assistant's tokens are learned) or raw text (`text`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from herd.config import (MoEConfig, TextConfig, VisionConfig, every, hf_token_fields, rope_layout, to_hf_text_config,
+                         to_hf_vision_config)
+from herd.tiny import shapes, text
+from herd.tokenizer.tokenizer import SPLIT_PATTERN, Tokenizer, llama4_special_tokens
+
+BPE_RANKS = 2048  # learned byte-level BPE tokens (256 bytes + merges); Llama 4's 2,048 specials follow
+TILE = 224  # one 224-px tile per image (16x16 patches of 14 px -> 64 tokens after the pixel shuffle)
+MAX_TILES = 1
+
+# The chat template HF tokenizers apply (Llama 4's format); herd itself uses herd.tokenizer.chat_format.
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{- '<|image|>' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|eot|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|header_start|>assistant<|header_end|>\\n\\n' }}{%- endif %}"
+)
+
+
+def text_config(vocab_size: int) -> TextConfig:
+    """herd-tiny's decoder: width 256, 8 layers (every 4th NoPE, chunk 64), MoE on every 2nd layer
+    with 8 experts top-1 + a shared expert, dense FFN 512 on the others."""
+    return TextConfig(
+        vocab_size=vocab_size, dim=256, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=512,
+        uses_rope=rope_layout(8, 4), is_moe=every(8, 2), moe=MoEConfig(num_experts=8, top_k=1, expert_dim=256),
+        attention_chunk_size=64, max_seq_len=8192, rope_theta=500000.0)
+
+
+VISION = VisionConfig(image_size=TILE, patch_size=14, dim=128, n_layers=3, n_heads=4, mlp_dim=512, output_dim=256,
+                      pixel_shuffle_ratio=0.5, projector_input_dim=256, projector_output_dim=256)
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+
+
+def tokenizer_corpus(seed: int, n_stories: int = 6000) -> list[str]:
+    """Text the BPE merges are learned from: stories, every question and answer form, facts."""
+    rng = random.Random(seed)
+    out = [text.story(rng) for _ in range(n_stories)]
+    for _ in range(2000):
+        scene = shapes.random_scene(rng)
+        out += [q + " " + a for _, q, a in shapes.questions(scene, rng)]
+    out += [text.fact(k, v) + " " + q.format(key=k) for k in text.KEYS for v in range(10, 100)
+            for q in text.ASK_FACT[:1]]
+    out += [r.format(hero=h) for r in text.STORY_REQUESTS for h in text.NAMES]
+    return out
+
+
+def train_tokenizer(out: Path, seed: int = 0, ranks: int = BPE_RANKS) -> Tokenizer:
+    """A byte-level BPE of at most ``ranks`` tokens (fewer when every word is whole by then) on the generated corpus, Meta's pre-tokenizer regex, and
+    Llama 4's 2,048 special tokens after them (the same order as Llama 4's)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=ranks, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[], show_progress=False)
+    tok.train_from_iterator(tokenizer_corpus(seed), trainer)
+    tok.add_special_tokens(llama4_special_tokens())
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot|>",
+        "pad_token": "<|finetune_right_pad|>", "model_max_length": 8192, "chat_template": CHAT_TEMPLATE}, indent=2))
+    return Tokenizer.from_hf_json(out / "tokenizer.json")
+
+
+def write_config(out: Path, tok: Tokenizer) -> None:
+    cfg = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
+           "text_config": to_hf_text_config(text_config(tok.vocab_size), tok.special_tokens),
+           "vision_config": to_hf_vision_config(VISION), "tie_word_embeddings": False, "torch_dtype": "float32",
+           **hf_token_fields(tok.special_tokens)[1]}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    # transformers' Llama4ImageProcessorFast reads max_patches; herd.load takes its max_tiles from it.
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Llama4ImageProcessorFast", "size": {"height": TILE, "width": TILE},
+        "max_patches": MAX_TILES, "resize_to_max_canvas": False, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}, indent=2))
+
+
+# ---- training data ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Mix:
+    """How many records of each kind a split gets."""
+
+    images: int = 30_000  # chats about one image, 1-4 questions each
+    stories: int = 25_000  # raw text
+    story_chats: int = 4_000  # "tell me a story about X"
+    retrieval: int = 9_000  # long-context fact lookups, 1-4 questions each
+    max_distance: int = 400  # tokens between the asked fact and the question (uniform 0..max)
+
+
+def write_split(out: Path, name: str, tok: Tokenizer, mix: Mix, seed: int, progress: bool = True) -> Path:
+    """``name``.jsonl (shuffled records) and its images under out/images/``name``/."""
+    rng = random.Random(seed)
+    img_dir = out / "images" / name
+    img_dir.mkdir(parents=True, exist_ok=True)
+    count = lambda s: len(tok.encode(s))  # noqa: E731
+    records: list[dict] = []
+    for i in tqdm(range(mix.images), desc=f"{name}: images", disable=not progress):
+        scene = shapes.random_scene(rng)
+        path = img_dir / f"{i:06d}.png"
+        scene.draw().save(path, compress_level=1)
+        records.append({"messages": shapes.conversation(scene, f"images/{name}/{path.name}", rng)})
+    records += [{"text": text.story(rng)} for _ in range(mix.stories)]
+    records += [{"messages": text.story_chat(rng)} for _ in range(mix.story_chats)]
+    for _ in tqdm(range(mix.retrieval), desc=f"{name}: retrieval", disable=not progress):
+        messages, _ = text.retrieval_example(rng, count, rng.randint(0, mix.max_distance), n_facts=rng.randint(2, 8),
+                                             lead=rng.randint(0, 60), n_questions=rng.randint(1, 4))
+        records.append({"messages": messages})
+    rng.shuffle(records)
+    path = out / f"{name}.jsonl"
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def build(out: str | Path, seed: int = 0, train: Mix | None = None, val: Mix | None = None,
+          progress: bool = True) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(out, seed)
+    write_config(out, tok)
+    write_split(out, "train", tok, train or Mix(), seed + 1, progress)
+    write_split(out, "val", tok, val or Mix(images=400, stories=400, story_chats=50, retrieval=100), seed + 2, progress)
+    return out
+
+
+def package(final: str | Path, dest: str | Path, run: str | Path | None = None) -> Path:
+    """The trained model as shipped: bfloat16 weights, tokenizer, chat template and processor
+    config (through `LLM.save_pretrained`), plus the run's loss curve; written beside ``dest`` and
+    swapped in, so a failed packaging leaves the previous model in place."""
+    import shutil
+
+    import herd
+
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    herd.load(final, progress=False).save_pretrained(tmp, dtype="bfloat16")
+    if run is not None and (Path(run) / "loss.png").is_file():
+        shutil.copy(Path(run) / "loss.png", tmp / "loss.png")
+    llm = herd.load(tmp, progress=False)
+    (tmp / "README.md").write_text(model_card(llm, Path(run) if run is not None else None))
+    if (dest / "EVAL.md").is_file():  # rewritten by `python -m herd.tiny eval` afterwards
+        shutil.copy(dest / "EVAL.md", tmp / "EVAL.md")
+    old = dest.with_name(dest.name + ".old")
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def model_card(llm, run: Path | None) -> str:
+    """README.md of the packaged model: what it is, what it learned from, how it was trained."""
+    t, v = llm.config.text, llm.config.vision
+    n_text, n_vision = t.param_count(), v.param_count(t.dim)
+    lines = [
+        "# herd-tiny", "",
+        "A small Llama 4 that herd trains itself, from nothing, on a 2-core CPU: herd's default model.",
+        "Same architecture as Llama 4 Scout / Maverick at toy scale: mixture-of-experts with a shared",
+        "expert, iRoPE (chunked-attention RoPE layers, global NoPE layers with temperature tuning),",
+        "an early-fusion vision encoder with pixel shuffle, and Llama 4's chat format and special tokens.", "",
+        f"- decoder: width {t.dim}, {t.n_layers} layers (NoPE: {[i for i, r in enumerate(t.uses_rope) if not r]}), "
+        f"{t.n_heads} heads / {t.n_kv_heads} KV heads of {t.head_dim}, attention chunk {t.attention_chunk_size}, "
+        f"MoE on layers {[i for i, m in enumerate(t.is_moe) if m]} ({t.moe.num_experts} experts of width "
+        f"{t.moe.expert_dim}, top-{t.moe.top_k}, + shared expert), dense FFN {t.ffn_dim} elsewhere",
+        f"- vision: one {v.image_size}-px tile per image, {v.patch_size}-px patches, width {v.dim}, {v.n_layers} layers, "
+        f"{llm.tiler.tokens_per_tile} image tokens",
+        f"- tokenizer: byte-level BPE of {llm.tokenizer.vocab_size - 2048} tokens (trained with `tokenizers` on the "
+        f"generated text) + Llama 4's 2,048 special tokens, vocabulary {llm.tokenizer.vocab_size}",
+        f"- parameters: {n_text / 1e6:.1f}M text + {n_vision / 1e6:.1f}M vision, stored in bfloat16", "",
+        "Training data: generated by `herd/tiny` (pictures of coloured circles, squares and triangles with",
+        "questions and answers; stories from a seeded grammar; long-prompt fact lookups). No outside data;",
+        "the data, the generator code and these weights are under herd's licence (Apache-2.0).", "",
+        "Recipe: `scripts/train-herd-tiny` (`python -m herd.tiny data`, `herd train recipes/herd-tiny.toml`,",
+        "`python -m herd.tiny package`, `python -m herd.tiny eval`). Loss curve: `loss.png`; evaluation: `EVAL.md`.",
+    ]
+    if run is not None and (run / "metrics.jsonl").is_file():
+        import json as _json
+        rows = [_json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        steps = [r for r in rows if "loss" in r]
+        evals = [r for r in rows if "eval_loss" in r]
+        if steps:
+            tokens = sum(r["tokens"] for r in steps)
+            seconds = tokens / steps[-1]["tokens_per_s"]
+            lines += ["", f"This build: {steps[-1]['step']} steps, {tokens / 1e6:.1f}M tokens in {seconds / 60:.0f} "
+                          f"minutes ({steps[-1]['tokens_per_s']:.0f} tokens/s); held-out loss "
+                          f"{evals[0]['eval_loss']:.3f} at step 0, {evals[-1]['eval_loss']:.3f} at the end."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,169 @@
+"""herd-tiny's evaluation: fresh examples from the generators (a seed the training data never used),
+answered through the code paths a user runs: `herd.load`, `llm.generate` (greedy) with images,
+`llm.logits` for perplexity.
+
+Tasks and how each is scored:
+  shape      single-shape image, "What shape is in the image?"        exact answer ("A circle.")
+  color      single-shape image, "What color is the {shape}?"         exact answer ("Red.")
+  count      1-3 shapes, "How many shapes are there?"                 exact answer ("There are two shapes.")
+  describe   1-3 shapes, "Describe the image."                        the (colour, shape) pairs named are
+                                                                      exactly the image's
+  retrieval  a fact 4-6 attention chunks before the question          exact answer ("42.")
+  text       held-out stories: perplexity; a greedy continuation of a plain prompt, and the share
+             of its words found in the generator's word list
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from herd.tiny import shapes, text
+
+BATCH = 16
+
+
+@dataclass
+class Task:
+    name: str
+    how: str
+    correct: int = 0
+    total: int = 0
+    failures: list = field(default_factory=list)  # (question, expected, got), the first few
+
+    def add(self, ok: bool, question: str, expected: str, got: str) -> None:
+        self.correct += ok
+        self.total += 1
+        if not ok and len(self.failures) < 5:
+            self.failures.append((question, expected, got))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.total, 1)
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.strip().lower().split())
+
+
+_PAIR = re.compile(r"\b(" + "|".join(shapes.COLORS) + r")\s+(" + "|".join(shapes.SHAPES) + r")s?\b")
+
+
+def named_pairs(answer: str) -> list[tuple[str, str]]:
+    """(colour, shape) pairs an answer names, e.g. 'A red circle and a blue square.'."""
+    return _PAIR.findall(answer.lower())
+
+
+def _ask(llm, prompts: list, max_new_tokens: int) -> list[str]:
+    out = []
+    for i in range(0, len(prompts), BATCH):
+        out += [r.text for r in llm.generate(prompts[i:i + BATCH], max_new_tokens=max_new_tokens, temperature=0.0)]
+    return out
+
+
+def image_tasks(llm, rng: random.Random, n: int) -> list[Task]:
+    shape = Task("shape", "single-shape images, 'What shape is in the image?', exact answer")
+    color = Task("color", "single-shape images, 'What color is the {shape}?', exact answer")
+    count = Task("count", "1-3 shapes (uniform), 'How many shapes are there?', exact answer")
+    desc = Task("describe", "1-3 shapes (uniform), 'Describe the image.', names exactly the image's colour/shape pairs")
+    jobs = []  # (task, scene, question, expected)
+    for _ in range(n):
+        s = shapes.random_scene(rng, 1)
+        jobs.append((shape, s, shapes.ASK_SHAPE[0], f"A {s.shapes[0].kind}."))
+        s = shapes.random_scene(rng, 1)
+        jobs.append((color, s, shapes.ASK_COLOR[0].format(shape=s.shapes[0].kind), f"{s.shapes[0].color.capitalize()}."))
+        s = shapes.random_scene(rng)
+        jobs.append((count, s, shapes.ASK_COUNT[0], shapes.count_answer(len(s.shapes))))
+        s = shapes.random_scene(rng)
+        jobs.append((desc, s, shapes.ASK_DESCRIBE[0], shapes.describe(s)))
+    prompts = [[{"role": "user", "content": [{"type": "image", "image": s.draw()}, {"type": "text", "text": q}]}]
+               for _, s, q, _ in jobs]
+    answers = _ask(llm, prompts, 24)
+    for (task, scene, q, expected), got in zip(jobs, answers):
+        if task is desc:
+            ok = sorted(named_pairs(got)) == sorted((s.color, s.kind) for s in scene.shapes)
+        else:
+            ok = _norm(got) == _norm(expected)
+        task.add(ok, f"{q} [{shapes.describe(scene)} {scene.width}x{scene.height}]", expected, got)
+    return [shape, color, count, desc]
+
+
+def retrieval_task(llm, rng: random.Random, n: int) -> Task:
+    chunk = llm.config.text.attention_chunk_size
+    lo, hi = 4 * chunk, 6 * chunk
+    task = Task("retrieval", f"a fact {lo}-{hi} tokens ({lo // chunk}-{hi // chunk} chunks of {chunk}) before the "
+                             "question, among 2-8 facts and story sentences, exact answer")
+    count = lambda s: len(llm.tokenizer.encode(s))  # noqa: E731
+    jobs = []
+    while len(jobs) < n:
+        messages, distance = text.retrieval_example(rng, count, rng.randint(lo, hi), n_facts=rng.randint(2, 8),
+                                                    lead=rng.randint(0, 60))
+        if distance >= lo:  # measured, not just asked for
+            jobs.append((messages[:1], messages[1]["content"], distance))
+    answers = _ask(llm, [m for m, _, _ in jobs], 6)
+    for (messages, expected, distance), got in zip(jobs, answers):
+        task.add(_norm(got) == _norm(expected), messages[0]["content"].rsplit("\n\n", 1)[-1] + f" [{distance} tokens]",
+                 expected, got)
+    return task
+
+
+def vocabulary(rng: random.Random, n_stories: int = 3000) -> set[str]:
+    return {w for _ in range(n_stories) for w in re.findall(r"[a-z]+", text.story(rng).lower())}
+
+
+@torch.inference_mode()
+def text_task(llm, rng: random.Random, n: int) -> dict:
+    """Held-out perplexity of fresh stories, and a plain prompt's greedy continuation."""
+    nll, tokens = 0.0, 0
+    for _ in range(n):
+        ids = llm.tokenizer.encode(text.story(rng), bos=True, eos=True)
+        logits = llm.logits([ids])[0, :-1]
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
+        tokens += len(ids) - 1
+    prompt = "Once upon a time"
+    sample = llm.generate(prompt, max_new_tokens=60, temperature=0.0).text
+    words = re.findall(r"[A-Za-z]+", sample)
+    known = vocabulary(random.Random(0))
+    return {"ppl": float(torch.tensor(nll / tokens).exp()), "tokens": tokens, "stories": n, "prompt": prompt,
+            "sample": sample, "known_words": sum(w.lower() in known for w in words) / max(len(words), 1)}
+
+
+def evaluate(model: str, seed: int = 12345, n: int = 200) -> dict:
+    import herd
+    started = time.perf_counter()
+    llm = herd.load(model, progress=False)
+    rng = random.Random(seed)
+    tasks = image_tasks(llm, rng, n) + [retrieval_task(llm, rng, n)]
+    return {"tasks": tasks, "text": text_task(llm, rng, n), "seed": seed, "n": n,
+            "seconds": time.perf_counter() - started, "dtype": str(llm.dtype).removeprefix("torch.")}
+
+
+TARGETS = {"shape": 0.95, "color": 0.95, "count": 0.90, "describe": 0.80, "retrieval": 0.80}
+
+
+def report(results: dict, model: str) -> str:
+    lines = [f"# herd-tiny evaluation: {model}", "",
+             f"Fresh examples from herd.tiny's generators (seed {results['seed']}, never used for training), "
+             f"{results['n']} per task; answers from `herd.load(...)` + `llm.generate(..., temperature=0.0)` "
+             f"(greedy) with the images as a user passes them ({results['dtype']} weights). "
+             f"`python -m herd.tiny eval {model}` reproduces this ({results['seconds']:.0f} s here).", "",
+             "| task | accuracy | target | how it is scored |", "|---|---|---|---|"]
+    for t in results["tasks"]:
+        target = TARGETS.get(t.name)
+        mark = "" if target is None else (" ✓" if t.accuracy >= target else " ✗")
+        lines.append(f"| {t.name} | {t.accuracy:.1%} ({t.correct}/{t.total}) | "
+                     f"{'' if target is None else f'≥ {target:.0%}'}{mark} | {t.how} |")
+    tx = results["text"]
+    lines += ["", f"Held-out text perplexity: **{tx['ppl']:.2f}** over {tx['tokens']} tokens of {tx['stories']} "
+                  f"fresh stories (`llm.logits`).", "",
+              f"Greedy continuation of {tx['prompt']!r} ({tx['known_words']:.0%} of its words are in the "
+              f"generator's word list):", "", f"> {tx['prompt']}{tx['sample']}", ""]
+    failures = [(t.name, f) for t in results["tasks"] for f in t.failures]
+    if failures:
+        lines += ["First failures per task (question, expected, got):", ""]
+        lines += [f"- {name}: {q!r} expected {e!r}, got {g!r}" for name, (q, e, g) in failures]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,152 @@
+"""herd-tiny: the data generators, its tokenizer and config (nothing hard-codes special token ids),
+and how herd.load finds the embedded model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+import herd
+from herd.checkpoint.errors import CheckpointError
+from herd.tiny import build, shapes, text
+from herd.tiny.evaluate import named_pairs
+from herd.tokenizer.tokenizer import NUM_SPECIAL, llama4_special_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    tok = build.train_tokenizer(out)
+    build.write_config(out, tok)
+    return out, tok
+
+
+def test_scenes_follow_the_spec():
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = shapes.random_scene(rng)
+        w, h = scene.width, scene.height
+        assert 64 <= min(w, h) and max(w, h) <= 448 and 0.5 <= w / h <= 2.0
+        assert 1 <= len(scene.shapes) <= 3
+        assert len({s.color for s in scene.shapes}) == len(scene.shapes)  # distinct colours: answers unambiguous
+        short = min(w, h)
+        for s in scene.shapes:
+            assert 0.15 * short <= s.size <= 0.40 * short and s.kind in shapes.SHAPES
+            assert 0 <= s.x and s.x + s.size <= w and 0 <= s.y and s.y + s.size <= h
+        for a, b in ((a, b) for i, a in enumerate(scene.shapes) for b in scene.shapes[i + 1:]):
+            assert a.x + a.size <= b.x or b.x + b.size <= a.x or a.y + a.size <= b.y or b.y + b.size <= a.y
+        assert [s.x + s.size / 2 for s in scene.shapes] == sorted(s.x + s.size / 2 for s in scene.shapes)
+        pixels = np.asarray(scene.draw())
+        for s in scene.shapes:  # the exact colour sits at the centre of the shape's lower half
+            cy, cx = s.y + int(s.size * 0.7), s.x + s.size // 2
+            assert tuple(pixels[cy, cx]) == shapes.COLORS[s.color]
+        colours = {tuple(p) for p in pixels.reshape(-1, 3)}
+        assert colours == {(255, 255, 255), *(shapes.COLORS[s.color] for s in scene.shapes)}
+
+
+def test_scenes_are_seeded_and_questions_unambiguous():
+    a = [shapes.random_scene(random.Random(7)) for _ in range(2)]
+    assert a[0] == a[1] and shapes.random_scene(random.Random(8)) != a[0]
+    rng = random.Random(1)
+    for _ in range(200):
+        scene = shapes.random_scene(rng)
+        qa = shapes.questions(scene)
+        kinds = [s.kind for s in scene.shapes]
+        for kind, q, answer in qa:
+            if kind == "color":  # asked only about a shape that appears once
+                assert kinds.count(q.split()[-1].rstrip("?")) == 1
+            if kind == "shape":
+                assert len(scene.shapes) == 1
+        assert sorted(named_pairs(shapes.describe(scene))) == sorted((s.color, s.kind) for s in scene.shapes)
+    one = shapes.Scene(100, 100, (shapes.Shape("circle", "orange", 10, 10, 30),))
+    assert shapes.describe(one) == "An orange circle." and shapes.count_answer(3) == "There are three shapes."
+    with pytest.raises(ValueError, match="n_shapes"):
+        shapes.random_scene(rng, 4)
+
+
+def test_tokenizer_keeps_llama4_specials_and_chat_format(tiny_dir):
+    out, tok = tiny_dir
+    ranks = tok.vocab_size - NUM_SPECIAL
+    assert 256 < ranks <= build.BPE_RANKS
+    assert [tok.token_id(n) for n in llama4_special_tokens()] == list(range(ranks, tok.vocab_size))
+    assert tok.encode("<|eot|>") != [tok.eot_id]  # text never becomes a special id
+    story = text.story(random.Random(3))
+    assert tok.decode(tok.encode(story)) == story
+    # The Jinja chat template shipped for transformers renders the same prompt herd encodes.
+    import jinja2
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story about Mia."},
+                {"role": "assistant", "content": "Once upon a time, Mia went to the park."},
+                {"role": "user", "content": [{"type": "text", "text": "What shape is red?"}]}]
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    rendered = jinja2.Environment().from_string(cfg["chat_template"]).render(
+        messages=messages, add_generation_prompt=True, bos_token=cfg["bos_token"])
+    assert rendered == tok.decode(tok.apply_chat_template(messages))
+
+
+def test_config_names_the_tokenizers_ids(tiny_dir):
+    out, tok = tiny_dir
+    cfg = json.loads((out / "config.json").read_text())
+    text_cfg = cfg["text_config"]
+    assert text_cfg["vocab_size"] == tok.vocab_size
+    assert text_cfg["bos_token_id"] == tok.bos_id != 200000
+    assert sorted(text_cfg["eos_token_id"]) == sorted(tok.stop_ids)
+    assert cfg["image_token_index"] == tok.token_id("<|patch|>")
+    assert cfg["boi_token_index"] == tok.token_id("<|image_start|>")
+    from transformers import Llama4Config
+    hf = Llama4Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")})
+    assert hf.image_token_index == tok.token_id("<|patch|>")
+    # Llama 4's own layout is derived, not written down: the bundled tokenizer agrees with it.
+    from herd.config import llama4_special_ids
+    from herd.tokenizer.tokenizer import Tokenizer
+    real = Tokenizer.bundled()
+    assert llama4_special_ids(real.vocab_size) == dict(real.special_tokens)
+
+
+def test_retrieval_example_places_the_fact(tiny_dir):
+    _, tok = tiny_dir
+    count = lambda s: len(tok.encode(s))  # noqa: E731
+    rng = random.Random(5)
+    for want in (0, 100, 300):
+        messages, distance = text.retrieval_example(rng, count, want, n_facts=5, lead=30, n_questions=3)
+        body, question = messages[0]["content"].rsplit("\n\n", 1)
+        key = question.split("the ")[-1].split()[0].rstrip("?")
+        answer = messages[1]["content"].rstrip(".")
+        assert body.count(f"The number of the {key} is ") == 1 and text.fact(key, int(answer)) in body
+        tail = body.split(text.fact(key, int(answer)), 1)[1]
+        assert count(tail.strip()) == distance >= want - 20  # measured: what lies between fact and question
+        assert len(messages) == 6 and all(m["role"] == "assistant" for m in messages[1::2])
+
+
+def test_processor_config_sets_tiles_and_bad_values_are_named(tmp_path):
+    from herd.llm import folder_max_tiles
+    assert folder_max_tiles(tmp_path) is None
+    (tmp_path / "preprocessor_config.json").write_text('{"max_patches": 0}')
+    with pytest.raises(CheckpointError, match="preprocessor_config.json: max_patches"):
+        folder_max_tiles(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text('{"max_patches": 4}')
+    assert folder_max_tiles(tmp_path) == 4
+
+
+def test_mixed_jsonl_records(tiny_dir, tmp_path):
+    from herd.train.data import DataError, Encoder
+    _, tok = tiny_dir
+    enc = Encoder(tok)
+    raw = enc.record("x:1", {"text": "A red circle."}, tmp_path)
+    assert all(raw.learn) and raw.ids[0] == tok.bos_id
+    chat = enc.record("x:2", {"messages": [{"role": "user", "content": "Hi"},
+                                           {"role": "assistant", "content": "Hello."}]}, tmp_path)
+    assert 0 < sum(chat.learn) < len(chat.ids)
+    with pytest.raises(DataError, match="x:3: expected a 'messages' list or a string field 'text'"):
+        enc.record("x:3", {"txt": "typo"}, tmp_path)
+
+
+# ---- the embedded model ------------------------------------------------------------------------
+
+
+def test_a_missing_embedded_model_is_named(monkeypatch, tmp_path):
+    monkeypatch.setattr(herd.llm, "MODELS_DIR", tmp_path)
+    with pytest.raises(CheckpointError, match="embedded model 'herd-tiny' is missing"):
+        herd.load("herd-tiny")
