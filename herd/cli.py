@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEFAULT_MODEL = "tiny-moe"  # until herd-tiny (a trained model) ships, a tiny RANDOM model
@@ -113,7 +114,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
     from pathlib import Path
 
     import uvicorn
@@ -145,7 +145,7 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.set)
     out = train(cfg, stop_after=args.stop_after)
-    if out is not None and int(__import__("os").environ.get("RANK", "0")) == 0:
+    if out is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"herd: training done; model in {out}", file=sys.stderr)
     return 0
 

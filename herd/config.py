@@ -457,6 +457,18 @@ def hf_token_fields(special: Mapping[str, int]) -> tuple[dict, dict]:
     return text, image
 
 
+def to_hf_config(t: TextConfig, v: VisionConfig | None, special_tokens: Mapping[str, int] | None = None,
+                 torch_dtype: str = "float32") -> dict:
+    """A whole config.json: Llama4ForCausalLM without a vision config, else
+    Llama4ForConditionalGeneration (text_config, vision_config, image token indices)."""
+    special = special_tokens or llama4_special_ids(t.vocab_size)
+    if v is None:
+        return {**to_hf_text_config(t, special), "architectures": ["Llama4ForCausalLM"], "torch_dtype": torch_dtype}
+    return {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
+            "text_config": to_hf_text_config(t, special), "vision_config": to_hf_vision_config(v),
+            **hf_token_fields(special)[1], "tie_word_embeddings": False, "torch_dtype": torch_dtype}
+
+
 def to_hf_vision_config(v: VisionConfig) -> dict:
     """The ``vision_config`` dict of a Llama4ForConditionalGeneration config.json."""
     return dict(model_type="llama4_vision_model", image_size=v.image_size, patch_size=v.patch_size,
@@ -533,6 +545,6 @@ def preset(name: str) -> ModelConfig:
 
 __all__ = [
     "ConfigError", "RopeScaling", "MoEConfig", "VisionConfig", "TextConfig", "ModelConfig", "PRESETS", "preset",
-    "from_hf_config", "to_hf_text_config", "llama4_special_ids", "hf_token_fields", "to_hf_vision_config", "from_meta_params", "to_meta_params", "meta_ffn_dims", "every",
+    "from_hf_config", "to_hf_config", "to_hf_text_config", "llama4_special_ids", "hf_token_fields", "to_hf_vision_config", "from_meta_params", "to_meta_params", "meta_ffn_dims", "every",
     "rope_layout",
 ]

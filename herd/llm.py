@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -61,13 +62,21 @@ def init_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> to
 PROCESSOR_FILES = ("preprocessor_config.json", "tokenizer_config.json")
 
 
+def carried_files(folder: str | os.PathLike | None, tokenizer: Tokenizer) -> dict[str, Path]:
+    """name -> path of the files a saved model takes along: the tokenizer's file and the
+    PROCESSOR_FILES found in ``folder`` (where the model came from)."""
+    out = {f: Path(folder) / f for f in PROCESSOR_FILES if folder is not None and (Path(folder) / f).is_file()}
+    if tokenizer.path is not None:
+        out[tokenizer.path.name] = tokenizer.path
+    return out
+
+
 def folder_max_tiles(folder: str | os.PathLike) -> int | None:
     """Tiles per image a checkpoint was trained with: ``max_patches`` of its preprocessor_config.json
     (transformers' Llama4ImageProcessor name), or None when the folder does not say."""
     path = Path(folder) / "preprocessor_config.json"
     if not path.is_file():
         return None
-    import json
     try:
         value = json.loads(path.read_text()).get("max_patches")
     except (ValueError, AttributeError, OSError) as e:
@@ -216,9 +225,7 @@ class LLM:
     def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
         """Write a Hugging Face checkpoint folder that herd.load and transformers both read (with the
         vision encoder, as Llama4ForConditionalGeneration, when the model has one)."""
-        extra = {f: Path(self.source) / f for f in PROCESSOR_FILES if (Path(self.source) / f).is_file()}
-        if self.tokenizer.path is not None:
-            extra[self.tokenizer.path.name] = self.tokenizer.path
+        extra = carried_files(self.source, self.tokenizer)
         return save_hf(self.model, folder, dtype=None if dtype is None else resolve_dtype(dtype), extra_files=extra,
                        vision=self.vision, special_tokens=self.tokenizer.special_tokens)
 
@@ -249,7 +256,8 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
 
 
 def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, max_tiles, max_pixels) -> LLM:
-    limits = dict(max_images=max_images, max_tiles=max_tiles or DEFAULT_MAX_TILES, max_pixels=max_pixels)
+    limits = dict(max_images=max_images, max_tiles=DEFAULT_MAX_TILES if max_tiles is None else max_tiles,
+                  max_pixels=max_pixels)
     dt = resolve_dtype(dtype)
     name = os.fspath(path_or_preset)
     if name in PRESETS and not Path(name).exists():
@@ -276,7 +284,8 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
             raise CheckpointError(f"{name}: the embedded model '{os.fspath(path_or_preset)}' is missing from this "
                                   f"installation (rebuild it with scripts/train-herd-tiny)")
     cfg, fmt = read_config(name)
-    limits["max_tiles"] = max_tiles or folder_max_tiles(name) or DEFAULT_MAX_TILES
+    if max_tiles is None:
+        limits["max_tiles"] = folder_max_tiles(name) or DEFAULT_MAX_TILES
     try:
         tok = Tokenizer.from_folder(name, cfg.text.vocab_size)
     except TokenizerError as e:

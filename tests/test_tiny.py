@@ -128,6 +128,8 @@ def test_processor_config_sets_tiles_and_bad_values_are_named(tmp_path):
         folder_max_tiles(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text('{"max_patches": 4}')
     assert folder_max_tiles(tmp_path) == 4
+    with pytest.raises(ValueError, match="max_tiles and max_pixels must be >= 1, got 0"):
+        herd.load("tiny-moe", max_tiles=0)  # an explicit 0 is refused, not taken for "the default"
 
 
 def test_mixed_jsonl_records(tiny_dir, tmp_path):

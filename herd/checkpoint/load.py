@@ -23,9 +23,7 @@ from safetensors.torch import save_file
 
 from herd.checkpoint import hf, meta
 from herd.checkpoint.errors import CheckpointError
-from herd.config import (ConfigError, ModelConfig, from_hf_config, from_meta_params, hf_token_fields,
-                         llama4_special_ids, to_hf_text_config,
-                         to_hf_vision_config)
+from herd.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, to_hf_config
 from herd.model.layers import gemv_column_major
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
@@ -452,13 +450,7 @@ def save_hf(model: TextModel, folder: str | os.PathLike, *, dtype: torch.dtype |
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     torch_dtype = str(dtype or next(iter(tensors.values())).dtype).removeprefix("torch.")
-    special = special_tokens or llama4_special_ids(cfg.vocab_size)
-    if vision is None:
-        config = {**to_hf_text_config(cfg, special), "architectures": ["Llama4ForCausalLM"], "torch_dtype": torch_dtype}
-    else:
-        config = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
-                  "text_config": to_hf_text_config(cfg, special), "vision_config": to_hf_vision_config(vision.cfg),
-                  **hf_token_fields(special)[1], "tie_word_embeddings": False, "torch_dtype": torch_dtype}
+    config = to_hf_config(cfg, None if vision is None else vision.cfg, special_tokens, torch_dtype)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     for name, src in (extra_files or {}).items():
         (tmp / name).write_bytes(Path(src).read_bytes())

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from herd.config import (MoEConfig, TextConfig, VisionConfig, every, hf_token_fields, rope_layout, to_hf_text_config,
-                         to_hf_vision_config)
+from herd.config import MoEConfig, TextConfig, VisionConfig, every, rope_layout, to_hf_config
 from herd.tiny import shapes, text
 from herd.tokenizer.tokenizer import SPLIT_PATTERN, Tokenizer, llama4_special_tokens
 
@@ -93,10 +92,7 @@ def train_tokenizer(out: Path, seed: int = 0, ranks: int = BPE_RANKS) -> Tokeniz
 
 
 def write_config(out: Path, tok: Tokenizer) -> None:
-    cfg = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
-           "text_config": to_hf_text_config(text_config(tok.vocab_size), tok.special_tokens),
-           "vision_config": to_hf_vision_config(VISION), "tie_word_embeddings": False, "torch_dtype": "float32",
-           **hf_token_fields(tok.special_tokens)[1]}
+    cfg = to_hf_config(text_config(tok.vocab_size), VISION, tok.special_tokens)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     # transformers' Llama4ImageProcessorFast reads max_patches; herd.load takes its max_tiles from it.
     (out / "preprocessor_config.json").write_text(json.dumps({
@@ -167,10 +163,10 @@ def package(final: str | Path, dest: str | Path, run: str | Path | None = None) 
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".new")
     shutil.rmtree(tmp, ignore_errors=True)
-    herd.load(final, progress=False).save_pretrained(tmp, dtype="bfloat16")
+    llm = herd.load(final, progress=False)
+    llm.save_pretrained(tmp, dtype="bfloat16")
     if run is not None and (Path(run) / "loss.png").is_file():
         shutil.copy(Path(run) / "loss.png", tmp / "loss.png")
-    llm = herd.load(tmp, progress=False)
     (tmp / "README.md").write_text(model_card(llm, Path(run) if run is not None else None))
     if (dest / "EVAL.md").is_file():  # rewritten by `python -m herd.tiny eval` afterwards
         shutil.copy(dest / "EVAL.md", tmp / "EVAL.md")

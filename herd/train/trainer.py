@@ -54,7 +54,7 @@ def init_for_training(model: nn.Module, seed: int, std: float, n_layers: int) ->
 
 def build(cfg: TrainConfig) -> Built:
     import herd
-    from herd.llm import PROCESSOR_FILES, ImageTiler, folder_max_tiles
+    from herd.llm import ImageTiler, carried_files, folder_max_tiles
     from herd.vision.preprocess import DEFAULT_MAX_TILES
     from herd.tokenizer.tokenizer import Tokenizer
     m = cfg.model
@@ -99,10 +99,7 @@ def build(cfg: TrainConfig) -> Built:
     tiler = ImageTiler(mcfg.vision, max_tiles) if vision is not None else None
     tok.image_processor = tiler
     # Passed on to the export: the tokenizer and the processor / chat-template files beside the architecture.
-    extra = {f: folder / f for f in PROCESSOR_FILES if folder is not None and (folder / f).is_file()}
-    if tok.path is not None:
-        extra[tok.path.name] = tok.path
-    return Built(model, vision, tok, tiler, base, extra)
+    return Built(model, vision, tok, tiler, base, carried_files(folder, tok))
 
 
 def prepare_data(cfg: TrainConfig, tok, world: World) -> tuple[PackedData, PackedData | None]:
