@@ -113,11 +113,32 @@ def test_retrieval_example_places_the_fact(tiny_dir):
         messages, distance = text.retrieval_example(rng, count, want, n_facts=5, lead=30, n_questions=3)
         body, question = messages[0]["content"].rsplit("\n\n", 1)
         key = question.split("the ")[-1].split()[0].rstrip("?")
-        answer = messages[1]["content"].rstrip(".")
+        answer = messages[1]["content"].rstrip(".").split()[-1]
+        assert messages[1]["content"] == text.fact(key, int(answer))
         assert body.count(f"The number of the {key} is ") == 1 and text.fact(key, int(answer)) in body
         tail = body.split(text.fact(key, int(answer)), 1)[1]
         assert count(tail.strip()) == distance >= want - 20  # measured: what lies between fact and question
         assert len(messages) == 6 and all(m["role"] == "assistant" for m in messages[1::2])
+
+
+def test_training_split_starts_with_the_warm_up_block(tiny_dir, tmp_path):
+    _, tok = tiny_dir
+    mix = build.Mix(images=20, easy_images=10, warmup_images=8, stories=20, story_chats=4, retrieval=6)
+    path = build.write_split(tmp_path, "train", tok, mix, seed=1, progress=False)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 60
+    easy = [i for i, r in enumerate(records) if "easy" in json.dumps(r)]
+    assert len(easy) == 10 and max(easy) < 18  # the warm-up block: the easy chats and 8 others
+    assert all("image" in json.dumps(r["messages"][0]) for r in records[:18])  # images only
+    from PIL import Image
+    for i in easy:  # one shape of at least half the shorter side
+        src = records[i]["messages"][0]["content"][0]["image"]
+        img = np.asarray(Image.open(tmp_path / src).convert("L")) < 250
+        assert max(img.any(0).sum(), img.any(1).sum()) >= 0.5 * min(img.shape) - 1
+    retrieval = [r for r in records if "The number of the" in json.dumps(r)]
+    assert retrieval and all(len(r["messages"]) >= 4 for r in retrieval)  # every fact is asked (2-8)
+    with pytest.raises(ValueError, match="size must be a range"):
+        shapes.random_scene(random.Random(0), 2, build.EASY_SIZE)
 
 
 def test_processor_config_sets_tiles_and_bad_values_are_named(tmp_path):

@@ -144,6 +144,23 @@ def test_packing_covers_every_target_once_and_is_seeded():
         pack(lengths, np.arange(len(lengths)), 64, order_seed=0, unsplittable={1})
 
 
+def test_data_shuffle_false_trains_in_file_order(tmp_path):
+    """A curriculum written in order (herd-tiny's warm-up block) is trained in that order."""
+    (tmp_path / "docs.txt").write_text("\n\n".join(f"document number {i} " * (3 + i % 5) for i in range(400)))
+    path = tmp_path / "c.toml"
+    path.write_text("out_dir = 'o'\n[model]\npreset = 'tiny-dense'\n[data]\ntrain = ['docs.txt']\nseq_len = 32\n"
+                    "val_fraction = 0\n[train]\nprogress = false\n")
+    orders = {}
+    for shuffle in (True, False):
+        data = Trainer(load_config(path, [f"data.shuffle={str(shuffle).lower()}"])).train_data
+        orders[shuffle] = {d: r for r in reversed(range(data.rows_per_epoch)) for d, _, _ in data.row(r)}
+    assert sorted(orders[True]) == sorted(orders[False]) == list(range(400))
+    # Best-fit packing keeps up to 64 rows open, so the order holds for the bulk, not for every document.
+    for order, kept in ((orders[False], True), (orders[True], False)):
+        early, late = (np.mean([order[d] for d in range(a, a + 100)]) for a in (0, 300))
+        assert (early < 0.5 * late) == kept, (early, late)
+
+
 def test_assistant_mask_marks_only_what_the_assistant_wrote():
     tok = herd.load("tiny-dense").tokenizer
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
@@ -312,6 +329,7 @@ _BASE = "[model]\npreset = 'tiny-moe'\n[data]\ntrain = ['x.txt']\n"
     (_BASE + "[optim]\nlr = 'fast'\n", "optim.lr: expected float, got str"),
     (_BASE + "[optim]\nlr = -1\n", "optim.lr: must be > 0"),
     (_BASE + "[train]\nsteps = 0\n", "train.steps: must be >= 1"),
+    (_BASE + "[optim]\nvision_lr_ratio = 0\n", "optim.vision_lr_ratio: must be > 0"),
     ("[model]\n[data]\ntrain = ['x.txt']\n", "pretrain needs exactly one of model.preset, model.config"),
     ("job = 'sft'\n[data]\ntrain = ['x.txt']\n", "model.checkpoint: sft starts from a checkpoint"),
     (_BASE + "[lora]\ntargets = ['attention', 'mlp']\n", "lora.targets: unknown or empty: \\['mlp'\\]"),
@@ -399,6 +417,13 @@ def test_sft_with_images_bf16_and_activation_checkpointing(tmp_path):
     resumed = Trainer(cfg)
     assert resumed.step == 1
     assert all(torch.equal(trained[k], v) for k, v in resumed.vision.state_dict().items())
+    # optim.vision_lr_ratio: the encoder's groups run at that share of the text model's rate, all along.
+    slow = Trainer(load_config(tmp_path / "c.toml", [f"out_dir={tmp_path / 'slow'}", "optim.vision_lr_ratio=0.1"]))
+    vision_ids = {id(p) for p in slow.vision.parameters()}
+    for _ in range(2):
+        rates = {any(id(p) in vision_ids for p in g["params"]): g["lr"] for g in slow.opt.param_groups}
+        assert rates[True] == pytest.approx(0.1 * rates[False]) and rates[False] > 0
+        slow.train_step()
 
 
 def test_one_document_file_larger_than_a_read_block(tmp_path):

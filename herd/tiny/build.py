@@ -21,7 +21,7 @@ from herd.tiny import shapes, text
 from herd.tokenizer.tokenizer import SPLIT_PATTERN, Tokenizer, llama4_special_tokens
 
 BPE_RANKS = 2048  # learned byte-level BPE tokens (256 bytes + merges); Llama 4's 2,048 specials follow
-TILE = 224  # one 224-px tile per image (16x16 patches of 14 px -> 64 tokens after the pixel shuffle)
+TILE = 112  # one 112-px tile per image (8x8 patches of 14 px -> 16 tokens after the pixel shuffle)
 MAX_TILES = 1
 
 # The chat template HF tokenizers apply (Llama 4's format); herd itself uses herd.tokenizer.chat_format.
@@ -106,34 +106,55 @@ def write_config(out: Path, tok: Tokenizer) -> None:
 
 @dataclass
 class Mix:
-    """How many records of each kind a split gets."""
+    """How many records of each kind a split gets, and the curriculum's warm-up block."""
 
-    images: int = 30_000  # chats about one image, 1-4 questions each
-    stories: int = 25_000  # raw text
-    story_chats: int = 4_000  # "tell me a story about X"
-    retrieval: int = 9_000  # long-context fact lookups, 1-4 questions each
-    max_distance: int = 400  # tokens between the asked fact and the question (uniform 0..max)
+    images: int = 50_000  # chats about one image of the spec's distribution, 1-4 questions each
+    easy_images: int = 6_000  # one large shape (EASY_SIZE of the shorter side), 1-4 questions
+    warmup_images: int = 20_000  # of `images`, how many join the easy ones in the image-only warm-up block
+    stories: int = 10_000  # raw text
+    story_chats: int = 3_000  # "tell me a story about X"
+    retrieval: int = 8_000  # long-context fact lookups, every fact asked (2-8 questions)
+    max_distance: int = 400  # tokens between the first asked fact and its question (uniform 0..max)
+
+
+# The warm-up block: a from-scratch encoder and decoder learn to read pictures from image chats alone,
+# large shapes helping, and keep the skill once text joins; mixed with text from the start (a few
+# image answers among thousands of text targets per step), or with the encoder at the decoder's
+# learning rate, they stayed at chance (see the model card).
+EASY_SIZE = (0.5, 0.9)
+
+
+def _image_chat(rng: random.Random, img_dir: Path, name: str, i: int, easy: bool) -> dict:
+    scene = shapes.random_scene(rng, 1, EASY_SIZE) if easy else shapes.random_scene(rng)
+    path = img_dir / f"{'easy' if easy else ''}{i:06d}.png"
+    scene.draw().save(path, compress_level=1)
+    return {"messages": shapes.conversation(scene, f"images/{name}/{path.name}", rng)}
 
 
 def write_split(out: Path, name: str, tok: Tokenizer, mix: Mix, seed: int, progress: bool = True) -> Path:
-    """``name``.jsonl (shuffled records) and its images under out/images/``name``/."""
+    """``name``.jsonl and its images under out/images/``name``/. Records come in curriculum order: an
+    image-only warm-up block (the easy images and ``warmup_images`` of the others, shuffled), then the
+    rest (shuffled); the recipe trains in file order (data.shuffle = false)."""
     rng = random.Random(seed)
     img_dir = out / "images" / name
     img_dir.mkdir(parents=True, exist_ok=True)
     count = lambda s: len(tok.encode(s))  # noqa: E731
-    records: list[dict] = []
-    for i in tqdm(range(mix.images), desc=f"{name}: images", disable=not progress):
-        scene = shapes.random_scene(rng)
-        path = img_dir / f"{i:06d}.png"
-        scene.draw().save(path, compress_level=1)
-        records.append({"messages": shapes.conversation(scene, f"images/{name}/{path.name}", rng)})
+    easy = [_image_chat(rng, img_dir, name, i, True)
+            for i in tqdm(range(mix.easy_images), desc=f"{name}: warm-up images", disable=not progress)]
+    records = [_image_chat(rng, img_dir, name, i, False)
+               for i in tqdm(range(mix.images), desc=f"{name}: images", disable=not progress)]
+    warmup = easy + records[:mix.warmup_images]
+    records = records[mix.warmup_images:]
     records += [{"text": text.story(rng)} for _ in range(mix.stories)]
     records += [{"messages": text.story_chat(rng)} for _ in range(mix.story_chats)]
     for _ in tqdm(range(mix.retrieval), desc=f"{name}: retrieval", disable=not progress):
-        messages, _ = text.retrieval_example(rng, count, rng.randint(0, mix.max_distance), n_facts=rng.randint(2, 8),
-                                             lead=rng.randint(0, 60), n_questions=rng.randint(1, 4))
+        n_facts = rng.randint(2, 8)
+        messages, _ = text.retrieval_example(rng, count, rng.randint(0, mix.max_distance), n_facts=n_facts,
+                                             lead=rng.randint(0, 60), n_questions=n_facts)
         records.append({"messages": messages})
     rng.shuffle(records)
+    rng.shuffle(warmup)
+    records = warmup + records
     path = out / f"{name}.jsonl"
     with open(path, "w") as f:
         for r in records:
@@ -148,7 +169,8 @@ def build(out: str | Path, seed: int = 0, train: Mix | None = None, val: Mix | N
     tok = train_tokenizer(out, seed)
     write_config(out, tok)
     write_split(out, "train", tok, train or Mix(), seed + 1, progress)
-    write_split(out, "val", tok, val or Mix(images=400, stories=400, story_chats=50, retrieval=100), seed + 2, progress)
+    write_split(out, "val", tok, val or Mix(images=400, easy_images=0, warmup_images=0, stories=400,
+                                            story_chats=50, retrieval=100), seed + 2, progress)
     return out
 
 

@@ -8,7 +8,7 @@ Tasks and how each is scored:
   count      1-3 shapes, "How many shapes are there?"                 exact answer ("There are two shapes.")
   describe   1-3 shapes, "Describe the image."                        the (colour, shape) pairs named are
                                                                       exactly the image's
-  retrieval  a fact 4-6 attention chunks before the question          exact answer ("42.")
+  retrieval  a fact 4-6 attention chunks before the question          exact answer ("The number of the fox is 42.")
   text       held-out stories: perplexity; a greedy continuation of a plain prompt, and the share
              of its words found in the generator's word list
 """
@@ -104,7 +104,7 @@ def retrieval_task(llm, rng: random.Random, n: int) -> Task:
                                                     lead=rng.randint(0, 60))
         if distance >= lo:  # measured, not just asked for
             jobs.append((messages[:1], messages[1]["content"], distance))
-    answers = _ask(llm, [m for m, _, _ in jobs], 6)
+    answers = _ask(llm, [m for m, _, _ in jobs], 24)
     for (messages, expected, distance), got in zip(jobs, answers):
         task.add(_norm(got) == _norm(expected), messages[0]["content"].rsplit("\n\n", 1)[-1] + f" [{distance} tokens]",
                  expected, got)

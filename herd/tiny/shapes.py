@@ -54,29 +54,33 @@ class Scene:
         return img
 
 
-def random_scene(rng: random.Random, n_shapes: int | None = None) -> Scene:
-    """A scene with ``n_shapes`` (default: 1-3, uniform) shapes on a random canvas."""
+def random_scene(rng: random.Random, n_shapes: int | None = None,
+                 size: tuple[float, float] = (MIN_SIZE, MAX_SIZE)) -> Scene:
+    """A scene with ``n_shapes`` (default: 1-3, uniform) shapes on a random canvas, each shape's side
+    ``size`` (a range, as shares of the shorter side; default the spec's 15-40%)."""
     n = n_shapes if n_shapes is not None else rng.randint(1, 3)
     if not 1 <= n <= 3:
         raise ValueError(f"n_shapes must be 1, 2 or 3, got {n}")
+    if not 0 < size[0] <= size[1] <= 1 or (n > 1 and size[1] > MAX_SIZE):
+        raise ValueError(f"size must be a range within (0, 1] ({MAX_SIZE} at most with several shapes), got {size}")
     while True:
         # Aspect ratio log-uniform in [1/2, 2]; the longer side fits in MAX_SIDE, the shorter >= MIN_SIDE.
         ratio = 2.0 ** rng.uniform(-1.0, 1.0)
         long_side = rng.randint(int(MIN_SIDE * max(ratio, 1 / ratio)) + 1, MAX_SIDE)
         short_side = max(MIN_SIDE, round(long_side / max(ratio, 1 / ratio)))
         width, height = (long_side, short_side) if ratio >= 1 else (short_side, long_side)
-        shapes = _place(rng, width, height, n)
+        shapes = _place(rng, width, height, n, size)
         if shapes is not None:
             return Scene(width, height, tuple(sorted(shapes, key=lambda s: s.x + s.size / 2)))
 
 
-def _place(rng: random.Random, width: int, height: int, n: int) -> list[Shape] | None:
+def _place(rng: random.Random, width: int, height: int, n: int, size_range: tuple[float, float]) -> list[Shape] | None:
     short = min(width, height)
     colors = rng.sample(list(COLORS), n)
     shapes: list[Shape] = []
     for color in colors:
         for _ in range(50):
-            size = rng.randint(round(MIN_SIZE * short + 0.5), int(MAX_SIZE * short))
+            size = rng.randint(round(size_range[0] * short + 0.5), int(size_range[1] * short))
             x, y = rng.randint(0, width - size), rng.randint(0, height - size)
             gap = max(2, short // 40)  # keep shapes visibly apart
             if all(x + size + gap <= o.x or o.x + o.size + gap <= x or y + size + gap <= o.y or o.y + o.size + gap <= y

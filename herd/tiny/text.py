@@ -103,7 +103,8 @@ def fact(key: str, value: int) -> str:
 def retrieval_example(rng: random.Random, count_tokens, distance: int, n_facts: int = 6,
                       lead: int = 0, n_questions: int = 1) -> tuple[list[dict], int]:
     """(messages, measured distance): a user turn of story sentences holding ``n_facts`` facts about
-    distinct keys (two-digit values) and ending with a question, the assistant's answer ("42."),
+    distinct keys (two-digit values) and ending with a question, the assistant's answer (the fact:
+    "The number of the fox is 42.", which a decoder completes by copying what followed the same words),
     then ``n_questions - 1`` more question / answer turns about the other facts.
 
     The first asked fact ends about ``distance`` tokens before the question (``count_tokens(text)``
@@ -131,5 +132,5 @@ def retrieval_example(rng: random.Random, count_tokens, distance: int, n_facts: 
     for n, i in enumerate(asked):
         question = rng.choice(ASK_FACT).format(key=keys[i])
         messages += [{"role": "user", "content": f"{body}\n\n{question}" if n == 0 else question},
-                     {"role": "assistant", "content": f"{values[i]}."}]
+                     {"role": "assistant", "content": fact(keys[i], values[i])}]
     return messages, count_tokens(" ".join(after))

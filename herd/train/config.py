@@ -45,6 +45,8 @@ class DataSection:
     val: list = doc("held-out files; empty: take val_fraction of the training documents", [])
     val_fraction: float = doc("share of documents held out when no val files are given (chosen by seed)", 0.05)
     seq_len: int = doc("tokens per packed training row", 512)
+    shuffle: bool = doc("shuffle the training documents each epoch (seeded); false keeps file order, "
+                        "for a curriculum written in order", True)
     doc_separator: str = doc("in .txt files, the string between documents ('' = one document per file)", "\n\n")
     text_field: str = doc("the JSON field holding a document's text in pretrain .jsonl files", "text")
     cache_dir: str = doc("where tokenised data is kept (default: OUT_DIR/data); reused when the sources "
@@ -61,6 +63,9 @@ class OptimSection:
     beta2: float = doc("AdamW beta2", 0.95)
     eps: float = doc("AdamW epsilon", 1e-8)
     grad_clip: float = doc("clip the global gradient norm to this (0 = off)", 1.0)
+    vision_lr_ratio: float = doc("the vision encoder's learning rate is lr * vision_lr_ratio (same schedule); "
+                                 "below 1 keeps a from-scratch encoder from drifting faster than the text "
+                                 "model learns to read it", 1.0)
 
 
 @dataclass
@@ -134,6 +139,7 @@ class TrainConfig:
         need(0 <= self.data.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.data.val_fraction}")
         o, t = self.optim, self.train
         need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+        need(o.vision_lr_ratio > 0, "optim.vision_lr_ratio", f"must be > 0, got {o.vision_lr_ratio}")
         need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
         need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
         need(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")

@@ -120,16 +120,24 @@ def prepare_data(cfg: TrainConfig, tok, world: World) -> tuple[PackedData, Packe
     else:
         val_docs = train_docs
         train_ids, val_ids = split_documents(len(train_docs), d.val_fraction, cfg.seed)
-    train = PackedData(train_docs, train_ids, d.seq_len, cfg.seed)
+    train = PackedData(train_docs, train_ids, d.seq_len, cfg.seed if d.shuffle else None)
     val = PackedData(val_docs, val_ids, d.seq_len, None) if len(val_ids) else None
     return train, val
 
 
-def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on norms, biases, the class token or 1-D parameters)."""
-    decay = [p for n, p in params if p.dim() >= 2 and not n.endswith(("pos_embed", "class_token"))]
-    rest = [p for n, p in params if not (p.dim() >= 2 and not n.endswith(("pos_embed", "class_token")))]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, lr: float,
+                 vision_lr_ratio: float = 1.0) -> list[dict]:
+    """Weight decay on matrices only (not on norms, biases, the class token or 1-D parameters); the
+    vision encoder's parameters (named "vision.*") at lr * vision_lr_ratio. Empty groups are left out."""
+    def decays(n: str, p: nn.Parameter) -> bool:
+        return p.dim() >= 2 and not n.endswith(("pos_embed", "class_token"))
+    groups = []
+    for vision, rate in ((False, lr), (True, lr * vision_lr_ratio)):
+        for decay in (True, False):
+            ps = [p for n, p in params if n.startswith("vision.") == vision and decays(n, p) == decay]
+            if ps:
+                groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": rate})
+    return groups
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -204,7 +212,8 @@ class Trainer:
             named += [("vision." + n, p) for n, p in self.vision.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         o = cfg.optim
-        self.opt = torch.optim.AdamW(param_groups(named, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+        self.opt = torch.optim.AdamW(param_groups(named, o.weight_decay, o.lr, o.vision_lr_ratio), lr=o.lr,
+                                     betas=(o.beta1, o.beta2),
                                      eps=o.eps, **({"fused": True} if W == 1 else {"foreach": False}))
         t = cfg.train
         self.sched = torch.optim.lr_scheduler.LambdaLR(
