@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 import herd
 from herd.checkpoint.errors import CheckpointError
@@ -139,6 +140,33 @@ def test_training_split_starts_with_the_warm_up_block(tiny_dir, tmp_path):
     assert retrieval and all(len(r["messages"]) >= 4 for r in retrieval)  # every fact is asked (2-8)
     with pytest.raises(ValueError, match="size must be a range"):
         shapes.random_scene(random.Random(0), 2, build.EASY_SIZE)
+
+
+def test_encoder_pretraining_feeds_herd_train(tiny_dir, tmp_path):
+    """`python -m herd.tiny encoder` writes weights that `herd train` starts its encoder from
+    (model.vision_init); files that are not this encoder's are refused, naming the field and file."""
+    from safetensors.torch import load_file, save_file
+
+    from herd.checkpoint.errors import CheckpointError
+    from herd.tiny.encoder import labels, pretrain_encoder
+    from herd.train.config import TrainConfigError, load_config
+    from herd.train.trainer import build as build_training
+    out, _ = tiny_dir
+    scene = shapes.Scene(100, 100, (shapes.Shape("circle", "blue", 5, 5, 20),
+                                    shapes.Shape("triangle", "red", 50, 50, 20)))
+    assert labels(scene) == [3, 0, 1, 0, 0, 0]  # red: triangle, blue: circle, the rest absent
+    result = pretrain_encoder(out / "config.json", tmp_path / "enc.safetensors", steps=2, batch=2, progress=False)
+    assert result["steps"] == 2 and 0 <= result["accuracy"] <= 1
+    weights = load_file(tmp_path / "enc.safetensors")
+    (tmp_path / "c.toml").write_text(f"[model]\nconfig = '{out / 'config.json'}'\nvision_init = 'enc.safetensors'\n"
+                                     "[data]\ntrain = ['x.jsonl']\n")
+    built = build_training(load_config(tmp_path / "c.toml"))
+    assert all(torch.equal(weights[k], v) for k, v in built.vision.state_dict().items())
+    save_file({k: v for k, v in list(weights.items())[1:]}, str(tmp_path / "enc.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.vision_init: .*enc.safetensors: not this encoder's weights"):
+        build_training(load_config(tmp_path / "c.toml"))
+    with pytest.raises(TrainConfigError, match="model.vision_init: only for pretrain"):
+        load_config(tmp_path / "c.toml", ["job=sft", "model.checkpoint=x", "model.config="])
 
 
 def test_processor_config_sets_tiles_and_bad_values_are_named(tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from herd.checkpoint.errors import check_tensors
 from herd.model.lora import add_adapters, adapter_state, merge
 from herd.model.transformer import TextModel
 
@@ -34,14 +35,6 @@ def load_adapters(model: TextModel, folder: str | Path) -> None:
     if meta.get("format") != "herd-lora":
         raise ValueError(f"{folder / ADAPTER_CONFIG}: format is {meta.get('format')!r}, expected 'herd-lora'")
     add_adapters(model, int(meta["rank"]), float(meta["alpha"]), list(meta["targets"]))
-    expected = adapter_state(model)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{folder / ADAPTER_FILE}: adapters do not fit this model "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, t in tensors.items():
-        if t.shape != expected[k].shape:
-            raise ValueError(f"{folder / ADAPTER_FILE}: tensor {k} has shape {tuple(t.shape)}, "
-                             f"this model needs {tuple(expected[k].shape)}")
+    check_tensors(str(folder / ADAPTER_FILE), tensors, adapter_state(model), "adapters that fit this model")
     model.load_state_dict(tensors, strict=False)
     merge(model)

@@ -1,4 +1,5 @@
-"""python -m herd.tiny data OUT | package FINAL DEST | eval MODEL [--report FILE] (see scripts/train-herd-tiny)."""
+"""python -m herd.tiny data OUT | encoder OUT | package FINAL DEST | eval MODEL [--report FILE]
+(see scripts/train-herd-tiny)."""
 
 import argparse
 import sys
@@ -10,6 +11,10 @@ def main(argv=None) -> int:
     d = sub.add_parser("data", help="build herd-tiny's tokenizer, config.json and training data into OUT")
     d.add_argument("out")
     d.add_argument("--seed", type=int, default=0)
+    v = sub.add_parser("encoder", help="pretrain herd-tiny's vision encoder on the generator's labels "
+                       "(writes DATA/encoder.safetensors, the recipe's model.vision_init)")
+    v.add_argument("data", help="the folder `data` wrote (its config.json gives the encoder)")
+    v.add_argument("--steps", type=int, default=600)
     p = sub.add_parser("package", help="write a trained model (bf16) + loss curve into DEST, e.g. herd/models/herd-tiny")
     p.add_argument("final", help="the run's exported model (OUT_DIR/final)")
     p.add_argument("dest")
@@ -23,6 +28,14 @@ def main(argv=None) -> int:
     if args.cmd == "data":
         from herd.tiny.build import build
         print(f"herd-tiny data in {build(args.out, seed=args.seed)}")
+    elif args.cmd == "encoder":
+        from pathlib import Path
+
+        from herd.tiny.encoder import pretrain_encoder
+        out = Path(args.data) / "encoder.safetensors"
+        r = pretrain_encoder(Path(args.data) / "config.json", out, steps=args.steps)
+        print(f"herd-tiny encoder in {out}: {r['steps']} steps, {r['seconds']:.0f} s, last 50 steps: loss "
+              f"{r['loss']:.3f}, {r['accuracy']:.1%} of pictures with every colour's shape right")
     elif args.cmd == "package":
         from herd.tiny.build import package
         print(f"herd-tiny packaged in {package(args.final, args.dest, args.run)}")

@@ -35,6 +35,8 @@ class ModelSection:
     init_std: float = doc("pretrain: weights start as N(0, init_std); norms at 1 (herd's documented scheme); "
                           "output projections (wo, w2) are scaled by 1/sqrt(2 * n_layers) as in GPT-2", 0.02)
     vision: bool = doc("build / keep the vision encoder when the architecture has one", True)
+    vision_init: str = doc("pretrain: the vision encoder's starting weights (a .safetensors file with herd's "
+                           "VisionModel names, e.g. from `python -m herd.tiny encoder`); default: random init", "")
 
 
 @dataclass
@@ -134,6 +136,7 @@ class TrainConfig:
             need(bool(m.preset) != bool(m.config), "model", "pretrain needs exactly one of model.preset, model.config")
         else:
             need(bool(m.checkpoint), "model.checkpoint", f"{self.job} starts from a checkpoint; none given")
+            need(not m.vision_init, "model.vision_init", f"only for pretrain; {self.job} takes the checkpoint's encoder")
         need(bool(self.data.train), "data.train", "no training files given")
         need(self.data.seq_len >= 8, "data.seq_len", f"must be >= 8, got {self.data.seq_len}")
         need(0 <= self.data.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.data.val_fraction}")
@@ -232,6 +235,7 @@ def _resolve_paths(cfg: TrainConfig, base: Path) -> None:
     cfg.out_dir = fix(cfg.out_dir)
     cfg.model.config, cfg.model.tokenizer, cfg.data.cache_dir = (fix(cfg.model.config), fix(cfg.model.tokenizer),
                                                                  fix(cfg.data.cache_dir))
+    cfg.model.vision_init = fix(cfg.model.vision_init)
     if cfg.model.checkpoint and (base / cfg.model.checkpoint).exists():
         cfg.model.checkpoint = fix(cfg.model.checkpoint)
     cfg.data.train = [fix(p) for p in cfg.data.train]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from herd.checkpoint.errors import CheckpointError, check_tensors
 from herd.config import from_hf_config, preset
 from herd.model.lora import add_adapters, merge
 from herd.model.moe import MoE
@@ -52,6 +53,17 @@ def init_for_training(model: nn.Module, seed: int, std: float, n_layers: int) ->
                 p.mul_(1 / math.sqrt(2 * n_layers))
 
 
+def load_encoder(vision: nn.Module, path: Path) -> None:
+    """The encoder's starting weights from a .safetensors file: every tensor present, each of its shape."""
+    from safetensors.torch import load_file
+    try:
+        weights = load_file(path)
+    except (OSError, ValueError) as e:  # missing file, not a safetensors file
+        raise CheckpointError(f"model.vision_init: {path}: {e}") from None
+    check_tensors(f"model.vision_init: {path}", weights, vision.state_dict(), "this encoder's weights")
+    vision.load_state_dict(weights)
+
+
 def build(cfg: TrainConfig) -> Built:
     import herd
     from herd.llm import ImageTiler, carried_files, folder_max_tiles
@@ -81,6 +93,8 @@ def build(cfg: TrainConfig) -> Built:
         if mcfg.vision is not None and m.vision:
             vision = VisionModel(mcfg.vision, mcfg.text.dim)
             init_for_training(vision, cfg.seed + 1, m.init_std, mcfg.vision.n_layers)
+            if m.vision_init:
+                load_encoder(vision, Path(m.vision_init))
         base = m.preset or m.config
         folder = default_tok
         max_tiles = (folder_max_tiles(folder) if folder is not None else None) or DEFAULT_MAX_TILES
