@@ -5,7 +5,8 @@ which shape (if any) each of the six colours has in a picture; `herd train` then
 Why a separate stage: trained only through the decoder's answers, a from-scratch encoder sat at
 chance for hundreds of steps (the decoder cannot learn to read features that carry nothing yet, and
 the encoder gets no useful gradient from a decoder that does not read it); with informative features
-the decoder learns to read them within ~40 steps (measurements in the model card). This is the small
+the decoder learns to read them within ~40 steps (measured in probes: colour 91% at step 100 of
+`herd train` with this encoder, chance at steps 100-600 without it). This is the small
 version of what vision-language models do with a pretrained image encoder.
 
 The head (discarded afterwards) sees all of the encoder's output tokens of a tile, flattened, so it
@@ -16,7 +17,6 @@ square / triangle.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -46,7 +46,7 @@ def pretrain_encoder(config: str | Path, out: str | Path, steps: int = 600, batc
     Returns the last 50 steps' mean loss and share of pictures with every colour's label right, on
     the training stream (fresh pictures every step, so never seen before)."""
     from herd.tiny.build import EASY_SIZE
-    from herd.train.trainer import init_for_training
+    from herd.train.trainer import init_for_training, lr_factor
     cfg = from_hf_config(json.loads(Path(config).read_text()), str(config))
     if cfg.vision is None:
         raise ValueError(f"{config}: the architecture has no vision encoder")
@@ -63,9 +63,8 @@ def pretrain_encoder(config: str | Path, out: str | Path, steps: int = 600, batc
     started, recent = time.perf_counter(), []
     bar = tqdm(range(steps), desc="herd-tiny encoder", disable=not progress)
     for step in bar:
-        for g in opt.param_groups:  # linear warm-up over 10%, then cosine to 10%
-            warm = min(1.0, (step + 1) / max(1, steps // 10))
-            g["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:  # herd train's schedule: linear warm-up over 10%, then cosine to 10%
+            g["lr"] = lr * lr_factor(step, max(1, steps // 10), steps, 0.1)
         scenes = [shapes.random_scene(rng, 1, EASY_SIZE) if rng.random() < EASY_SHARE else shapes.random_scene(rng)
                   for _ in range(batch)]
         tiles = torch.cat([tiler(s.draw())[0] for s in scenes])

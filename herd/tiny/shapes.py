@@ -62,7 +62,8 @@ def random_scene(rng: random.Random, n_shapes: int | None = None,
     if not 1 <= n <= 3:
         raise ValueError(f"n_shapes must be 1, 2 or 3, got {n}")
     if not 0 < size[0] <= size[1] <= 1 or (n > 1 and size[1] > MAX_SIZE):
-        raise ValueError(f"size must be a range within (0, 1] ({MAX_SIZE} at most with several shapes), got {size}")
+        raise ValueError(f"size must be a range within (0, 1] ({MAX_SIZE} at most with several shapes), "
+                         f"got {size}")
     while True:
         # Aspect ratio log-uniform in [1/2, 2]; the longer side fits in MAX_SIDE, the shorter >= MIN_SIDE.
         ratio = 2.0 ** rng.uniform(-1.0, 1.0)
@@ -74,7 +75,8 @@ def random_scene(rng: random.Random, n_shapes: int | None = None,
             return Scene(width, height, tuple(sorted(shapes, key=lambda s: s.x + s.size / 2)))
 
 
-def _place(rng: random.Random, width: int, height: int, n: int, size_range: tuple[float, float]) -> list[Shape] | None:
+def _place(rng: random.Random, width: int, height: int, n: int,
+           size_range: tuple[float, float]) -> list[Shape] | None:
     short = min(width, height)
     colors = rng.sample(list(COLORS), n)
     shapes: list[Shape] = []
