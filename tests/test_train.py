@@ -318,6 +318,40 @@ def test_two_processes_fsdp_and_expert_parallel_follow_one_process(workdir):
     assert sd["layers.0.feed_forward.experts.w1"].shape[0] == 4
 
 
+def _torchrun(config: Path, *overrides: str, stop_after: int | None = None) -> None:
+    args = [arg for o in overrides for arg in ("--set", o)] + ([] if stop_after is None else ["--stop-after", str(stop_after)])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "herd",
+                           "train", str(config), *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_tensor_parallel_follows_one_process_and_resumes_exactly(workdir):
+    """2 processes, one tensor-parallel group (DTensor: heads, FFN and every expert's width split):
+    the same losses as one process, and a run stopped at step 10 resumes to the same steps 11-20."""
+    base = PRETRAIN.format(out="{out}", steps=20, save_every=10).replace("micro_batch = 2", "micro_batch = 1")
+    Trainer(load_config(write_config(workdir, base.replace("{out}", "tp-one")), ["train.eval_every=0"])).run()
+    tp = workdir / "tp.toml"
+    tp.write_text(textwrap.dedent(base.replace("{out}", "set-below")).replace(
+        'train = ["corpus.txt"]', f'train = ["{workdir / "corpus.txt"}"]'))
+    sets = ["train.eval_every=0", "distributed.tensor_parallel=2", "distributed.expert_parallel=false"]
+    _torchrun(tp, *sets, f"out_dir={workdir / 'tp-full'}")
+    a = [r["loss"] for r in metrics(workdir / "tp-one")]
+    b = [r["loss"] for r in metrics(workdir / "tp-full")]
+    assert len(a) == len(b) == 20
+    worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    assert worst <= 1e-5, worst
+    _torchrun(tp, *sets, f"out_dir={workdir / 'tp-resumed'}", stop_after=10)
+    assert len(metrics(workdir / "tp-resumed")) == 10
+    _torchrun(tp, *sets, f"out_dir={workdir / 'tp-resumed'}")
+    assert [r["loss"] for r in metrics(workdir / "tp-resumed")] == b  # bitwise, steps 11-20 included
+    # The export holds whole tensors (the ranks' slices joined): the same model as one process's.
+    one = herd.load(workdir / "tp-one" / "final", progress=False).model.state_dict()
+    two = herd.load(workdir / "tp-full" / "final", progress=False).model.state_dict()
+    assert one.keys() == two.keys()
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-4
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 
 
@@ -333,6 +367,10 @@ _BASE = "[model]\npreset = 'tiny-moe'\n[data]\ntrain = ['x.txt']\n"
     ("[model]\n[data]\ntrain = ['x.txt']\n", "pretrain needs exactly one of model.preset, model.config"),
     ("job = 'sft'\n[data]\ntrain = ['x.txt']\n", "model.checkpoint: sft starts from a checkpoint"),
     (_BASE + "[lora]\ntargets = ['attention', 'mlp']\n", "lora.targets: unknown or empty: \\['mlp'\\]"),
+    (_BASE + "[distributed]\ntensor_parallel = 0\n", "distributed.tensor_parallel: must be >= 1"),
+    (_BASE + "[distributed]\ntensor_parallel = 2\n", "distributed.tensor_parallel: cannot be combined with expert_parallel"),
+    ("job = 'lora'\n[model]\ncheckpoint = 'm'\n[data]\ntrain = ['x.txt']\n[distributed]\ntensor_parallel = 2\n"
+     "expert_parallel = false\n", "distributed.tensor_parallel: lora adapters are not tensor-parallel"),
     ("[train\n", "not valid TOML"),
 ])
 def test_config_errors_name_the_field(tmp_path, text, message):

@@ -119,6 +119,11 @@ class Linear(nn.Linear):
         return y if self.adapter is None else y + self.adapter(x)
 
 
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) on raw (out, in) weights: one routed expert, or a slice of one."""
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+
+
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x): the dense FFN and the shared expert."""
 

@@ -4,7 +4,7 @@ router logits = x W_router; keep the top-K logits per token; score = sigmoid(log
 0 for every other expert. The score scales the expert's *input*: out = shared(x) +
 sum_k expert_k(x * score_k). The fast paths run each expert on just the tokens routed to it:
 `_grouped` (CUDA, one grouped GEMM per projection), `_few` (a handful of tokens: decode on CPU),
-`_dispatch` (CPU prefill: one GEMM chain per expert with work). `dense_reference` runs every
+`dispatch` (CPU prefill, training: one GEMM chain per expert with work). `dense_reference` runs every
 token through every expert like Meta's and Hugging Face's code — slow, obviously right, used to
 test the fast ones.
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.config import MoEConfig
-from herd.model.layers import Linear, SwiGLU, linear
+from herd.model.layers import Linear, SwiGLU, linear, swiglu
 
 
 def _grouped_gemm_ok(x: torch.Tensor) -> bool:
@@ -30,6 +30,25 @@ def _grouped_gemm_ok(x: torch.Tensor) -> bool:
 def _has_grouped_mm(device_index: int | None) -> bool:
     # Asked once per device, not in every MoE layer of every step.
     return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def dispatch(one, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The routed output of many tokens (CPU prefill, training): the N*K (token, expert) pairs
+    sorted by expert so each expert's tokens are one slice; one host sync (the per-expert counts),
+    then ``one(e, x)`` (expert e on its rows) for each expert that has work."""
+    flat_ids = ids_NK.flatten()
+    order = torch.argsort(flat_ids, stable=True)
+    token_of = order // ids_NK.shape[1]  # token index of each sorted pair
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    x_in = x_ND[token_of] * scores_NK.flatten()[order, None]  # score scales the expert *input*
+    out = torch.zeros_like(x_ND)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            y = one(e, x_in[start:start + n])
+            out.index_add_(0, token_of[start:start + n], y.to(out.dtype))  # bf16 under autocast
+        start += n
+    return out
 
 
 class Experts(nn.Module):
@@ -52,11 +71,12 @@ class Experts(nn.Module):
     def one(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens [N, D] -> [N, D]; touches only expert e's weights."""
         a = self.adapter
-        gate, up = linear(x_ND, self.w1[e]), linear(x_ND, self.w3[e])
-        if a is not None:
-            gate, up = gate + a.delta("w1", e, x_ND), up + a.delta("w3", e, x_ND)
+        if a is None:
+            return swiglu(x_ND, self.w1[e], self.w3[e], self.w2[e])
+        gate = linear(x_ND, self.w1[e]) + a.delta("w1", e, x_ND)
+        up = linear(x_ND, self.w3[e]) + a.delta("w3", e, x_ND)
         h = F.silu(gate) * up
-        return linear(h, self.w2[e]) if a is None else linear(h, self.w2[e]) + a.delta("w2", e, h)
+        return linear(h, self.w2[e]) + a.delta("w2", e, h)
 
 
 class MoE(nn.Module):
@@ -67,9 +87,10 @@ class MoE(nn.Module):
         self.experts = Experts(moe.num_experts, dim, moe.expert_dim)
         self.shared_expert = SwiGLU(dim, moe.expert_dim)
         self.dense_reference = False  # True: Meta's every-token-through-every-expert oracle
-        # Set from outside for expert parallelism (herd.train.parallel): a function
-        # (moe, x_ND, ids_NK, scores_NK) -> routed output, when this rank holds a slice of the experts.
-        self.expert_parallel = None
+        # Set from outside (herd.train.parallel) when this process holds part of the experts (expert
+        # parallelism: some of them; tensor parallelism: a slice of each): a function
+        # (moe, x_ND, ids_NK, scores_NK) -> routed output.
+        self.parallel = None
         # In training, the last forward's router logits [N, E] and choices [N, K], for the
         # load-balancing losses and per-expert token counts (herd.train.moe_losses).
         self.router_stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -85,8 +106,8 @@ class MoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         ids_NK, scores_NK = self.route(x_ND)
-        if self.expert_parallel is not None:
-            routed = self.expert_parallel(self, x_ND, ids_NK, scores_NK)
+        if self.parallel is not None:
+            routed = self.parallel(self, x_ND, ids_NK, scores_NK)
         elif self.dense_reference:
             routed = self._dense(x_ND, ids_NK, scores_NK)
         elif _grouped_gemm_ok(x_ND) and self.experts.adapter is None:
@@ -94,25 +115,8 @@ class MoE(nn.Module):
         elif ids_NK.numel() <= 4:
             routed = self._few(x_ND, ids_NK, scores_NK)
         else:
-            routed = self._dispatch(x_ND, ids_NK, scores_NK)
+            routed = dispatch(self.experts.one, x_ND, ids_NK, scores_NK, self.experts.w1.shape[0])
         return (self.shared_expert(x_ND) + routed).view_as(x_BTD)
-
-    def _dispatch(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
-        # Sort the N*K (token, expert) pairs by expert so each expert's tokens are one slice; one
-        # host sync (the per-expert counts) per layer, then one GEMM chain per expert that has work.
-        flat_ids = ids_NK.flatten()
-        order = torch.argsort(flat_ids, stable=True)
-        token_of = order // self.top_k  # token index of each sorted pair
-        counts = torch.bincount(flat_ids, minlength=self.experts.w1.shape[0]).tolist()
-        x_in = x_ND[token_of] * scores_NK.flatten()[order, None]  # score scales the expert *input*
-        out = torch.zeros_like(x_ND)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                y = self.experts.one(e, x_in[start:start + n])
-                out.index_add_(0, token_of[start:start + n], y.to(out.dtype))  # bf16 under autocast
-            start += n
-        return out
 
     def _grouped(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
         # CUDA (sm90+, bf16): the same sort by expert, then one grouped GEMM per projection over

@@ -103,7 +103,8 @@ def save(run_dir: Path, step: int, modules: Mapping[str, torch.nn.Module | None]
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         _write(tmp / "trainer.pt", lambda p: torch.save(
-            {"step": step, "scheduler": sched.state_dict(), "rng": rng, "world_size": world.size}, p))
+            {"step": step, "scheduler": sched.state_dict(), "rng": rng, "world_size": world.size,
+             "tensor_parallel": world.tp}, p))
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -128,6 +129,9 @@ def restore(path: Path, modules: Mapping[str, torch.nn.Module | None], opt, sche
     if meta["world_size"] != world.size:
         raise RuntimeError(f"{path}: saved by {meta['world_size']} processes; resume it with as many "
                            f"(this run has {world.size})")
+    if meta.get("tensor_parallel", 1) != world.tp:
+        raise RuntimeError(f"{path}: saved with distributed.tensor_parallel = {meta.get('tensor_parallel', 1)}; "
+                           f"resume it with the same (this run has {world.tp})")
     tensors = load_file(str(path / f"model-rank{world.rank}.safetensors"))
     own = _state(modules, trainable_only)
     unknown, missing = sorted(set(tensors) - set(own)), sorted(set(own) - set(tensors))

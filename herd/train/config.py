@@ -109,6 +109,9 @@ class LoRASection:
 class DistributedSection:
     expert_parallel: bool = doc("with several processes: split the routed experts over them and exchange "
                                 "tokens with all-to-all (otherwise experts are FSDP-sharded like the rest)", True)
+    tensor_parallel: int = doc("processes per tensor-parallel group (DTensor): attention heads, FFN widths and "
+                               "every routed expert's width are split over them; the groups are data-parallel "
+                               "(FSDP). 1: off. Needs expert_parallel = false", 1)
     backend: str = doc("torch.distributed backend: gloo (CPU) or nccl (CUDA); '' picks by device", "")
 
 
@@ -156,6 +159,13 @@ class TrainConfig:
         need(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
         need(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
         need(self.moe.aux_loss >= 0 and self.moe.z_loss >= 0, "moe", "loss coefficients must be >= 0")
+        d = self.distributed
+        need(d.tensor_parallel >= 1, "distributed.tensor_parallel", f"must be >= 1, got {d.tensor_parallel}")
+        need(d.tensor_parallel == 1 or not d.expert_parallel, "distributed.tensor_parallel",
+             "cannot be combined with expert_parallel (it splits every expert's width instead): "
+             "set distributed.expert_parallel = false")
+        need(d.tensor_parallel == 1 or self.job != "lora", "distributed.tensor_parallel",
+             "lora adapters are not tensor-parallel: train them with tensor_parallel = 1")
         need(self.lora.rank >= 1, "lora.rank", f"must be >= 1, got {self.lora.rank}")
         bad = set(self.lora.targets) - {"attention", "shared_expert", "experts", "dense_ffn", "output"}
         need(not bad and bool(self.lora.targets), "lora.targets", f"unknown or empty: {sorted(bad)}")

@@ -1,5 +1,17 @@
-"""Scale-out from outside the model: FSDP2 (`fully_shard`) for data parallelism and sharding, and
-expert parallelism for MoE layers, on any torch.distributed backend (gloo on CPU, NCCL on CUDA).
+"""Scale-out from outside the model: FSDP2 (`fully_shard`) for data parallelism and sharding,
+expert parallelism for MoE layers, and tensor parallelism (DTensor), on any torch.distributed
+backend (gloo on CPU, NCCL on CUDA).
+
+The processes form a (dp, tp) mesh: groups of `tp` consecutive ranks split every layer's work
+(tensor parallel) and see the same data; the dp groups each see their own rows and FSDP shards
+and averages over them. tp = 1 (the default) is plain FSDP (+ expert parallelism).
+
+Tensor parallelism (Megatron-style, built from DTensor's ColwiseParallel / RowwiseParallel): wq,
+wk, wv and every SwiGLU's w1/w3 are split by output rows (whole attention heads, KV heads with
+their query heads), wo and w2 by input columns, so each attention and FFN costs one all-reduce of
+its output. Routed experts are split the same way, by their hidden width: every rank holds a 1/tp
+slice of every expert, routes all tokens (the router is replicated), and one all-reduce sums the
+slices' outputs. Embeddings, norms, router, output head and the vision encoder are replicated.
 
 Expert parallelism: with W processes, rank r keeps routed experts [r*E/W, (r+1)*E/W) of every MoE
 layer. Each rank routes its own tokens, sends each (token, expert) pair to the expert's owner with
@@ -24,7 +36,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from herd.model.moe import MoE
+from herd.model.layers import swiglu
+from herd.model.moe import MoE, dispatch
 from herd.model.transformer import TextModel
 
 
@@ -32,10 +45,21 @@ from herd.model.transformer import TextModel
 class World:
     rank: int = 0
     size: int = 1
+    tp: int = 1  # processes per tensor-parallel group
+    mesh: object = None  # the (dp, tp) DeviceMesh when size > 1
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """Which data-parallel group this rank is in: the groups see different rows."""
+        return self.rank // self.tp
+
+    @property
+    def dp_size(self) -> int:
+        return self.size // self.tp
 
     def barrier(self):
         if self.size > 1:
@@ -49,20 +73,37 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def dp_sum(self, *values: float) -> list[float]:
+        """Sums over the data-parallel groups, each counted once (the tp ranks of a group hold the
+        same figures: same rows, same loss)."""
+        if self.size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+        if self.dp_size > 1:
+            dist.all_reduce(t, group=self.mesh.get_group("dp"))
+        return t.tolist()
+
 
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def init_world(backend: str, device: str) -> World:
-    """World from torchrun's environment (RANK, WORLD_SIZE, ...), or a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def init_world(backend: str, device: str, tp: int = 1) -> World:
+    """World from torchrun's environment (RANK, WORLD_SIZE, ...), or a single process; ``tp``
+    processes per tensor-parallel group (distributed.tensor_parallel)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size % tp:
+        raise ValueError(f"distributed.tensor_parallel = {tp} does not divide the {size} processes")
+    if size <= 1:
         return World()
     if not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if device.startswith("cuda") else "gloo"))
     if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return World(dist.get_rank(), dist.get_world_size())
+    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (size // tp, tp),
+                            mesh_dim_names=("dp", "tp"))
+    return World(dist.get_rank(), size, tp, mesh)
 
 
 class ExpertParallel:
@@ -121,17 +162,74 @@ def shard_experts(model: TextModel, world: World) -> None:
             for name, p in list(holder.named_parameters(recurse=False)):
                 part = p.detach()[ep.first:ep.first + ep.local].clone()
                 setattr(holder, name, nn.Parameter(part, requires_grad=p.requires_grad))
-        m.expert_parallel = ep
+        m.parallel = ep
+
+
+def _tp_input(t: torch.Tensor, mesh) -> torch.Tensor:
+    """Megatron's f: identity forward; backward, the ranks' partial gradients are summed."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+    return DTensor.from_local(t, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+
+def _tp_output(t: torch.Tensor, mesh) -> torch.Tensor:
+    """Megatron's g: forward, the ranks' partial results are summed; identity backward."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+    return DTensor.from_local(t, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
+
+
+class ExpertTensorParallel:
+    """The routed part of one MoE layer when this rank holds a 1/tp slice of every expert's hidden
+    width (w1, w3 rows and w2 columns, DTensor shards): all tokens run through the local slices,
+    and the slices' partial outputs are summed over the group."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+
+    def __call__(self, moe: MoE, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
+        w1, w3, w2 = (p.to_local() for p in (moe.experts.w1, moe.experts.w3, moe.experts.w2))
+        # The input and the scores enter the split region through f: their gradients from each
+        # rank's slice are partial and must be summed.
+        x, scores = _tp_input(x_ND, self.mesh), _tp_input(scores_NK, self.mesh)
+        routed = dispatch(lambda e, xe: swiglu(xe, w1[e], w3[e], w2[e]), x, ids_NK, scores, w1.shape[0])
+        return _tp_output(routed, self.mesh)
+
+
+def apply_tensor_parallel(model: TextModel, world: World) -> None:
+    """Split attention, dense FFNs, shared and routed experts over the tp group (see the module doc)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    tp, mesh, cfg = world.tp, world.mesh["tp"], model.cfg
+    widths = {"model.n_heads": cfg.n_heads, "model.n_kv_heads": cfg.n_kv_heads, "model.ffn_dim": cfg.ffn_dim}
+    if cfg.moe is not None:
+        widths["moe.expert_dim"] = cfg.moe.expert_dim
+    for name, n in widths.items():
+        if n % tp:
+            raise ValueError(f"tensor parallelism: {name} = {n} does not split evenly over "
+                             f"distributed.tensor_parallel = {tp} processes")
+    split_ffn = {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()}
+    for block in model.layers:
+        attn = block.attention
+        parallelize_module(attn, mesh, {"wq": ColwiseParallel(), "wk": ColwiseParallel(), "wv": ColwiseParallel(),
+                                        "wo": RowwiseParallel()})
+        attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp  # the local heads
+        ffn = block.feed_forward
+        if isinstance(ffn, MoE):
+            parallelize_module(ffn.shared_expert, mesh, split_ffn)
+            ex = ffn.experts
+            for name, dim in (("w1", 1), ("w3", 1), ("w2", 2)):
+                setattr(ex, name, nn.Parameter(distribute_tensor(getattr(ex, name).detach(), mesh, [Shard(dim)])))
+            ffn.parallel = ExpertTensorParallel(mesh)
+        else:
+            parallelize_module(ffn, mesh, split_ffn)
 
 
 def apply_fsdp(model: TextModel, vision: nn.Module | None, world: World, device: str,
                expert_parallel: bool) -> list[nn.Module]:
-    """Shard every block, then the rest; experts stay out of FSDP under expert parallelism.
-    Returns the FSDP-managed modules."""
-    from torch.distributed.device_mesh import init_device_mesh
+    """Shard every block, then the rest, over the dp groups; experts stay out of FSDP under expert
+    parallelism. Returns the FSDP-managed modules."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world.size,))
+    mesh = world.mesh["dp"]
     ignored = set(expert_parameters(model)) if expert_parallel else set()
     if expert_parallel:
         ignored |= {p for m in model.modules() if isinstance(m, MoE) and m.experts.adapter is not None
@@ -154,6 +252,20 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def copies(t: torch.Tensor, world: World) -> int:
+    """How many ranks hold this very piece of a tensor: 1 for a plain tensor (one process, or an
+    expert-parallel expert), else the ranks outside its mesh times its replicated mesh dims."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(t, DTensor):
+        return 1
+    mesh = t.device_mesh
+    n = world.size // mesh.size()
+    for d, placement in enumerate(t.placements):
+        if placement.is_replicate():
+            n *= mesh.size(d)
+    return n
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
     return t.to_local() if isinstance(t, DTensor) else t
@@ -162,7 +274,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 def gather_state(model: TextModel, world: World) -> dict[str, torch.Tensor]:
     """The whole model's state dict on every rank, in the single-process layout (experts re-joined)."""
     out = {}
-    ep_names = {name for name, m in model.named_modules() if isinstance(m, MoE) and m.expert_parallel is not None}
+    ep_names = {name for name, m in model.named_modules() if isinstance(m, MoE)
+                and isinstance(m.parallel, ExpertParallel)}
     for key, t in model.state_dict().items():
         t = full_tensor(t).detach()
         owner = key.rsplit(".experts.", 1)[0]

@@ -29,7 +29,7 @@ from herd.train import checkpoint as ckpt
 from herd.train.config import TrainConfig, as_dict
 from herd.train.data import Batch, DataError, Documents, Encoder, PackedData, expand_sources, split_documents, tokenise
 from herd.train.metrics import Metrics
-from herd.train.parallel import World, apply_fsdp, gather_state, init_world, shard_experts
+from herd.train.parallel import World, apply_fsdp, apply_tensor_parallel, gather_state, init_world, shard_experts
 
 
 @dataclass
@@ -188,14 +188,17 @@ def router_losses(model: TextModel, valid_N: torch.Tensor) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, world: World) -> float:
-    """Global gradient norm over all ranks (FSDP shards and expert-parallel experts are disjoint
-    pieces, so their squared norms add up), and every gradient scaled to at most ``max_norm``."""
-    from herd.train.parallel import local_tensor
-    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
-    sq = float(torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()) if grads else 0.0
+    """Global gradient norm over all ranks (FSDP and tensor-parallel shards and expert-parallel
+    experts are disjoint pieces, so their squared norms add up; a piece several ranks hold alike
+    counts once), and every gradient scaled to at most ``max_norm``."""
+    from herd.train.parallel import copies, local_tensor
+    grads = [p.grad for p in params if p.grad is not None]
+    local = [local_tensor(g) for g in grads]
+    sq = float(sum(n.double() ** 2 / copies(g, world) for n, g in zip(torch._foreach_norm(local), grads))) \
+        if grads else 0.0
     norm = math.sqrt(world.sum(sq)[0])
     if max_norm > 0 and norm > max_norm:
-        for g in grads:
+        for g in local:
             g.mul_(max_norm / (norm + 1e-6))
     return norm
 
@@ -203,7 +206,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, world: World) ->
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.world = init_world(cfg.distributed.backend, cfg.device)
+        self.world = init_world(cfg.distributed.backend, cfg.device, cfg.distributed.tensor_parallel)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.seed)
@@ -216,7 +219,10 @@ class Trainer:
         W = self.world.size
         self.unreduced: list[nn.Parameter] = []
         if W > 1:
-            ep = cfg.distributed.expert_parallel and any(isinstance(m, MoE) for m in self.model.modules())
+            ep = cfg.distributed.expert_parallel and self.world.tp == 1 and \
+                any(isinstance(m, MoE) for m in self.model.modules())
+            if self.world.tp > 1:
+                apply_tensor_parallel(self.model, self.world)
             if ep:
                 shard_experts(self.model, self.world)
                 self.unreduced = [p for m in self.model.modules() if isinstance(m, MoE) for p in m.experts.parameters()]
@@ -232,7 +238,7 @@ class Trainer:
         t = cfg.train
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, o.warmup_steps, t.steps, o.min_lr_ratio))
-        self.rows_per_step = t.micro_batch * t.grad_accum * W
+        self.rows_per_step = t.micro_batch * t.grad_accum * self.world.dp_size
         self.metrics = Metrics(self.out, enabled=self.world.main)
         self.step = 0
         self.checkpointed = {"": self.model, "vision.": self.vision}  # key prefix -> module
@@ -247,8 +253,8 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------------
 
     def _rows(self, step: int, micro: int) -> list[int]:
-        t, W = self.cfg.train, self.world.size
-        first = step * self.rows_per_step + (micro * W + self.world.rank) * t.micro_batch
+        t, W = self.cfg.train, self.world.dp_size  # the tp ranks of a dp group share its rows
+        first = step * self.rows_per_step + (micro * W + self.world.dp_rank) * t.micro_batch
         return list(range(first, first + t.micro_batch))
 
     def _forward(self, batch: Batch) -> torch.Tensor:
@@ -283,7 +289,7 @@ class Trainer:
         loss_sum = aux_sum = z_sum = 0.0
         counts = None
         tokens = 0
-        n_micro = t.grad_accum * self.world.size
+        n_micro = t.grad_accum * self.world.dp_size
         for micro in range(t.grad_accum):
             batch = self.train_data.batch(self._rows(step, micro))
             real = batch.segments >= 0  # not padding
@@ -292,7 +298,7 @@ class Trainer:
                 total = self._forward(batch)
             aux, z, c = router_losses(self.model, real.flatten().to(total.device))
             loss = total / n_targets + (cfg.moe.aux_loss * aux + cfg.moe.z_loss * z) / n_micro
-            (loss * self.world.size).backward()  # FSDP averages over ranks; we want their sum
+            (loss * self.world.dp_size).backward()  # FSDP averages over dp groups; we want their sum
             loss_sum += float(total.detach())
             aux_sum, z_sum = aux_sum + float(aux.detach()), z_sum + float(z.detach())
             counts = c if counts is None else [[a + b for a, b in zip(x, y)] for x, y in zip(counts, c)]
@@ -303,7 +309,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        loss_sum, aux_sum, z_sum, tokens = self.world.sum(loss_sum, aux_sum, z_sum, tokens)
+        loss_sum, aux_sum, z_sum, tokens = self.world.dp_sum(loss_sum, aux_sum, z_sum, tokens)
         self.step += 1
         out = {"step": self.step, "loss": loss_sum / n_targets, "lr": self.opt.param_groups[0]["lr"],
                "grad_norm": float(grad_norm), "tokens": int(tokens)}
@@ -323,9 +329,10 @@ class Trainer:
             self.vision.eval()
         total = count = 0.0
         mb = self.cfg.train.micro_batch
-        mine = list(range(self.world.rank * mb, n_rows, mb * self.world.size))
+        W = self.world.dp_size
+        mine = list(range(self.world.dp_rank * mb, n_rows, mb * W))
         # Every rank runs the same number of forwards (FSDP collectives), the last ones possibly empty.
-        rounds = -(-n_rows // (mb * self.world.size))
+        rounds = -(-n_rows // (mb * W))
         for i in range(rounds):
             rows = list(range(mine[i], min(mine[i] + mb, n_rows))) if i < len(mine) else []
             batch = self.val_data.batch(rows or [0])
@@ -336,7 +343,7 @@ class Trainer:
         self.model.train()
         if self.vision is not None:
             self.vision.train()
-        total, count = self.world.sum(total, count)
+        total, count = self.world.dp_sum(total, count)
         loss = total / max(count, 1)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
