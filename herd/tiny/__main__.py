@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     v = sub.add_parser("encoder", help="pretrain herd-tiny's vision encoder on the generator's labels "
                        "(writes DATA/encoder.safetensors, the recipe's model.vision_init)")
     v.add_argument("data", help="the folder `data` wrote (its config.json gives the encoder)")
-    v.add_argument("--steps", type=int, default=600)
+    v.add_argument("--steps", type=int, default=1000)
     p = sub.add_parser("package", help="write a trained model (bf16) + loss curve into DEST, e.g. herd/models/herd-tiny")
     p.add_argument("final", help="the run's exported model (OUT_DIR/final)")
     p.add_argument("dest")
@@ -35,7 +35,9 @@ def main(argv=None) -> int:
         out = Path(args.data) / "encoder.safetensors"
         r = pretrain_encoder(Path(args.data) / "config.json", out, steps=args.steps)
         print(f"herd-tiny encoder in {out}: {r['steps']} steps, {r['seconds']:.0f} s, last 50 steps: loss "
-              f"{r['loss']:.3f}, {r['accuracy']:.1%} of pictures with every colour's shape right")
+              f"{r['loss']:.3f}, {r['accuracy']:.1%} of pictures with every colour's shape right; fresh pictures: "
+              f"single shape: shape {r['shape']:.1%}, colour {r['color']:.1%}; 1-3 shapes: count {r['count']:.1%}, "
+              f"every label {r['all']:.1%}")
     elif args.cmd == "package":
         from herd.tiny.build import package
         print(f"herd-tiny packaged in {package(args.final, args.dest, args.run)}")

@@ -321,7 +321,8 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *, 
         ids += encode_header(tokenizer, "assistant")
         mask += [False] * (len(ids) - len(mask))
     tiles = [images[p.index][0] for p in parts]
-    return ChatIds(ids, torch.cat(tiles) if tiles else None, tuple(images[p.index][1] for p in parts), mask)
+    pixels = torch.cat(tiles) if tiles and tiles[0] is not None else None  # None: a layout-only processor
+    return ChatIds(ids, pixels, tuple(images[p.index][1] for p in parts), mask)
 
 
 # ---- generated ids out ----------------------------------------------------------------------

@@ -61,7 +61,8 @@ def _text_documents(path: Path, separator: str) -> Iterator[tuple[str, str]]:
             yield f"{path}: document {n + 1}" if separator else f"{path}", rest
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+def _jsonl_records(path: Path) -> Iterator[tuple[str, dict, int]]:
+    """(where, record, its line's size in bytes) for every non-blank line."""
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -72,7 +73,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
                 raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-            yield f"{path}:{i}", rec
+            yield f"{path}:{i}", rec, len(line.encode())
 
 
 def expand_sources(patterns: list[str], key: str) -> list[Path]:
@@ -228,9 +229,9 @@ def tokenise(files: list[Path], folder: Path, encoder: Encoder, separator: str, 
                     eos = encoder.tok.encode("", eos=True)
                     put(Encoded(eos, [True] * len(eos), []), extend=True)
             else:
-                for where, rec in _jsonl_records(f):
+                for where, rec, size in _jsonl_records(f):
                     put(encoder.record(where, rec, f.parent))
-                bar.update(f.stat().st_size)
+                    bar.update(size)
     bar.close()
     if len(offsets) == 1:
         raise DataError(f"{', '.join(map(str, files))}: no documents found")

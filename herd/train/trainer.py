@@ -9,6 +9,7 @@ takes the same steps as two processes with grad_accum 1).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -119,6 +120,9 @@ def build(cfg: TrainConfig) -> Built:
 def prepare_data(cfg: TrainConfig, tok, world: World) -> tuple[PackedData, PackedData | None]:
     d = cfg.data
     cache = Path(d.cache_dir or Path(cfg.out_dir) / "data")
+    if tok.image_processor is not None:  # tokenising needs each image's tile layout, not its pixels
+        tok = copy.copy(tok)
+        tok.image_processor = tok.image_processor.layout_only()
     encoder = Encoder(tok, text_field=d.text_field)
     train_files = expand_sources(d.train, "data.train")
     val_files = expand_sources(d.val, "data.val") if d.val else []
