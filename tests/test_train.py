@@ -81,6 +81,11 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def losses(run: Path) -> list[float]:
+    """The training loss of every step (rows without one hold only a held-out evaluation)."""
+    return [r["loss"] for r in metrics(run) if "loss" in r]
+
+
 # ---- exactness -------------------------------------------------------------------------------
 
 
@@ -330,21 +335,22 @@ def test_tensor_parallel_follows_one_process_and_resumes_exactly(workdir):
     """2 processes, one tensor-parallel group (DTensor: heads, FFN and every expert's width split):
     the same losses as one process, and a run stopped at step 10 resumes to the same steps 11-20."""
     base = PRETRAIN.format(out="{out}", steps=20, save_every=10).replace("micro_batch = 2", "micro_batch = 1")
-    Trainer(load_config(write_config(workdir, base.replace("{out}", "tp-one")), ["train.eval_every=0"])).run()
+    Trainer(load_config(write_config(workdir, base.replace("{out}", "tp-one")))).run()
     tp = workdir / "tp.toml"
     tp.write_text(textwrap.dedent(base.replace("{out}", "set-below")).replace(
         'train = ["corpus.txt"]', f'train = ["{workdir / "corpus.txt"}"]'))
-    sets = ["train.eval_every=0", "distributed.tensor_parallel=2", "distributed.expert_parallel=false"]
+    sets = ["distributed.tensor_parallel=2", "distributed.expert_parallel=false"]  # held-out loss at 0 and 20
     _torchrun(tp, *sets, f"out_dir={workdir / 'tp-full'}")
-    a = [r["loss"] for r in metrics(workdir / "tp-one")]
-    b = [r["loss"] for r in metrics(workdir / "tp-full")]
+    a, b = losses(workdir / "tp-one"), losses(workdir / "tp-full")
     assert len(a) == len(b) == 20
     worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
     assert worst <= 1e-5, worst
+    evals = [[r["eval_loss"] for r in metrics(workdir / run) if "eval_loss" in r] for run in ("tp-one", "tp-full")]
+    assert len(evals[0]) == len(evals[1]) == 2 and max(abs(x - y) / x for x, y in zip(*evals)) <= 1e-5, evals
     _torchrun(tp, *sets, f"out_dir={workdir / 'tp-resumed'}", stop_after=10)
-    assert len(metrics(workdir / "tp-resumed")) == 10
+    assert len(losses(workdir / "tp-resumed")) == 10
     _torchrun(tp, *sets, f"out_dir={workdir / 'tp-resumed'}")
-    assert [r["loss"] for r in metrics(workdir / "tp-resumed")] == b  # bitwise, steps 11-20 included
+    assert losses(workdir / "tp-resumed") == b  # bitwise, steps 11-20 included
     # The export holds whole tensors (the ranks' slices joined): the same model as one process's.
     one = herd.load(workdir / "tp-one" / "final", progress=False).model.state_dict()
     two = herd.load(workdir / "tp-full" / "final", progress=False).model.state_dict()

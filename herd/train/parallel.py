@@ -199,8 +199,10 @@ def apply_tensor_parallel(model: TextModel, world: World) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     tp, mesh, cfg = world.tp, world.mesh["tp"], model.cfg
-    widths = {"model.n_heads": cfg.n_heads, "model.n_kv_heads": cfg.n_kv_heads, "model.ffn_dim": cfg.ffn_dim}
-    if cfg.moe is not None:
+    widths = {"model.n_heads": cfg.n_heads, "model.n_kv_heads": cfg.n_kv_heads}
+    if not all(cfg.is_moe):
+        widths["model.ffn_dim"] = cfg.ffn_dim
+    if any(cfg.is_moe):
         widths["moe.expert_dim"] = cfg.moe.expert_dim
     for name, n in widths.items():
         if n % tp:
