@@ -71,7 +71,6 @@ def pretrain_encoder(config: str | Path, out: str | Path, steps: int = 1000, bat
     tiler = ImageTiler(cfg.vision, 1)
     vision = VisionModel(cfg.vision, cfg.text.dim)
     init_for_training(vision, seed + 1, init_std, cfg.vision.n_layers)
-    n_colors, n_classes = len(shapes.COLORS), 1 + len(shapes.SHAPES)
     head = PoolHead(cfg.text.dim)
     params = list(vision.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
