@@ -67,20 +67,17 @@ class World:
 
     def sum(self, *values: float) -> list[float]:
         """Sums of the values over all ranks (float64 on the CPU: gloo and NCCL both take it)."""
-        if self.size == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-        dist.all_reduce(t)
-        return t.tolist()
+        return self._sum(values, None) if self.size > 1 else list(values)
 
     def dp_sum(self, *values: float) -> list[float]:
         """Sums over the data-parallel groups, each counted once (the tp ranks of a group hold the
         same figures: same rows, same loss)."""
-        if self.size == 1:
-            return list(values)
+        return self._sum(values, self.mesh.get_group("dp")) if self.dp_size > 1 else list(values)
+
+    @staticmethod
+    def _sum(values, group) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-        if self.dp_size > 1:
-            dist.all_reduce(t, group=self.mesh.get_group("dp"))
+        dist.all_reduce(t, group=group)
         return t.tolist()
 
 
