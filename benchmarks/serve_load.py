@@ -1,6 +1,6 @@
 """Load test of `herd serve` on loopback: concurrent streaming chats against the same requests one by one.
 
-    python benchmarks/serve_load.py [--model tiny-moe] [--requests 32] [--concurrency 1 8 32]
+    python benchmarks/serve_load.py [--model herd-tiny] [--requests 32] [--concurrency 1 8 32]
                                     [--max-tokens 32] [--max-batch 32] [--json out.json]
 
 Starts a real `herd serve` process on a free loopback port, then for each concurrency level sends
@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+NAMES = ("Mia", "Leo", "Anna", "Hugo", "Ivy", "Ben", "Kate", "Finn")  # "Tell me a story about ...": long replies
 
 
 def free_port() -> int:
@@ -61,7 +62,7 @@ def one_request(client, model: str, i: int, max_tokens: int) -> tuple[float, int
     start = time.perf_counter()
     first, tokens = None, 0
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": f"Request {i}: tell me about llamas."}],
+        model=model, messages=[{"role": "user", "content": f"Tell me a story about {NAMES[i % len(NAMES)]}."}],
         max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True})
     for chunk in stream:
         if first is None and any(c.delta.content for c in chunk.choices):
@@ -106,7 +107,7 @@ def level(url: str, model: str, n: int, concurrency: int, max_tokens: int, timeo
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny-moe")
+    ap.add_argument("--model", default="herd-tiny")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=32)

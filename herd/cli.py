@@ -6,15 +6,15 @@ import argparse
 import os
 import sys
 
-DEFAULT_MODEL = "tiny-moe"  # until herd-tiny (a trained model) ships, a tiny RANDOM model
+DEFAULT_MODEL = "herd-tiny"  # the small Llama 4 herd trained itself (herd/models/herd-tiny)
 
 
 def _warn_if_random(model: str) -> None:
     from herd.config import PRESETS
 
     if model in PRESETS:
-        print(f"herd: NOTE: '{model}' is a preset with RANDOM weights (no trained model is embedded yet), so its "
-              f"output is gibberish. Pass --model PATH to use a real checkpoint.", file=sys.stderr)
+        print(f"herd: NOTE: '{model}' is a preset with RANDOM weights, so its output is gibberish. Leave out "
+              f"--model for herd-tiny (trained), or pass --model PATH to a real checkpoint.", file=sys.stderr)
 
 
 def _stream_reply(llm, prompt, args) -> str:
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="a system prompt")
     for sp in (g, c):
         sp.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"checkpoint folder or preset (default: {DEFAULT_MODEL}, random weights)")
+                        help=f"checkpoint folder, preset or embedded model (default: {DEFAULT_MODEL})")
         sp.add_argument("--max-new-tokens", type=int, default=256 if sp is c else 32)
         sp.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
         sp.add_argument("--top-k", type=int, default=0, help="0: off")
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming, tools)")
     s.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"checkpoint folder or preset (default: {DEFAULT_MODEL}, random weights)")
+                   help=f"checkpoint folder, preset or embedded model (default: {DEFAULT_MODEL})")
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     s.add_argument("--port", type=int, default=8000)

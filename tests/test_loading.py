@@ -41,6 +41,22 @@ def test_save_pretrained_round_trip_through_transformers(ckpt, tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_loading_progress_counts_each_file_byte_once(ckpt, capsys, monkeypatch):
+    """HF's fused expert tensors (gate_up_proj) feed two weights each; the progress bar counts their
+    bytes once and ends at exactly the checkpoint's size: 100%."""
+    from herd.checkpoint import load as load_mod
+
+    bars = []
+    init = load_mod._Progress.__init__
+    monkeypatch.setattr(load_mod._Progress, "__init__", lambda self, *a: (init(self, *a), bars.append(self))[0])
+    folder, _ = ckpt
+    herd.load(folder)
+    files = sum(t.numel() * t.element_size() for t in load_file(folder / "model.safetensors").values())
+    assert len(bars) == 1 and bars[0].done == bars[0].total == files
+    lines = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.startswith("loading ")]
+    assert lines[-1].startswith(f"loading {folder.name}: 100%"), lines
+
+
 def test_load_in_bfloat16_converts_on_the_way(ckpt):
     folder, ref = ckpt
     llm = herd.load(folder, dtype="bfloat16", progress=False)
@@ -205,9 +221,11 @@ def test_cli_info_and_generate_say_random(tmp_path):
     out = subprocess.run([sys.executable, "-m", "herd", "info", "scout"], capture_output=True, text=True)
     assert out.returncode == 0 and "active per token" in out.stdout
     gen = subprocess.run([sys.executable, "-m", "herd", "generate", "Hi", "--max-new-tokens", "3"],
-                         capture_output=True, text=True)
-    assert gen.returncode == 0, gen.stderr
-    assert "RANDOM weights" in gen.stderr
+                         capture_output=True, text=True)  # the default: herd-tiny, trained
+    assert gen.returncode == 0 and "RANDOM" not in gen.stderr, gen.stderr
+    gen = subprocess.run([sys.executable, "-m", "herd", "generate", "Hi", "--max-new-tokens", "3", "--model",
+                          "tiny-moe"], capture_output=True, text=True)
+    assert gen.returncode == 0 and "RANDOM weights" in gen.stderr, gen.stderr
     bad = subprocess.run([sys.executable, "-m", "herd", "generate", "Hi", "--model", str(tmp_path)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not a checkpoint folder" in bad.stderr and "Traceback" not in bad.stderr

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ import torch
 
 import herd
 from herd.checkpoint.errors import CheckpointError
+from herd.llm import MODELS_DIR
 from herd.tiny import build, shapes, text
 from herd.tiny.evaluate import named_pairs
 from herd.tokenizer.tokenizer import NUM_SPECIAL, llama4_special_tokens
@@ -61,7 +66,8 @@ def test_scenes_are_seeded_and_questions_unambiguous():
                 assert kinds.count(q.split()[-1].rstrip("?")) == 1
             if kind == "shape":
                 assert len(scene.shapes) == 1
-        assert sorted(named_pairs(shapes.describe(scene))) == sorted((s.color, s.kind) for s in scene.shapes)
+        palette = sorted(scene.shapes, key=lambda s: list(shapes.COLORS).index(s.color))  # one right order
+        assert named_pairs(shapes.describe(scene)) == [(s.color, s.kind) for s in palette]
     one = shapes.Scene(100, 100, (shapes.Shape("circle", "orange", 10, 10, 30),))
     assert shapes.describe(one) == "An orange circle." and shapes.count_answer(3) == "There are three shapes."
     with pytest.raises(ValueError, match="n_shapes"):
@@ -124,10 +130,10 @@ def test_retrieval_example_places_the_fact(tiny_dir):
 
 def test_training_split_starts_with_the_warm_up_block(tiny_dir, tmp_path):
     _, tok = tiny_dir
-    mix = build.Mix(images=20, easy_images=10, warmup_images=8, stories=20, story_chats=4, retrieval=6)
+    mix = build.Mix(images=20, easy_images=10, warmup_images=8, stories=20, story_chats=4, retrieval=6, copies=5)
     path = build.write_split(tmp_path, "train", tok, mix, seed=1, progress=False)
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(records) == 60
+    assert len(records) == 65
     easy = [i for i, r in enumerate(records) if "easy" in json.dumps(r)]
     assert len(easy) == 10 and max(easy) < 18  # the warm-up block: the easy chats and 8 others
     assert all("image" in json.dumps(r["messages"][0]) for r in records[:18])  # images only
@@ -136,6 +142,10 @@ def test_training_split_starts_with_the_warm_up_block(tiny_dir, tmp_path):
         src = records[i]["messages"][0]["content"][0]["image"]
         img = np.asarray(Image.open(tmp_path / src).convert("L")) < 250
         assert max(img.any(0).sum(), img.any(1).sum()) >= 0.5 * min(img.shape) - 1
+    copies = [m for m in (r.get("messages") for r in records[18:])
+              if m and isinstance(m[0]["content"], str) and m[0]["content"].endswith(text.ASK_REPEAT)]
+    assert len(copies) == 5 and all(m[0]["content"].startswith(m[1]["content"] + "\n\n") for m in copies)
+    assert all(60 - 8 <= len(tok.encode(m[1]["content"])) <= 240 for m in copies)
     retrieval = [r for r in records if "The number of the" in json.dumps(r)]
     assert retrieval and all(len(r["messages"]) >= 4 for r in retrieval)  # every fact is asked (2-8)
     with pytest.raises(ValueError, match="size must be a range"):
@@ -201,3 +211,53 @@ def test_a_missing_embedded_model_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr(herd.llm, "MODELS_DIR", tmp_path)
     with pytest.raises(CheckpointError, match="embedded model 'herd-tiny' is missing"):
         herd.load("herd-tiny")
+
+
+# ---- the embedded model (herd/models/herd-tiny, trained by recipes/herd-tiny.toml) ------------------
+
+COLOR_FLOOR = 14  # of 16 fresh single-shape pictures (EVAL.md: 200 of 200; chance is 1 in 6)
+EMBEDDED = MODELS_DIR / "herd-tiny"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_llm():
+    return herd.load("herd-tiny", progress=False)
+
+
+def test_embedded_model_is_complete_and_small():
+    names = {p.name for p in EMBEDDED.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+            "loss.png", "EVAL.md", "README.md"} <= names
+    assert sum(p.stat().st_size for p in EMBEDDED.rglob("*") if p.is_file()) <= 40e6
+    assert "chat_template" in json.loads((EMBEDDED / "tokenizer_config.json").read_text())
+
+
+def test_embedded_model_answers_fresh_pictures(tiny_llm):
+    """Fresh pictures (a seed neither training nor EVAL.md used), asked through llm.generate as a user would."""
+    rng = random.Random(777)
+    scenes = [shapes.random_scene(rng, 1) for _ in range(16)]
+    prompts = [[{"role": "user", "content": [{"type": "image", "image": s.draw()},
+                                             {"type": "text", "text": shapes.ASK_COLOR[0].format(shape=s.shapes[0].kind)}]}]
+               for s in scenes]
+    answers = [r.text.strip() for r in tiny_llm.generate(prompts, max_new_tokens=6, temperature=0.0)]
+    right = sum(a == f"{s.shapes[0].color.capitalize()}." for s, a in zip(scenes, answers))
+    assert right >= COLOR_FLOOR, list(zip([s.shapes[0].color for s in scenes], answers))
+
+
+def test_embedded_model_writes_english(tiny_llm):
+    from herd.tiny.evaluate import vocabulary
+    reply = tiny_llm.generate([{"role": "user", "content": "Tell me a story about Mia."}], max_new_tokens=40,
+                              temperature=0.0).text
+    words = re.findall(r"[A-Za-z]+", reply)
+    known = vocabulary(random.Random(0))
+    assert len(words) >= 20 and sum(w.lower() in known for w in words) >= 0.9 * len(words), reply
+
+
+def test_readme_first_command_describes_the_example_picture():
+    """./scripts/demo with no arguments runs exactly this (README's first command)."""
+    assert '--image examples/shapes.png "Describe the image."' in (ROOT / "scripts" / "demo").read_text()
+    out = subprocess.run([sys.executable, "-m", "herd", "generate", "--image", "examples/shapes.png",
+                          "Describe the image."], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "RANDOM" not in out.stderr, out.stderr
+    assert sorted(named_pairs(out.stdout)) == [("green", "circle"), ("yellow", "square")], out.stdout

@@ -66,7 +66,8 @@ PRETRAIN = """
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
     (d / "corpus.txt").write_text(corpus(300, seed=1))
-    return d
+    yield d
+    shutil.rmtree(d, ignore_errors=True)  # ~6 GB of checkpoints: gone once this module's tests are done
 
 
 @pytest.fixture(scope="module")

@@ -390,7 +390,7 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
     plan, source, ignore = _plan_and_source(folder, cfg, fmt, vision)
     total = check_plan(plan, source, expected, ignore)
     bar = _Progress(f"loading {folder.name}", total, progress)
-    state = {}
+    state, counted = {}, set()  # a fused source tensor feeds several keys: count its bytes once
     for key, recipe in plan.items():
         parts = [source[s] for s in recipe.sources]
         # A copy in the model's own memory (never a view of the file), then the file pages are let go.
@@ -399,7 +399,9 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
                                         gemv_column_major(value.shape, dtype, device))
         for part in parts:
             source.mapped.drop(part)
-        bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in recipe.sources))
+        bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in recipe.sources
+                    if s not in counted))
+        counted.update(recipe.sources)
     text.load_state_dict({k: v for k, v in state.items() if not k.startswith("vision.")}, strict=True, assign=True)
     if encoder is not None:
         encoder.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("vision.")}, strict=True,

@@ -134,3 +134,28 @@ def retrieval_example(rng: random.Random, count_tokens, distance: int, n_facts: 
         messages += [{"role": "user", "content": f"{body}\n\n{question}" if n == 0 else question},
                      {"role": "assistant", "content": fact(keys[i], values[i])}]
     return messages, count_tokens(" ".join(after))
+
+
+# ---- copying (grows the long-range lookup that retrieval needs) ----------------------------------
+
+ASK_REPEAT = ("Repeat the text.", "Say that again, word for word.", "Copy the text above.")
+
+
+def copy_example(rng: random.Random, count_tokens, n_tokens: int) -> list[dict]:
+    """A passage of story text of about ``n_tokens`` tokens, a request to repeat it, and the passage.
+
+    Every token of the repetition is found by looking up where the previous token stood in the
+    passage, ``n_tokens`` back: the same lookup a fact question needs, with a training signal on
+    every token instead of one number per question. Past one attention chunk only the NoPE layers
+    can do it.
+    """
+    words: list[str] = []
+    while count_tokens(" ".join(words)) < n_tokens:
+        words += story(rng).split()
+    lo, hi = 1, len(words)  # the longest prefix of whole words within n_tokens
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if count_tokens(" ".join(words[:mid])) <= n_tokens else (lo, mid - 1)
+    passage = " ".join(words[:lo])
+    return [{"role": "user", "content": f"{passage}\n\n{rng.choice(ASK_REPEAT)}"},
+            {"role": "assistant", "content": passage}]
