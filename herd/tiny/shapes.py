@@ -5,8 +5,8 @@ non-overlapping filled shapes (circle, square, triangle), each 15-40% of the sho
 distinct colours, so every question asked about an image has exactly one right answer.
 An answer that names several shapes lists them in the palette's order (red, green, blue, yellow,
 purple, orange): the decoder sees image tokens in raster order, so a left-to-right order would be
-a spatial comparison it has to learn first (herd-tiny described 2-3 shapes right 25% of the time
-with it).
+a spatial comparison it has to learn first (with it, herd-tiny described 47.5% of fresh 1-3-shape
+pictures right; in palette order, 83%).
 """
 
 from __future__ import annotations
