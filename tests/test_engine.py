@@ -53,6 +53,41 @@ def test_batch_of_different_lengths_equals_one_by_one(moe):
         assert moe.generate(p, max_new_tokens=12).token_ids == b.token_ids
 
 
+@pytest.mark.parametrize("prefill_chunk", [512, 5])
+def test_prompts_prefilled_side_by_side_equal_one_by_one(moe, prefill_chunk):
+    """Engine.prefill_rows (llm.generate's batches, the server's admissions): prompts of different
+    lengths over several attention chunks, with images in some, get the logits and the cache their
+    own prefill gives; 5: segments of 1-2 positions for 3-4 rows, ending mid-chunk."""
+    from PIL import Image
+
+    from herd.engine.requests import prepare
+    picture = lambda color: {"type": "image", "image": Image.new("RGB", (90, 60), color)}  # noqa: E731
+    chats = [[{"role": "user", "content": [picture("red"), {"type": "text", "text": "What is this?"}]}],
+             PROMPT, "Hi there",
+             [{"role": "user", "content": [picture("blue"), {"type": "text", "text": "And this?"}, picture("green")]}]]
+    prompts = sorted((prepare(moe, c) for c in chats), key=lambda p: -len(p.ids))
+    assert len({len(p.ids) for p in prompts}) == 4 and len(prompts[0].ids) > 3 * 8  # 8: tiny-moe's chunk
+    moe.prefill_chunk = prefill_chunk
+    try:
+        together = Engine(moe.model, rows=4, max_len=200, prefill_chunk=prefill_chunk)
+        alone = Engine(moe.model, rows=1, max_len=200, prefill_chunk=prefill_chunk)
+        first = together.prefill_rows(0, [(p.ids, p.image_mask, p.image_features) for p in prompts])
+        for i, p in enumerate(prompts):
+            torch.testing.assert_close(first[i], alone.prefill(0, p.ids, p.image_mask, p.image_features),
+                                       rtol=1e-5, atol=1e-5)
+        step = together.decode([int(x) for x in first.argmax(-1)])  # reads what the prefill cached
+        for i, p in enumerate(prompts):
+            alone.prefill(0, p.ids, p.image_mask, p.image_features)
+            torch.testing.assert_close(step[i], alone.decode([int(first[i].argmax())])[0], rtol=1e-5, atol=1e-5)
+        batch = moe.generate(chats, max_new_tokens=12)
+        for c, b in zip(chats, batch):
+            assert moe.generate(c, max_new_tokens=12).token_ids == b.token_ids
+    finally:
+        moe.prefill_chunk = None
+    with pytest.raises(ValueError, match="longest first"):
+        together.prefill_rows(0, [(p.ids, None, None) for p in prompts[::-1]])
+
+
 def test_seeded_sampling_is_reproducible(moe):
     a = moe.generate(PROMPT, max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, seed=3)
     b = moe.generate(PROMPT, max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, seed=3)

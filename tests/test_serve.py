@@ -252,6 +252,54 @@ def test_concurrent_streams_share_the_batch(tiny):
     assert together == [one(i) for i in range(6)]  # batching does not change greedy results
 
 
+def test_requests_admitted_together_are_prefilled_together_and_fail_alone():
+    """The engine loop prefills a burst side by side (greedy results as one by one); a job whose
+    prefill raises ends with an error while the others of its burst still run."""
+    import threading
+
+    from herd.engine.batch import Job
+    from herd.serve.scheduler import Scheduler
+    llm = herd.load("tiny-moe")
+    prompts = [llm.tokenizer.encode(t, bos=True) for t in ("Hi", "The llama is a camelid. " * 3, "Once upon")]
+    alone = [llm.generate(p, max_new_tokens=6).token_ids for p in prompts]
+    done = threading.Semaphore(0)
+    end = lambda job, text: job.stop_reason is not None and done.release()  # noqa: E731
+    scheduler = Scheduler(llm, max_batch=4)
+    try:
+        bad = Job(prompts[1], 6, image_mask=torch.ones(len(prompts[1]), dtype=torch.bool),
+                  image_features=torch.zeros(2, llm.config.text.dim), on_event=end)  # too few features
+        jobs = [Job(p, 6, on_event=end) for p in prompts]
+        with scheduler.cond:  # all five arrive before the loop looks
+            scheduler.submit(jobs[:2] + [bad] + jobs[2:])
+        for _ in range(4):
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.close()
+    assert [j.token_ids for j in jobs] == alone and all(j.stop_reason == "length" for j in jobs)
+    assert bad.stop_reason == "error" and bad.error
+
+
+def test_inbox_merges_a_lagging_jobs_pieces_and_keeps_its_end():
+    """A stream that falls behind the engine sends what has piled up as one chunk, and ends a
+    job at its last event, not at the first event read after the engine finished it."""
+    import asyncio
+
+    from herd.engine.batch import Job
+    from herd.serve.app import Inbox
+    a, b = Job([1], 4), Job([1], 4)
+    a.stop_reason = "stop"  # the engine is already done with `a` while its pieces wait
+
+    async def read() -> list:
+        box = Inbox()
+        for event in [(a, "x", False), (a, "y", False), (b, "p", False), (a, "z", False), (a, "!", True),
+                      (b, "q", True)]:
+            box.put(event)
+        return [await box.get() for _ in range(4)]
+
+    got = [(job is a, text, final) for job, text, final in asyncio.run(read())]
+    assert got == [(True, "xy", False), (False, "p", False), (True, "z!", True), (False, "q", True)]
+
+
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
     (b"[1, 2]", 400, None),
@@ -470,7 +518,7 @@ def test_full_queue_answers_429_with_retry_after(tmp_path):
     try:
         def send(_):
             req = urllib.request.Request(server.url + "/v1/completions", method="POST",
-                                         data=json.dumps({"model": "tiny-dense", "prompt": "x", "max_tokens": 200}).encode(),
+                                         data=json.dumps({"model": "tiny-dense", "prompt": "x", "max_tokens": 1000}).encode(),
                                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=120) as r:
@@ -478,10 +526,24 @@ def test_full_queue_answers_429_with_retry_after(tmp_path):
             except urllib.error.HTTPError as e:
                 return e.code, e.headers.get("Retry-After")
 
+        def gauge(name: str) -> float:
+            with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+                return float(next(line.split()[1] for line in r.read().decode().splitlines() if line.startswith(name)))
+
+        def until(name: str, value: float) -> None:
+            deadline = time.time() + 60
+            while gauge(name) != value:
+                assert time.time() < deadline, f"{name} never reached {value}"
+                time.sleep(0.01)
+
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            results = list(pool.map(send, range(6)))
-        statuses = sorted(s for s, _ in results)
-        assert statuses.count(200) >= 2 and 429 in statuses, statuses
+            running = pool.submit(send, 0)
+            until("herd_running", 1)  # takes the only batch row
+            queued = pool.submit(send, 1)
+            until("herd_queue_depth", 1)  # takes the only queue place
+            results = [running, queued] + [pool.submit(send, i) for i in range(2, 6)]
+            results = [f.result() for f in results]
+        assert [s for s, _ in results] == [200, 200, 429, 429, 429, 429], results
         assert all(after == "1" for s, after in results if s == 429)
         assert server.client().models.list().data  # and it still serves
     finally:

@@ -130,10 +130,15 @@ def test_retrieval_example_places_the_fact(tiny_dir):
 
 def test_training_split_starts_with_the_warm_up_block(tiny_dir, tmp_path):
     _, tok = tiny_dir
-    mix = build.Mix(images=20, easy_images=10, warmup_images=8, stories=20, story_chats=4, retrieval=6, copies=5)
+    mix = build.Mix(first_copies=6, lookup_copies=3, lookup_retrieval=3, images=20, easy_images=10,
+                    warmup_images=8, stories=20, story_chats=4, retrieval=6, copies=5)
     path = build.write_split(tmp_path, "train", tok, mix, seed=1, progress=False)
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(records) == 65
+    assert len(records) == 77
+    is_copy = lambda r: "messages" in r and str(r["messages"][0]["content"]).endswith(text.ASK_REPEAT)  # noqa: E731
+    assert all(is_copy(r) and len(tok.encode(r["messages"][1]["content"])) <= 60 for r in records[:6])  # text first
+    assert sum(map(is_copy, records[6:12])) == 3 and sum("The number of the" in json.dumps(r) for r in records[6:12]) == 3
+    records = records[12:]  # then images only
     easy = [i for i, r in enumerate(records) if "easy" in json.dumps(r)]
     assert len(easy) == 10 and max(easy) < 18  # the warm-up block: the easy chats and 8 others
     assert all("image" in json.dumps(r["messages"][0]) for r in records[:18])  # images only

@@ -95,7 +95,7 @@ class _Seat:
 
 
 class Batcher:
-    """Drives an Engine: `add` prefills a job into the next free row and picks its first token;
+    """Drives an Engine: `add` prefills jobs into the next free rows and picks their first tokens;
     `step` decodes every seated job by one token. Not thread-safe: one thread calls both."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer):
@@ -106,24 +106,33 @@ class Batcher:
     def free(self) -> int:
         return self.engine.cache.rows - len(self.seats)
 
-    def add(self, job: Job) -> None:
-        """Prefill ``job`` and choose its first token (it may finish at once). Errors end the job
-        with stop_reason "error" and leave the batch as it was."""
-        if not self.free:
-            raise RuntimeError("no free row in the batch")
-        if len(job.ids) + job.max_new_tokens > self.engine.cache.max_len:
-            return self._end(job, None, "error", f"{len(job.ids)} prompt tokens + max_new_tokens "
-                             f"{job.max_new_tokens} exceed the engine's context of {self.engine.cache.max_len}")
-        s = job.sampling
-        seat = _Seat(job, _Text(self.tokenizer, job.stop),
-                     torch.Generator().manual_seed(s.seed) if s.seed is not None else None)
-        row = len(self.seats)
+    def add(self, *jobs: Job) -> None:
+        """Prefill ``jobs`` side by side into the next free rows (one forward per segment for all of
+        them) and choose their first tokens (any may finish at once). A job that cannot run ends
+        with stop_reason "error"; if the prefill itself fails, the batch is left as it was."""
+        if len(jobs) > self.free:
+            raise RuntimeError(f"{len(jobs)} jobs but {self.free} free rows in the batch")
+        ready = []
+        for job in jobs:
+            if len(job.ids) + job.max_new_tokens > self.engine.cache.max_len:
+                self._end(job, None, "error", f"{len(job.ids)} prompt tokens + max_new_tokens "
+                          f"{job.max_new_tokens} exceed the engine's context of {self.engine.cache.max_len}")
+            else:
+                ready.append(job)
+        if not ready:
+            return
+        ready.sort(key=lambda job: -len(job.ids))  # engine.prefill_rows takes the longest first
         start = time.perf_counter()
-        logits = self.engine.prefill(row, job.ids, job.image_mask, job.image_features)
-        job.prefill_s = time.perf_counter() - start
-        seat.started = time.perf_counter()
-        self.seats.append(seat)
-        self._choose(seat, logits.float().cpu())
+        logits = self.engine.prefill_rows(len(self.seats), [(j.ids, j.image_mask, j.image_features) for j in ready])
+        logits = logits.float().cpu()
+        now = time.perf_counter()
+        for job, row in zip(ready, logits):
+            s = job.sampling
+            seat = _Seat(job, _Text(self.tokenizer, job.stop),
+                         torch.Generator().manual_seed(s.seed) if s.seed is not None else None, started=now)
+            job.prefill_s = now - start
+            self.seats.append(seat)
+            self._choose(seat, row)
         self._leave_finished()
 
     def step(self) -> None:

@@ -1,10 +1,11 @@
 """Generation: chunked prefill into a layer-aware KV cache, then one token per decode step.
 
-`Engine` owns a KVCache with a row per sequence. `prefill(row, ...)` runs a prompt through the
-model in segments (never more than `prefill_chunk` tokens, never across an attention-chunk
-boundary, so no T x T mask or score matrix exists for long prompts); `decode(tokens)` advances
-every row by one token at its own position. `herd.engine.batch.Batcher` is the loop over both
-that `LLM.generate` / `LLM.stream` and the server drive.
+`Engine` owns a KVCache with a row per sequence. `prefill(row, ...)` runs a prompt (and
+`prefill_rows` several side by side) through the model in segments (never more than
+`prefill_chunk` tokens, never across an attention-chunk boundary, so no T x T mask or score
+matrix exists for long prompts); `decode(tokens)` advances every row by one token at its own
+position. `herd.engine.batch.Batcher` is the loop over both that `LLM.generate` / `LLM.stream`
+and the server drive.
 
 `full_forward_tokens` is the slow reference: a full forward per new token, no cache. The cached
 engine must reproduce it token for token (tests/test_engine.py).
@@ -81,37 +82,72 @@ class Engine:
         self.cache = KVCache(model.cfg, rows, max_len, kv_dtype or cache_dtype(w.dtype, w.device), w.device)
         self.device = w.device
 
-    @torch.inference_mode()
     def prefill(self, row: int, tokens: Sequence[int], image_mask: torch.Tensor | None = None,
                 image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Run a prompt [T] into cache row ``row``; returns float32 logits [V] of its last token.
 
         ``image_mask`` [T] marks <|patch|> positions that take ``image_features`` [n, D] in order.
         """
-        T, C = len(tokens), self.model.cfg.attention_chunk_size
-        if T == 0:
+        return self.prefill_rows(row, [(tokens, image_mask, image_features)])[0]
+
+    @torch.inference_mode()
+    def prefill_rows(self, first: int, prompts: Sequence[tuple[Sequence[int], torch.Tensor | None,
+                                                               torch.Tensor | None]]) -> torch.Tensor:
+        """Run prompts side by side into cache rows ``first``, ``first + 1``, ...: (tokens, image_mask,
+        image_features) each, longest first. Returns float32 logits [n, V] of each one's last token.
+
+        All prompts start at position 0, so their segments share positions and chunk boundaries;
+        a row leaves once its prompt is done (rows stay one slice because the longest come first),
+        and the tail of its last segment is padding whose cache entries lie past its length, where
+        the decode steps that follow overwrite them before anything reads them. A segment holds at
+        most about ``prefill_chunk`` tokens in all (fewer positions when many rows take part).
+        """
+        lengths = [len(t) for t, _, _ in prompts]
+        if not prompts or min(lengths) == 0:
             raise ValueError("the prompt is empty")
-        if T > self.cache.max_len:
-            raise ValueError(f"prompt of {T} tokens exceeds the cache's {self.cache.max_len}")
-        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)
-        rows, used, start = slice(row, row + 1), 0, 0
+        if lengths[0] > self.cache.max_len:
+            raise ValueError(f"prompt of {lengths[0]} tokens exceeds the cache's {self.cache.max_len}")
+        if any(a < b for a, b in zip(lengths, lengths[1:])):
+            raise ValueError("prompts must come longest first")
+        if first + len(prompts) > self.cache.rows:
+            raise ValueError(f"rows {first}..{first + len(prompts) - 1} do not exist (the cache has {self.cache.rows})")
+        n, T, C = len(prompts), lengths[0], self.model.cfg.attention_chunk_size
+        ids = torch.zeros(n, T, dtype=torch.long)
+        masks = torch.zeros(n, T, dtype=torch.bool) if any(m is not None for _, m, _ in prompts) else None
+        for i, (tokens, mask, _) in enumerate(prompts):
+            ids[i, :lengths[i]] = torch.as_tensor(list(tokens), dtype=torch.long)
+            if mask is not None:
+                masks[i, :lengths[i]] = mask.cpu()
+        ids = ids.to(self.device)
+        used = [0] * n  # image features consumed per row
+        last: list[torch.Tensor | None] = [None] * n
+        start = 0
         while start < T:
-            end = min(T, start + self.prefill_chunk)
+            a = sum(length > start for length in lengths)  # rows still in their prompt
+            end = min(T, start + max(1, self.prefill_chunk // a))
             if C is not None:  # a segment stays inside one attention chunk
                 end = min(end, (start // C + 1) * C)
-            seg = ids[None, start:end]
-            if image_mask is not None:
-                mask = image_mask[None, start:end].to(self.device)
-                n = int(mask.sum())
-                h = self.model.embed(seg, mask, image_features[used:used + n])
-                used += n
+            seg = ids[:a, start:end]
+            if masks is not None and masks[:a, start:end].any():
+                mask = masks[:a, start:end]
+                parts = []
+                for i in range(a):
+                    k = int(mask[i].sum())
+                    if k:
+                        parts.append(prompts[i][2][used[i]:used[i] + k])
+                        used[i] += k
+                h = self.model.embed(seg, mask.to(self.device), torch.cat(parts))
             else:
                 h = self.model.embed(seg)
-            pos = torch.arange(start, end, device=self.device)[None]
-            h = self.model.decode_cached(h, pos, self.cache.k, self.cache.v, rows)
+            pos = torch.arange(start, end, device=self.device)[None].expand(a, -1)
+            h = self.model.decode_cached(h, pos, self.cache.k, self.cache.v, slice(first, first + a))
+            for i in range(a):
+                if lengths[i] <= end:
+                    last[i] = h[i, lengths[i] - 1 - start]
             start = end
-        self.cache.lengths[row] = T
-        return self.model.head(h[:, -1])[0]
+        for i, length in enumerate(lengths):
+            self.cache.lengths[first + i] = length
+        return self.model.head(torch.stack(last))
 
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:

@@ -105,9 +105,8 @@ def run(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Samp
     pieces: list[tuple[int, str]] = []
     jobs = [Job(p.ids, max_new_tokens, sampling, stop or (), image_mask=p.image_mask, image_features=p.image_features,
                 on_event=lambda job, text, i=i: pieces.append((i, text))) for i, p in enumerate(prompts)]
-    for job in jobs:
-        batcher.add(job)
-        yield from _drain(pieces)
+    batcher.add(*jobs)
+    yield from _drain(pieces)
     while batcher.seats:
         batcher.step()
         yield from _drain(pieces)

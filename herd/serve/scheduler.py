@@ -1,6 +1,7 @@
 """The server's engine loop: one thread owns the model and a Batcher; requests wait in a bounded
 queue, join the running batch between decode steps (up to a prompt-token budget per step, so a
-burst joins at once while a long prompt stalls the others for no more than its own prefill), and
+burst joins at once, prefilled side by side in one forward per segment, while a long prompt stalls
+the others for no more than its own prefill), and
 leave as soon as they finish or their client goes away.
 """
 
@@ -93,29 +94,47 @@ class Scheduler:
                         not entries or len(self.waiting[0][0].ids) <= budget):
                     entries.append(self.waiting.popleft())
                     budget -= len(entries[-1][0].ids)
-            for entry in entries:
-                self._admit(*entry)
+            if entries:
+                self._admit(entries)
             if self.batcher.seats:
                 self._step()
             if self.after_step is not None:
                 self.after_step()
 
-    def _admit(self, job: Job, queued_at: float) -> None:
-        if job.cancelled:
-            job.stop_reason = "cancelled"
-            if job.on_event is not None:
-                job.on_event(job, "")
+    def _admit(self, entries: list[tuple[Job, float]]) -> None:
+        """Prefill the admitted jobs together (one forward per segment for all of them)."""
+        admitted = []
+        for job, queued_at in entries:
+            if job.cancelled:
+                job.stop_reason = "cancelled"
+                if job.on_event is not None:
+                    job.on_event(job, "")
+            else:
+                admitted.append((job, queued_at))
+                self.stats.prompt_tokens += len(job.ids)
+        if not admitted:
             return
-        self.stats.prompt_tokens += len(job.ids)
+        jobs = [job for job, _ in admitted]
         try:
-            self.batcher.add(job)
-        except Exception as e:  # a bad job must not take the loop down
-            self._fail([job], e)
-            return
-        self.stats.ttft_sum += time.perf_counter() - queued_at
-        self.stats.ttft_count += 1
-        self.stats.generated_tokens += 1
-        self.stats.finished += job.stop_reason is not None
+            self.batcher.add(*jobs)
+        except Exception as e:  # a bad job must not take the loop down, nor the others with it
+            if len(jobs) == 1:
+                return self._fail(jobs, e)
+            seated = {id(seat.job) for seat in self.batcher.seats}
+            for job in jobs:
+                if job.stop_reason is not None or id(job) in seated:
+                    continue
+                try:
+                    self.batcher.add(job)
+                except Exception as e1:
+                    self._fail([job], e1)
+        now = time.perf_counter()
+        for job, queued_at in admitted:
+            if job.token_ids:
+                self.stats.ttft_sum += now - queued_at
+                self.stats.ttft_count += 1
+                self.stats.generated_tokens += 1
+            self.stats.finished += job.stop_reason is not None
 
     def _step(self) -> None:
         jobs = [seat.job for seat in self.batcher.seats]

@@ -111,17 +111,26 @@ def write_config(out: Path, tok: Tokenizer) -> None:
 class Mix:
     """How many records of each kind a split gets, and the curriculum's warm-up block."""
 
+    first_copies: int = 9_500  # the text-first block: short passages to repeat (first_copy_tokens), nothing else
+    first_copy_tokens: tuple[int, int] = (20, 60)
+    lookup_copies: int = 1_000  # then copies (copy_tokens) and fact lookups mixed, still before any image
+    lookup_retrieval: int = 1_000
     images: int = 50_000  # chats about one image of the spec's distribution, 1-4 questions each
     easy_images: int = 6_000  # one large shape (EASY_SIZE of the shorter side), 1-4 questions
     warmup_images: int = 5_000  # of `images`, how many join the easy ones in the image-only warm-up block
-    stories: int = 10_000  # raw text
+    stories: int = 7_000  # raw text
     story_chats: int = 3_000  # "tell me a story about X"
-    retrieval: int = 5_000  # long-context fact lookups, every fact asked (2-8 questions)
+    retrieval: int = 6_500  # long-context fact lookups, every fact asked (2-8 questions)
     max_distance: int = 400  # tokens between the first asked fact and its question (uniform 0..max)
     copies: int = 3_000  # "Repeat the text." over a passage of copy_tokens (uniform)
     copy_tokens: tuple[int, int] = (60, 240)
 
 
+# The text-first block: in-context copying (find where the previous token stood, emit what followed
+# it) is what a fact lookup needs, and it did not form when copies were ~10% of a mixed stage (the
+# model could not repeat 30 tokens after 1,400 steps). Alone, it forms abruptly: in a probe on this
+# decoder, teacher-forced copy accuracy went 0.50 -> 0.76 in 300 steps and 0.93 at step 400; fact
+# lookups then rose from 0 to 0.55 in 300 steps of a copy / lookup mix (measured).
 # The warm-up block: a from-scratch encoder and decoder learn to read pictures from image chats alone,
 # large shapes helping, and keep the skill once text joins; mixed with text from the start (a few
 # image answers among thousands of text targets per step), or with the encoder at the decoder's
@@ -136,14 +145,28 @@ def _image_chat(rng: random.Random, img_dir: Path, name: str, i: int, easy: bool
     return {"messages": shapes.conversation(scene, f"images/{name}/{path.name}", rng)}
 
 
+def _retrieval_chat(rng: random.Random, count, max_distance: int) -> dict:
+    n_facts = rng.randint(2, 8)
+    messages, _ = text.retrieval_example(rng, count, rng.randint(0, max_distance), n_facts=n_facts,
+                                         lead=rng.randint(0, 60), n_questions=n_facts)
+    return {"messages": messages}
+
+
 def write_split(out: Path, name: str, tok: Tokenizer, mix: Mix, seed: int, progress: bool = True) -> Path:
-    """``name``.jsonl and its images under out/images/``name``/. Records come in curriculum order: an
-    image-only warm-up block (the easy images and ``warmup_images`` of the others, shuffled), then the
-    rest (shuffled); the recipe trains in file order (data.shuffle = false)."""
+    """``name``.jsonl and its images under out/images/``name``/. Records come in curriculum order: a
+    text-first block (short copies, then copies and fact lookups), an image-only warm-up block (the
+    easy images and ``warmup_images`` of the others), then the rest; each block shuffled. The recipe
+    trains in file order (data.shuffle = false)."""
     rng = random.Random(seed)
     img_dir = out / "images" / name
     img_dir.mkdir(parents=True, exist_ok=True)
     count = lambda s: len(tok.encode(s))  # noqa: E731
+    copy = lambda lengths: {"messages": text.copy_example(rng, count, rng.randint(*lengths))}  # noqa: E731
+    first = [copy(mix.first_copy_tokens)
+             for _ in tqdm(range(mix.first_copies), desc=f"{name}: text-first copies", disable=not progress)]
+    lookups = [copy(mix.copy_tokens) for _ in range(mix.lookup_copies)]
+    lookups += [_retrieval_chat(rng, count, mix.max_distance)
+                for _ in tqdm(range(mix.lookup_retrieval), desc=f"{name}: text-first lookups", disable=not progress)]
     easy = [_image_chat(rng, img_dir, name, i, True)
             for i in tqdm(range(mix.easy_images), desc=f"{name}: warm-up images", disable=not progress)]
     records = [_image_chat(rng, img_dir, name, i, False)
@@ -152,16 +175,12 @@ def write_split(out: Path, name: str, tok: Tokenizer, mix: Mix, seed: int, progr
     records = records[mix.warmup_images:]
     records += [{"text": text.story(rng)} for _ in range(mix.stories)]
     records += [{"messages": text.story_chat(rng)} for _ in range(mix.story_chats)]
-    for _ in tqdm(range(mix.retrieval), desc=f"{name}: retrieval", disable=not progress):
-        n_facts = rng.randint(2, 8)
-        messages, _ = text.retrieval_example(rng, count, rng.randint(0, mix.max_distance), n_facts=n_facts,
-                                             lead=rng.randint(0, 60), n_questions=n_facts)
-        records.append({"messages": messages})
-    records += [{"messages": text.copy_example(rng, count, rng.randint(*mix.copy_tokens))}
-                for _ in tqdm(range(mix.copies), desc=f"{name}: copying", disable=not progress)]
-    rng.shuffle(records)
-    rng.shuffle(warmup)
-    records = warmup + records
+    records += [_retrieval_chat(rng, count, mix.max_distance)
+                for _ in tqdm(range(mix.retrieval), desc=f"{name}: retrieval", disable=not progress)]
+    records += [copy(mix.copy_tokens) for _ in tqdm(range(mix.copies), desc=f"{name}: copying", disable=not progress)]
+    for block in (first, lookups, warmup, records):
+        rng.shuffle(block)
+    records = first + lookups + warmup + records
     path = out / f"{name}.jsonl"
     with open(path, "w") as f:
         for r in records:
@@ -176,7 +195,8 @@ def build(out: str | Path, seed: int = 0, train: Mix | None = None, val: Mix | N
     tok = train_tokenizer(out, seed)
     write_config(out, tok)
     write_split(out, "train", tok, train or Mix(), seed + 1, progress)
-    write_split(out, "val", tok, val or Mix(images=400, easy_images=0, warmup_images=0, stories=400,
+    write_split(out, "val", tok, val or Mix(first_copies=0, lookup_copies=0, lookup_retrieval=0, images=400,
+                                            easy_images=0, warmup_images=0, stories=400,
                                             story_chats=50, retrieval=100, copies=60), seed + 2, progress)
     return out
 
