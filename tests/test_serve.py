@@ -279,6 +279,25 @@ def test_requests_admitted_together_are_prefilled_together_and_fail_alone():
     assert bad.stop_reason == "error" and bad.error
 
 
+def test_unexpected_route_error_is_an_openai_500_without_a_trace():
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from herd.serve.app import Guard
+
+    def boom(request):
+        raise RuntimeError("secret detail")
+
+    app = Starlette(routes=[Route("/v1/models", boom)])
+    counts: dict = {}
+    app.add_middleware(Guard, api_key=None, counts=counts)
+    r = TestClient(app).get("/v1/models")
+    assert r.status_code == 500 and "secret" not in r.text
+    assert r.json()["error"] == {"message": "internal error", "type": "server_error", "param": None, "code": None}
+    assert counts == {("/v1/models", 500): 1}
+
+
 def test_inbox_merges_a_lagging_jobs_pieces_and_keeps_its_end():
     """A stream that falls behind the engine sends what has piled up as one chunk, and ends a
     job at its last event, not at the first event read after the engine finished it."""

@@ -70,7 +70,8 @@ class ServeOptions:
 
 class Guard:
     """ASGI middleware: the API key on /v1/ routes (compared in constant time), requests counted by
-    endpoint and status for /metrics, and an OpenAI-shaped 500 instead of a stack trace.
+    endpoint and status for /metrics, and an OpenAI-shaped 500 instead of a stack trace (the one
+    place that catches a route's unexpected exception).
 
     Plain ASGI rather than Starlette's ``@app.middleware("http")``, which re-streams every body
     chunk of a streaming response through a memory channel and a task switch.
@@ -264,8 +265,8 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
     scheduler: Scheduler | None = None
     requests_total: dict[tuple[str, int], int] = {}
     created = int(time.time())
-    # Engine events reach the requests' queues in one event-loop wake-up per engine step.
-    pending: collections.deque[tuple[Job, str]] = collections.deque()
+    # Engine events reach the requests' inboxes in one event-loop wake-up per engine step.
+    pending: collections.deque[tuple[Job, str, bool]] = collections.deque()
     queues: dict[int, Inbox] = {}  # id(job) -> its request's inbox
 
     def on_event(job: Job, text: str) -> None:  # engine thread; a job's last event comes with its stop_reason set
@@ -310,11 +311,6 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
         return ApiError(400, str(e.errors()[0].get("msg", "invalid request"))).response()
-
-    @app.exception_handler(Exception)
-    async def _any_error(request: Request, e: Exception):
-        log.error("internal error on %s %s", request.method, request.url.path, exc_info=e)
-        return ApiError(500, "internal error", kind="server_error").response()
 
     @app.get("/", include_in_schema=False)
     async def page():
