@@ -12,7 +12,8 @@ vocabulary, chunk 8192 and a NoPE layer every 4th. It is written once as a Huggi
   prefill: tokens/s for one prompt of N tokens (herd: chunked prefill into its KV cache;
            transformers: one forward with its cache, logits for the last position only);
   decode:  tokens/s over ``--steps`` greedy steps after a 64-token prompt, for B sequences at once
-           (B x steps / time), both with their KV caches.
+           (B x steps / time), both with their KV caches; in bf16 at batch 1 also with
+           herd.load(..., compile=True) ("decode b1 compile": the output product compiled).
 
 Then, without transformers: KV-cache bytes of the Scout config at 8K / 128K / 1M tokens against a
 cache that keeps every layer's entries; decode step time of 2-layer models with 16 vs 128 experts
@@ -59,10 +60,21 @@ def write_checkpoint(cfg: TextConfig, folder: Path) -> Path:
     print(f"writing a random {cfg.param_count() / 1e9:.2f}B-parameter checkpoint to {folder} ...", file=sys.stderr)
     model = init_weights(TextModel(cfg)).to(torch.bfloat16)
     save_hf(model, folder)
-    tokenizer = ROOT / "benchmarks" / "tokenizer.json"
-    if tokenizer.exists():  # llama.cpp's converter needs one (see ../shared/anchors/llamacpp/make_tokenizer.py)
-        (folder / "tokenizer.json").write_bytes(tokenizer.read_bytes())
     return folder
+
+
+def add_llama4_tokenizer(folder: Path) -> None:
+    """llama.cpp's converter needs the checkpoint's tokenizer.json: the real Llama 4 one, built from
+    the llama-models package's tiktoken file by ../shared/anchors/llamacpp/make_tokenizer.py."""
+    if (folder / "tokenizer.json").exists():
+        return
+    import llama_models
+
+    site = Path(llama_models.__file__).resolve().parents[1]
+    script = ROOT.parent / "shared" / "anchors" / "llamacpp" / "make_tokenizer.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, str(script), str(site), tmp], check=True, capture_output=True)
+        (folder / "tokenizer.json").write_bytes((Path(tmp) / "tokenizer.json").read_bytes())
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -177,24 +189,30 @@ def main(argv=None) -> int:
                 row["transformers_capped"] = cap is not None
             rows.append(row)
         del llm, hf
+    if "bfloat16" in args.dtypes and 1 in args.batches:  # herd.load(..., compile=True): the compiled output product
+        llm = herd.load(folder, dtype="bfloat16", progress=False, compile=True)
+        rows.append({"dtype": "bfloat16", "case": "decode b1 compile", "herd": herd_decode(llm.model, 1, args.steps)})
+        del llm
     if args.llamacpp:
+        add_llama4_tokenizer(folder)
         script = ROOT.parent / "shared" / "anchors" / "llamacpp" / "bench.sh"
         out = subprocess.run(["bash", str(script), str(folder), "bf16", str(args.threads)], capture_output=True,
                              text=True)
         for line in out.stdout.splitlines():  # "llama.cpp pp512: 2020.0 tokens/s"
             kind, rate = line.split()[1].rstrip(":"), float(line.split()[2])
-            case = "prefill 512" if kind == "pp512" else "decode batch 1"
+            cases = ("prefill 512",) if kind == "pp512" else ("decode batch 1", "decode b1 compile")
             for row in rows:
-                if row["dtype"] == "bfloat16" and row["case"] == case:
+                if row["dtype"] == "bfloat16" and row["case"] in cases:
                     row["llama.cpp"] = rate
         if out.returncode:
             print(out.stderr[-2000:], file=sys.stderr)
         if "bfloat16" in args.dtypes and 1 in args.batches:  # this machine drifts: time herd again, right after
-            llm = herd.load(folder, dtype="bfloat16", progress=False)
-            for row in rows:
-                if row["dtype"] == "bfloat16" and row["case"] == "decode batch 1":
-                    row["herd_again"] = herd_decode(llm.model, 1, args.steps)
-            del llm
+            for compile_, case in ((False, "decode batch 1"), (True, "decode b1 compile")):
+                llm = herd.load(folder, dtype="bfloat16", progress=False, compile=compile_)
+                for row in rows:
+                    if row["dtype"] == "bfloat16" and row["case"] == case:
+                        row["herd_again"] = herd_decode(llm.model, 1, args.steps)
+                del llm
     print(f"\n{cfg.n_layers} layers, width {cfg.dim}, {args.experts} experts top-1, vocab {cfg.vocab_size}, "
           f"{args.threads} threads; tokens/s")
     print(f"{'dtype':9} {'case':16} {'herd':>9} {'transformers':>13} {'llama.cpp':>10} {'vs tf':>7} {'vs l.cpp':>9}")
@@ -205,7 +223,7 @@ def main(argv=None) -> int:
               f"{r['herd'] / tf if tf else float('nan'):6.2f}x {r['herd'] / lc if lc else float('nan'):8.2f}x")
     for r in rows:
         if "herd_again" in r and r.get("llama.cpp"):
-            print(f"bf16 decode batch 1 timed again right after llama.cpp: {r['herd_again']:.1f} tokens/s "
+            print(f"bf16 {r['case']} timed again right after llama.cpp: {r['herd_again']:.1f} tokens/s "
                   f"({r['herd_again'] / r['llama.cpp']:.2f}x llama.cpp)")
     if any(r.get("transformers_capped") for r in rows):
         print(f"* transformers timed on {args.tf_bf16_tokens} prompt tokens / decode steps (bf16 is too slow for more)")
