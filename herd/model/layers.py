@@ -76,7 +76,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     weight breaks even at 8-16 rows). Fewer rows (decode) stay in half precision: those GEMVs are
     memory-bound, and reading half the bytes is the win. Very tall weights (the output head) are
     upcast in blocks of rows, so no float32 copy of the whole matrix is ever made. CPUs with
-    AVX512-BF16 or AMX multiply bfloat16 natively, ~3x faster than the upcast (512 x 1024 x 4096,
+    AVX512-BF16 or AMX multiply bfloat16 natively, 2.4-2.9x faster than the upcast (512 x 1024 x 4096,
     measured on an AVX512-BF16 EPYC), so they always take the plain call.
     """
     if w.is_mkldnn:  # blocked by herd.model.packed: oneDNN's product without its per-call reorder
