@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+LLAMACPP = ROOT.parent / "shared" / "anchors" / "llamacpp"  # llama.cpp's build and bench scripts
 sys.path.insert(0, str(ROOT))
 
 import herd  # noqa: E402
@@ -72,7 +73,7 @@ def add_llama4_tokenizer(folder: Path) -> None:
     import llama_models
 
     site = Path(llama_models.__file__).resolve().parents[1]
-    script = ROOT.parent / "shared" / "anchors" / "llamacpp" / "make_tokenizer.py"
+    script = LLAMACPP / "make_tokenizer.py"
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, str(script), str(site), tmp], check=True, capture_output=True)
         (folder / "tokenizer.json").write_bytes((Path(tmp) / "tokenizer.json").read_bytes())
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
         del llm
     if args.llamacpp:
         add_llama4_tokenizer(folder)
-        script = ROOT.parent / "shared" / "anchors" / "llamacpp" / "bench.sh"
+        script = LLAMACPP / "bench.sh"
         out = subprocess.run(["bash", str(script), str(folder), "bf16", str(args.threads)], capture_output=True,
                              text=True)
         for line in out.stdout.splitlines():  # "llama.cpp pp512: 2020.0 tokens/s"

@@ -150,6 +150,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    """The options `_load` reads: the same on every command that loads a model."""
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"checkpoint folder, preset or embedded model (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="half precision on a CPU: compile batch-1 decode's output product (faster; ~20 s once)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="herd", description="Llama 4 (Scout, Maverick, Behemoth) in plain PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,24 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive chat with history (images with /image PATH)")
     c.add_argument("--system", default=None, help="a system prompt")
     for sp in (g, c):
-        sp.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"checkpoint folder, preset or embedded model (default: {DEFAULT_MODEL})")
+        _add_load_options(sp)
         sp.add_argument("--max-new-tokens", type=int, default=256 if sp is c else 32)
         sp.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
         sp.add_argument("--top-k", type=int, default=0, help="0: off")
         sp.add_argument("--top-p", type=float, default=1.0)
         sp.add_argument("--min-p", type=float, default=0.0)
         sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        sp.add_argument("--device", default="cpu")
-        sp.add_argument("--compile", action="store_true",
-                        help="half precision on a CPU: compile batch-1 decode's output product (faster; ~20 s once)")
     c.set_defaults(func=cmd_chat)
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming, tools)")
-    s.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"checkpoint folder, preset or embedded model (default: {DEFAULT_MODEL})")
+    _add_load_options(s)
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     s.add_argument("--port", type=int, default=8000)
@@ -189,10 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-mb", type=int, default=32, help="largest request body (413 beyond)")
     s.add_argument("--allow-images-from", default=None, metavar="DIR",
                    help="let file:// image URLs read images below DIR (off by default)")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--compile", action="store_true",
-                   help="half precision on a CPU: compile batch-1 decode's output product (faster; ~20 s once)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=cmd_serve)
 

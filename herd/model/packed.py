@@ -57,7 +57,7 @@ def pack(model: nn.Module) -> bool:
     limit = MAX_SHARE * sum(p.numel() for p in model.parameters())
     for m in model.modules():
         if m is model.output and (model.head_gemv is not None or m.weight.numel() > limit):
-            continue  # the compiled head reads the plain matrix (TextModel.compile_head)
+            continue  # a compiled head reads the plain matrix (TextModel.compile_head); a big one stays plain
         if isinstance(m, Linear) and not m.weight.is_mkldnn:
             m.weight = nn.Parameter(blocked(m.weight), requires_grad=False)
         elif isinstance(m, Experts) and m.packed is None:
