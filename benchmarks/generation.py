@@ -46,7 +46,6 @@ from herd.checkpoint.load import save_hf  # noqa: E402
 from herd.config import MoEConfig, TextConfig, every, rope_layout  # noqa: E402
 from herd.engine.generate import Engine  # noqa: E402
 from herd.llm import init_weights  # noqa: E402
-from herd.model.packed import pack  # noqa: E402
 from herd.model.transformer import TextModel  # noqa: E402
 
 
@@ -262,7 +261,6 @@ def extras(args) -> dict:
         cfg = bench_config(2, experts)
         cfg = TextConfig(**{**cfg.__dict__, "vocab_size": 256})
         models[experts] = init_weights(TextModel(cfg)).to(torch.bfloat16).eval()
-        pack(models[experts])  # as herd.load leaves bf16 weights on this CPU (herd.model.packed)
     times: dict[int, list[float]] = {16: [], 128: []}
     for _ in range(5):  # alternating, so a slow spell of this shared machine hits both
         for experts, model in models.items():
@@ -283,7 +281,6 @@ def extras(args) -> dict:
             for p in model.parameters():
                 p.normal_(0, 0.02)
         model.eval()
-        pack(model)
         step = decode_step_s(model, steps=8)
         ids = [i % scout2.vocab_size for i in range(512)]
         engine = Engine(model, rows=1, max_len=600)

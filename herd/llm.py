@@ -17,7 +17,6 @@ from herd.engine import requests
 from herd.engine.cache import cache_dtype, kv_cache_bytes
 from herd.engine.generate import Sampling
 from herd.model.layers import gemv_column_major, to_column_major
-from herd.model.packed import pack
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 from herd.tokenizer.tokenizer import Tokenizer, TokenizerError
@@ -255,18 +254,15 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
 
     ``vision=False`` skips a checkpoint's vision encoder (less memory; text prompts only). The image
     limits apply to prompts: images per prompt, tiles per image (default: the checkpoint's
-    preprocessor_config.json ``max_patches``, else 16), pixels per image.
-    On a CPU with native bfloat16 (AVX512-BF16, AMX), bf16 text weights are stored in oneDNN's
-    blocked layout (`herd.model.packed`: faster decode, the same bf16 products); `herd.model.packed.unpack`
-    restores the plain layout for training the loaded model. ``compile=True``: batch-1 decode's output
-    product through a kernel torch.compile makes for half-precision weights on a CPU (faster; a
-    compilation at the first step, see `TextModel.compile_head`).
+    preprocessor_config.json ``max_patches``, else 16), pixels per image. ``compile=True``: batch-1
+    decode's output product through a kernel torch.compile makes for half-precision weights on a CPU
+    (a little faster; a compilation at the first step, see `TextModel.compile_head`).
 
     Raises CheckpointError (a ValueError) naming the file, tensor or field at fault; nothing is
     returned half-loaded.
     """
     llm = _load(path_or_preset, dtype, device, seed=seed, progress=progress, vision=vision, max_images=max_images,
-                max_tiles=max_tiles, max_pixels=max_pixels, pack_head=not compile and adapters is None)
+                max_tiles=max_tiles, max_pixels=max_pixels)
     if adapters is not None:
         try:
             load_adapters(llm.model, adapters)
@@ -274,12 +270,10 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
             raise CheckpointError(str(e)) from None
     if compile:
         llm.model.compile_head()
-    pack(llm.model)  # bf16 on a CPU with native bf16: weights in oneDNN's layout (herd.model.packed)
     return llm
 
 
-def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, max_tiles, max_pixels,
-          pack_head) -> LLM:
+def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, max_tiles, max_pixels) -> LLM:
     limits = dict(max_images=max_images, max_tiles=DEFAULT_MAX_TILES if max_tiles is None else max_tiles,
                   max_pixels=max_pixels)
     dt = resolve_dtype(dtype)
@@ -315,8 +309,7 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
     except TokenizerError as e:
         raise CheckpointError(str(e)) from None
     _check_vocab(tok, cfg, name)
-    model, encoder = load_model(name, cfg, fmt, dtype=dt, device=device, progress=progress, vision=vision,
-                                pack_head=pack_head)
+    model, encoder = load_model(name, cfg, fmt, dtype=dt, device=device, progress=progress, vision=vision)
     return LLM(cfg, tok, model, name, encoder, **limits)
 
 

@@ -25,7 +25,6 @@ from herd.checkpoint import hf, meta
 from herd.checkpoint.errors import CheckpointError
 from herd.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, to_hf_config
 from herd.model.layers import gemv_column_major
-from herd.model.packed import blocked, packable
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 
@@ -375,13 +374,9 @@ class _Progress:
 
 def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: str | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress: bool = True,
-               vision: bool = True, pack_head: bool = False) -> tuple[TextModel, VisionModel | None]:
+               vision: bool = True) -> tuple[TextModel, VisionModel | None]:
     """Stream a checkpoint into a TextModel (and a VisionModel when the config has one and ``vision``)
-    built on the meta device; every name, shape and dtype is checked before any weight is read.
-
-    ``pack_head`` (where `herd.model.packed.packable`): the output head is read first and stored in
-    oneDNN's blocked layout at once, while nothing else is in memory (its plain copy and its packed one
-    coexist for a moment: the largest matrix of the model, not to be doubled at the end)."""
+    built on the meta device; every name, shape and dtype is checked before any weight is read."""
     folder = Path(folder)
     if cfg is None or fmt is None:
         cfg, fmt = read_config(folder)
@@ -396,16 +391,12 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
     total = check_plan(plan, source, expected, ignore)
     bar = _Progress(f"loading {folder.name}", total, progress)
     state, counted = {}, set()  # a fused source tensor feeds several keys: count its bytes once
-    pack_head = pack_head and packable(dtype, device)
-    for key in sorted(plan, key=lambda k: k != "output.weight") if pack_head else plan:
-        recipe = plan[key]
+    for key, recipe in plan.items():
         parts = [source[s] for s in recipe.sources]
         # A copy in the model's own memory (never a view of the file), then the file pages are let go.
         value = recipe.combine(*parts)
         state[key] = source.mapped.copy(value, dtype, device, column_major=key == "output.weight" and
                                         gemv_column_major(value.shape, dtype, device))
-        if pack_head and key == "output.weight":
-            state[key] = blocked(state[key])
         for part in parts:
             source.mapped.drop(part)
         bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in recipe.sources

@@ -68,28 +68,49 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ b). In bfloat16/float16 on a CPU without native half-precision dot products,
-    16 or more rows are multiplied in float32.
+    """x @ w.T (+ b). Half precision on a CPU takes one of three ways, whichever is fastest there:
 
-    Such CPUs (AVX2, AVX-512 without BF16) run half-precision GEMMs 3-7x slower than float32 ones,
-    and upcasting the weight for the call costs one pass over it (measured on AVX2: a 4096 x 1024
-    weight breaks even at 8-16 rows). Fewer rows (decode) stay in half precision: those GEMVs are
-    memory-bound, and reading half the bytes is the win. Very tall weights (the output head) are
-    upcast in blocks of rows, so no float32 copy of the whole matrix is ever made. CPUs with
-    AVX512-BF16 or AMX multiply bfloat16 natively, 2.4-2.9x faster than the upcast (512 x 1024 x 4096,
-    measured on an AVX512-BF16 EPYC), so they always take the plain call.
+    - one row (batch-1 decode) on a CPU with native half-precision dot products (AVX512-BF16, AMX):
+      torch's own GEMV (see `_half_gemv`), not oneDNN's product, which reorders the weight into its
+      blocked layout on every call.
+    - 16 or more rows on a CPU without them (AVX2, AVX-512 without BF16): in float32. Such CPUs run
+      half-precision GEMMs 3-7x slower than float32 ones, and upcasting the weight for the call costs
+      one pass over it (measured on AVX2: a 4096 x 1024 weight breaks even at 8-16 rows). Very tall
+      weights (the output head) are upcast in blocks of rows, so no float32 copy of the whole matrix
+      is ever made.
+    - otherwise the plain call: few rows on CPUs without native dot products (memory-bound GEMVs,
+      where reading half the bytes is the win), many rows on CPUs with them (oneDNN's native bf16
+      GEMM, 2.4-2.9x faster than the upcast: 512 x 1024 x 4096, AVX512-BF16 EPYC).
     """
-    if w.is_mkldnn:  # blocked by herd.model.packed: oneDNN's product without its per-call reorder
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if (x.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float16) or rows < 16
-            or native_half_gemm(w.dtype)):
+    half_cpu = x.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
+    if rows == 1 and half_cpu and native_half_gemm(w.dtype):
+        return _half_gemv(x, w, b)
+    if not half_cpu or rows < 16 or native_half_gemm(w.dtype):
         return F.linear(x, w, b)
     xf, bf = x.float(), None if b is None else b.float()
     if w.shape[0] <= _UPCAST_BLOCK * 8:
         return F.linear(xf, w.float(), bf).to(x.dtype)
     out = torch.cat([F.linear(xf, w[i:i + _UPCAST_BLOCK].float()) for i in range(0, w.shape[0], _UPCAST_BLOCK)], -1)
     return (out if bf is None else out + bf).to(x.dtype)
+
+
+def _half_gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """One row x [..., D] times a half-precision (out, in) matrix on the CPU by torch's GEMV kernel:
+    float32 dot products over the rows of w, rounded once. With oneDNN enabled torch hands the product
+    to oneDNN, which reorders w into its blocked layout first: measured on an AVX512-BF16 EPYC, 2
+    threads, the 202,048 x 1024 output head took 14-16 ms (29 GB/s) this way against 33 ms, and a cold
+    1024 x 1024 expert matrix 0.085 ms against 0.19 (and 0.13 even with w stored pre-blocked).
+    oneDNN is switched off for the call only (a process-wide flag: a product running in another
+    thread meanwhile takes torch's kernels too, with the same result up to rounding)."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        y = torch.mv(w, x.reshape(-1))
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+    y = y.view(*x.shape[:-1], w.shape[0])
+    return y if b is None else y + b
 
 
 @functools.cache

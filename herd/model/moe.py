@@ -67,14 +67,9 @@ class Experts(nn.Module):
         # None, or a module set from outside (LoRA in training) whose delta(name, e, x) is added to
         # the output of projection `name` ('w1', 'w3', 'w2') of expert e.
         self.adapter: nn.Module | None = None
-        # Inference on CPUs with native bf16 (herd.model.packed): each expert's (w1, w3, w2) in
-        # oneDNN's blocked layout, in place of the stacked parameters.
-        self.packed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def one(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens [N, D] -> [N, D]; touches only expert e's weights."""
-        if self.packed is not None:
-            return swiglu(x_ND, *self.packed[e])
         a = self.adapter
         if a is None:
             return swiglu(x_ND, self.w1[e], self.w3[e], self.w2[e])

@@ -1,0 +1,72 @@
+"""Half-precision products on the CPU (herd.model.layers.linear): one row by torch's GEMV (on CPUs
+with native bf16, in place of oneDNN's product), more rows by oneDNN or in float32. Every way gives
+float32 sums rounded to bf16, so results agree up to one bf16 rounding step (they may sum in
+another order)."""
+
+import pytest
+import torch
+
+import herd
+from herd.engine.generate import Engine
+from herd.llm import init_weights
+from herd.model.layers import linear
+from herd.model.transformer import TextModel
+from tests.conftest import tiny_text
+
+PROMPT = "The quick brown fox jumps over the lazy dog, then sleeps in the warm afternoon sun."
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()  # bf16 has 8 bits: one rounding step is 0.4-0.8%
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96), (96,)])
+def test_one_row_is_the_float32_sum_rounded_once(shape):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 96, generator=g).bfloat16()
+    b = torch.randn(300, generator=g).bfloat16()
+    x = torch.randn(shape, generator=g).bfloat16()
+    exact = x.float() @ w.float().t()
+    for bias, want in ((None, exact), (b, exact.bfloat16().float() + b.float())):
+        y = linear(x, w, bias)
+        assert y.dtype == torch.bfloat16 and y.shape == (*shape[:-1], 300)
+        # at most one rounding step of bf16 (2^-8 relative) away from the exact product
+        assert ((y.float() - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all()
+    assert torch._C._get_mkldnn_enabled()  # the GEMV's switch is put back
+
+
+def test_batch_one_decode_agrees_with_the_full_forward():
+    """Decode steps of one row (one-row products) against the full forward over the same tokens (many
+    rows: oneDNN's GEMMs, or the float32 upcast), and a batch of two rows decoding the same tokens."""
+    model = init_weights(TextModel(tiny_text(vocab_size=256)), seed=3).eval().to(torch.bfloat16)
+    ids = list(range(1, 40))
+    with torch.inference_mode():
+        full = model(torch.tensor([ids]))[0]  # (T, V)
+        one, two = Engine(model, rows=1, max_len=48), Engine(model, rows=2, max_len=48)
+        one.prefill(0, ids[:-6])
+        two.prefill_rows(0, [(ids[:-6], None, None)] * 2)
+        for i, t in enumerate(ids[-6:-1]):
+            pos = len(ids) - 6 + i
+            _close(one.decode([t])[0], full[pos])
+            pair = two.decode([t, t])
+            _close(pair[0], full[pos])
+            _close(pair[1], full[pos])
+
+
+def test_compiled_head_gives_float32_sums_of_the_bf16_weights():
+    """herd.load(..., compile=True): batch-1 output products by a compiled kernel, float32 sums of the
+    exact bf16 products (closer to float32 than oneDNN's bf16-rounded logits); more rows go the usual way."""
+    llm = herd.load("tiny-moe", dtype="bfloat16", progress=False, compile=True)
+    model = llm.model
+    assert model.head_gemv is not None and not model.output.weight.is_mkldnn  # the head stays plain
+    ids = llm.tokenizer.encode(PROMPT, bos=True)
+    with torch.inference_mode():
+        h = model.decode_layers(model.embed(torch.tensor([ids])))
+        exact = model.norm(h).float() @ model.output.weight.float().t()  # [1, T, V]
+        one = model.head(h[:, -1:])
+        rows = model.head(h)  # T rows: the plain product
+    assert one.dtype == torch.float32 and one.shape == (1, 1, model.cfg.vocab_size)
+    assert (one[0, 0] - exact[0, -1]).abs().max() <= 1e-5 * exact[0, -1].abs().max()
+    assert torch.equal(rows, model.output(model.norm(h)).float())
+    assert len(llm.generate(ids, max_new_tokens=4).token_ids) == 4
+    assert not herd.load("tiny-moe", progress=False).model.compile_head()  # float32: nothing to gain
