@@ -55,7 +55,7 @@ def test_batch_one_decode_agrees_with_the_full_forward():
 
 def test_compiled_head_gives_float32_sums_of_the_bf16_weights():
     """herd.load(..., compile=True): batch-1 output products by a compiled kernel, float32 sums of the
-    exact bf16 products (closer to float32 than oneDNN's bf16-rounded logits); more rows go the usual way."""
+    exact bf16 products (closer to float32 than the bf16-rounded logits of the plain product); more rows go the usual way."""
     llm = herd.load("tiny-moe", dtype="bfloat16", progress=False, compile=True)
     model = llm.model
     assert model.head_gemv is not None and not model.output.weight.is_mkldnn  # the head stays plain
