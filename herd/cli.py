@@ -119,13 +119,14 @@ def serve_threads(requested: int | None) -> int:
     The HTTP side (request parsing, one streamed chunk per token per client) needs a core of its
     own: when it shares one with a torch thread, every parallel product waits for the descheduled
     thread. Measured on 2 cores with herd-tiny (benchmarks/serve_load.py, client on the same cores):
-    1 torch thread served 110 tokens/s one request at a time and 440 with 8 concurrent streams, 2
-    threads 70 and 178."""
+    1 torch thread served 96-110 tokens/s one request at a time and 373-440 with 8 concurrent
+    streams, 2 threads 70 and 178."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--threads must be >= 1, got {requested}")
         return requested
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def cmd_serve(args) -> int:

@@ -616,7 +616,7 @@ def test_web_page_streams_a_reply_in_headless_chromium(tiny):
 def test_serve_leaves_a_core_to_the_http_side(capsys):
     from herd.cli import main, serve_threads
 
-    assert serve_threads(None) == max(1, len(os.sched_getaffinity(0)) - 1)
+    assert serve_threads(None) == max(1, len(os.sched_getaffinity(0)) - 1)  # Linux; elsewhere os.cpu_count()
     assert serve_threads(3) == 3
     assert main(["serve", "--model", "tiny-moe", "--threads", "0"]) == 2  # refused before anything loads
     assert "--threads must be >= 1, got 0" in capsys.readouterr().err
