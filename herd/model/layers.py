@@ -84,9 +84,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     half_cpu = x.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
-    if rows == 1 and half_cpu and native_half_gemm(w.dtype):
+    native = half_cpu and native_half_gemm(w.dtype)
+    if native and rows == 1:
         return _half_gemv(x, w, b)
-    if not half_cpu or rows < 16 or native_half_gemm(w.dtype):
+    if not half_cpu or rows < 16 or native:
         return F.linear(x, w, b)
     xf, bf = x.float(), None if b is None else b.float()
     if w.shape[0] <= _UPCAST_BLOCK * 8:
