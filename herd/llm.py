@@ -16,7 +16,7 @@ from herd.config import PRESETS, ModelConfig, VisionConfig, preset
 from herd.engine import requests
 from herd.engine.cache import cache_dtype, kv_cache_bytes
 from herd.engine.generate import Sampling
-from herd.model.layers import gemv_column_major, to_column_major
+from herd.model.layers import ONEDNN_SWITCH, gemv_column_major, to_column_major
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 from herd.tokenizer.tokenizer import Tokenizer, TokenizerError
@@ -230,7 +230,9 @@ class LLM:
         if n_patch_tokens is not None and n_patch_tokens != pixel_values.shape[0] * per_tile:
             raise ValueError(f"input_ids hold {n_patch_tokens} <|patch|> tokens but pixel_values has "
                              f"{pixel_values.shape[0]} tiles × {per_tile} = {pixel_values.shape[0] * per_tile}")
-        with torch.inference_mode():
+        # ONEDNN_SWITCH: the server encodes images on a worker thread while its engine thread decodes;
+        # the encoder's products must not run while a decode GEMV has oneDNN switched off.
+        with torch.inference_mode(), ONEDNN_SWITCH:
             pixels = pixel_values.to(self.device)
             feats = [self.vision(pixels[i:i + _ENCODE_TILES]) for i in range(0, pixels.shape[0], _ENCODE_TILES)]
         return torch.cat(feats).flatten(0, 1)

@@ -70,3 +70,32 @@ def test_compiled_head_gives_float32_sums_of_the_bf16_weights():
     assert torch.equal(rows, model.output(model.norm(h)).float())
     assert len(llm.generate(ids, max_new_tokens=4).token_ids) == 4
     assert not herd.load("tiny-moe", progress=False).model.compile_head()  # float32: nothing to gain
+
+
+def test_gemv_switch_does_not_reach_products_on_other_threads():
+    """The one-row GEMV turns oneDNN off process-wide for its call; a bf16 GEMM on another thread under
+    ONEDNN_SWITCH (as the server's image encoder runs) must still give oneDNN's bits, every time."""
+    import threading
+
+    from herd.model.layers import ONEDNN_SWITCH, _half_gemv
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(2048, 512, generator=g).bfloat16(), torch.randn(512, generator=g).bfloat16()
+    w2, x2 = torch.randn(256, 512, generator=g).bfloat16(), torch.randn(64, 512, generator=g).bfloat16()
+    want = torch.nn.functional.linear(x2, w2)  # with oneDNN as configured
+    stop, seen = threading.Event(), []
+
+    def decode():
+        while not stop.is_set():
+            _half_gemv(x, w, None)
+
+    t = threading.Thread(target=decode)
+    t.start()
+    try:
+        for _ in range(300):
+            with ONEDNN_SWITCH:
+                seen.append(torch.equal(torch.nn.functional.linear(x2, w2), want))
+    finally:
+        stop.set()
+        t.join()
+    assert all(seen) and torch._C._get_mkldnn_enabled()

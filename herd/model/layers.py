@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -96,20 +97,28 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return (out if bf is None else out + bf).to(x.dtype)
 
 
+# oneDNN's on/off switch is process-wide, and torch has no per-call way around it (every product
+# op asks it: mv, addmv, matmul). `_half_gemv` holds this lock while the switch is off; work on
+# another thread whose products must take oneDNN as configured holds it too (the server's image
+# encoder, see LLM.image_features), else its bf16 GEMMs could land on torch's kernels for a moment:
+# other rounding, so the same request could give other tokens depending on what else ran.
+ONEDNN_SWITCH = threading.RLock()
+
+
 def _half_gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """One row x [..., D] times a half-precision (out, in) matrix on the CPU by torch's GEMV kernel:
     float32 dot products over the rows of w, rounded once. With oneDNN enabled torch hands the product
     to oneDNN, which reorders w into its blocked layout first: measured on an AVX512-BF16 EPYC, 2
     threads, the 202,048 x 1024 output head took 14-16 ms (29 GB/s) this way against 33 ms, and a cold
     1024 x 1024 expert matrix 0.085 ms against 0.19 (and 0.13 even with w stored pre-blocked).
-    oneDNN is switched off for the call only (a process-wide flag: a product running in another
-    thread meanwhile takes torch's kernels too, with the same result up to rounding)."""
-    enabled = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        y = torch.mv(w, x.reshape(-1))
-    finally:
-        torch._C._set_mkldnn_enabled(enabled)
+    oneDNN is switched off for the call only, under `ONEDNN_SWITCH`."""
+    with ONEDNN_SWITCH:
+        enabled = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            y = torch.mv(w, x.reshape(-1))
+        finally:
+            torch._C._set_mkldnn_enabled(enabled)
     y = y.view(*x.shape[:-1], w.shape[0])
     return y if b is None else y + b
 
