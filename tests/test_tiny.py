@@ -250,6 +250,26 @@ def test_embedded_model_answers_fresh_pictures(tiny_llm):
     assert right >= COLOR_FLOOR, list(zip([s.shapes[0].color for s in scenes], answers))
 
 
+def test_retrieval_rows_place_the_fact_and_count_the_key(tiny_llm):
+    """The eval's retrieval rows: the asked fact at the measured distance (4-6 chunks, or within one),
+    every answer scored, and how many named the asked key (a partial score shown in EVAL.md)."""
+    from herd.tiny.evaluate import report, retrieval_task
+
+    chunk = tiny_llm.config.text.attention_chunk_size
+    far = retrieval_task(tiny_llm, random.Random(5), 3)
+    near = retrieval_task(tiny_llm, random.Random(5), 3, (0, 1), "retrieval, near")
+    for task, (lo, hi) in ((far, (4 * chunk, 6 * chunk)), (near, (0, chunk))):
+        assert task.total == 3 and 0 <= task.correct <= 3
+        distances = [int(re.search(r"\[(\d+) tokens\]", q).group(1)) for q, _, _ in task.failures]
+        assert all(lo <= d <= hi for d in distances)
+        key_named = int(re.fullmatch(r"answers naming the asked key: (\d)/3", task.detail).group(1))
+        assert task.correct <= key_named  # an exact answer names the key
+    md = report({"tasks": [far, near], "text": {"ppl": 2.0, "tokens": 1, "stories": 1, "prompt": "Hi",
+                                                "sample": "!", "known_words": 1.0},
+                 "seed": 5, "n": 3, "seconds": 1.0, "dtype": "float32"}, "herd-tiny")
+    assert "| retrieval, near |" in md and "answers naming the asked key" in md
+
+
 def test_embedded_model_writes_english(tiny_llm):
     from herd.tiny.evaluate import vocabulary
     reply = tiny_llm.generate([{"role": "user", "content": "Tell me a story about Mia."}], max_new_tokens=40,
