@@ -270,6 +270,35 @@ def test_retrieval_rows_place_the_fact_and_count_the_key(tiny_llm):
     assert "| retrieval, near |" in md and "answers naming the asked key" in md
 
 
+def test_induction_row_scores_the_repetition_token_by_token(tiny_llm):
+    """The eval's induction row: an oracle that knows each next token scores every token of both
+    listings; one that predicts the current token scores (almost) none; the shipped model is scored on the
+    same tokens (the repetition's, one per position)."""
+    from types import SimpleNamespace
+
+    from herd.tiny.evaluate import induction_task
+
+    def oracle(shift):
+        def logits(batch):
+            ids = torch.tensor(batch[0])
+            pred = torch.cat([ids[shift:], ids[:shift]]) if shift else ids
+            return torch.nn.functional.one_hot(pred, tiny_llm.tokenizer.vocab_size).float()[None]
+        return SimpleNamespace(tokenizer=tiny_llm.tokenizer, logits=logits)
+
+    perfect = induction_task(oracle(1), random.Random(3), 4)
+    assert perfect.correct == perfect.total >= 4 * 8 and perfect.failures == []
+    n_first = int(re.fullmatch(r"over the first listing, where nothing can be copied: (\d+)/(\d+)", perfect.detail).group(2))
+    assert perfect.detail.endswith(f"{n_first}/{n_first}") and n_first == perfect.total  # the same words twice
+    echo = induction_task(oracle(0), random.Random(3), 4)
+    assert echo.total == perfect.total and echo.correct <= echo.total // 10  # right only where a token repeats
+    far = induction_task(oracle(1), random.Random(3), 2, (72, 100), "induction, far")
+    assert far.correct == far.total >= 2 * 72 and "72-100 random words" in far.how
+    real = induction_task(tiny_llm, random.Random(3), 4)
+    assert real.total == perfect.total and 0 <= real.correct <= real.total
+    question, expected, got = real.failures[0] if real.failures else (None, None, None)
+    assert question is None or (question.startswith("Words: ") and question.endswith(". Again:"))
+
+
 def test_embedded_model_writes_english(tiny_llm):
     from herd.tiny.evaluate import vocabulary
     reply = tiny_llm.generate([{"role": "user", "content": "Tell me a story about Mia."}], max_new_tokens=40,

@@ -12,6 +12,10 @@ Tasks and how each is scored:
   retrieval, near  the same within one chunk (no target: tells a lookup that fails everywhere from
              one that fails only where the NoPE layers alone can see the fact); both rows also
              count the answers that name the asked key, copied from the question
+  induction  a list of random story words, then "Again:" and the list: teacher-forced greedy
+             next-token accuracy over the repetition (and, as the baseline where nothing can be
+             copied, over the first listing); retrieval rests on this lookup. "induction, far": lists
+             longer than a chunk, so each word's first listing is out of the RoPE layers' reach
   text       held-out stories: perplexity; a greedy continuation of a plain prompt, and the share
              of its words found in the generator's word list
 """
@@ -123,6 +127,42 @@ def vocabulary(rng: random.Random, n_stories: int = 3000) -> set[str]:
     return {w for _ in range(n_stories) for w in re.findall(r"[a-z]+", text.story(rng).lower())}
 
 
+def _clip(s: str, n: int = 90) -> str:
+    return s if len(s) <= n else s[:n // 2] + " ... " + s[-n // 2:]
+
+
+@torch.inference_mode()
+def induction_task(llm, rng: random.Random, n: int, n_words: tuple[int, int] = (8, 25),
+                   name: str = "induction") -> Task:
+    """Teacher-forced next-token accuracy (`llm.logits`, argmax) over the repetition of
+    `text.word_list` examples of ``n_words`` words; ``detail`` gives the same over the first listing."""
+    words = sorted(vocabulary(random.Random(0)))
+    task = Task(name, f"a list of {n_words[0]}-{n_words[1]} random words (of the stories' {len(words)}), then "
+                      "'Again:' and the list; greedy next-token accuracy over the repetition's tokens, teacher-forced")
+    first_ok = first_n = 0
+    for _ in range(n):
+        pieces = text.word_list(rng, words, rng.randint(*n_words))
+        parts = [llm.tokenizer.encode(pieces[0], bos=True)] + [llm.tokenizer.encode(p) for p in pieces[1:]]
+        ids = [t for part in parts for t in part]
+        got = llm.logits([ids])[0].argmax(-1).tolist()  # got[i]: the prediction for ids[i + 1]
+        spans = []
+        start = 0
+        for part in parts:
+            spans.append(range(start, start + len(part)))
+            start += len(part)
+        first, repeat = spans[1], spans[3]
+        first_ok += sum(got[i - 1] == ids[i] for i in first)
+        first_n += len(first)
+        ok = [got[i - 1] == ids[i] for i in repeat]
+        task.correct += sum(ok)
+        task.total += len(ok)
+        if not all(ok) and len(task.failures) < 5:
+            task.failures.append((_clip(pieces[0] + pieces[1] + pieces[2]), _clip(pieces[3]),
+                                  _clip(llm.tokenizer.decode([got[i - 1] for i in repeat]))))
+    task.detail = f"over the first listing, where nothing can be copied: {first_ok}/{first_n}"
+    return task
+
+
 @torch.inference_mode()
 def text_task(llm, rng: random.Random, n: int) -> dict:
     """Held-out perplexity of fresh stories, and a plain prompt's greedy continuation."""
@@ -147,7 +187,10 @@ def evaluate(model: str, seed: int = 12345, n: int = 200) -> dict:
     rng = random.Random(seed)
     tasks = image_tasks(llm, rng, n) + [retrieval_task(llm, rng, n)]
     text_results = text_task(llm, rng, n)
-    tasks.append(retrieval_task(llm, rng, n, (0, 1), "retrieval, near"))  # last: the rows above keep their examples
+    tasks.append(retrieval_task(llm, rng, n, (0, 1), "retrieval, near"))  # added later: the rows above keep their examples
+    chunk = llm.config.text.attention_chunk_size
+    tasks += [induction_task(llm, rng, n),  # mostly within one chunk
+              induction_task(llm, rng, n, (chunk + 8, 2 * chunk + 32), "induction, far")]  # only NoPE layers reach back
     return {"tasks": tasks, "text": text_results, "seed": seed, "n": n,
             "seconds": time.perf_counter() - started, "dtype": str(llm.dtype).removeprefix("torch.")}
 

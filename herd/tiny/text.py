@@ -12,6 +12,7 @@ question, so that for distances beyond one attention chunk only the global (NoPE
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 NAMES = ("Anna", "Ben", "Cleo", "Dan", "Ella", "Finn", "Grace", "Hugo", "Ivy", "Jack", "Kate", "Leo", "Mia",
          "Nora", "Omar", "Paul", "Rosa", "Sam", "Tom", "Uma", "Vera", "Will", "Zoe", "Lily", "Max")
@@ -134,6 +135,18 @@ def retrieval_example(rng: random.Random, count_tokens, distance: int, n_facts: 
         messages += [{"role": "user", "content": f"{body}\n\n{question}" if n == 0 else question},
                      {"role": "assistant", "content": fact(keys[i], values[i])}]
     return messages, count_tokens(" ".join(after))
+
+
+# ---- induction: copying at its barest ----------------------------------------------------------
+
+
+def word_list(rng: random.Random, words: Sequence[str], n_words: int) -> list[str]:
+    """The pieces of "Words: w1 ... wn. Again: w1 ... wn." with ``n_words`` drawn at random from
+    ``words``: ["Words:", " w1 ... wn", ". Again:", " w1 ... wn", "."]. Nothing but finding where the
+    current word stood in the first listing (an induction head) predicts the repetition; the first
+    listing itself cannot be predicted beyond picking from ``words``."""
+    listed = " " + " ".join(rng.choice(words) for _ in range(n_words))
+    return ["Words:", listed, ". Again:", listed, "."]
 
 
 # ---- copying (grows the long-range lookup that retrieval needs) ----------------------------------
