@@ -6,9 +6,11 @@
 Starts a real `herd serve` process on a free loopback port, then for each concurrency level sends
 ``--requests`` streaming chat completions (greedy, up to ``--max-tokens`` new tokens; tokens are
 counted from each response's usage) through the official OpenAI client from that many threads
-at once. Reported per level: requests that failed (must be 0), aggregate
-generated tokens/s, its ratio to concurrency 1 (sequential), and p50 / p99 time to first token.
-Also reported: CPU seconds used by the server and by this client process in each level — on a
+at once, after a warm-up of as many requests as the level runs at once (so every cache row it uses
+has been touched before the clock starts). Reported per level: requests that failed (must be 0),
+aggregate generated tokens/s, its ratio to concurrency 1 (sequential), and p50 / p99 time to first
+token. Also reported: CPU seconds used by the server (its engine process included) and by this
+client process in each level — on a
 2-core machine the load generator's own work (the OpenAI client parsing every streamed chunk)
 competes with the server. Bounded: every request has a timeout (``--timeout``).
 
@@ -78,16 +80,23 @@ def one_request(client, model: str, i: int, max_tokens: int) -> tuple[float, int
 
 
 def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU time of a process (this one when pid is None), from /proc."""
-    fields = Path(f"/proc/{pid or 'self'}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process (this one when pid is None) and of its live child
+    processes (the server's engine process), from /proc."""
+    proc = Path(f"/proc/{pid or 'self'}")
+    fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if pid is not None:
+        for task in proc.glob("task/*/children"):
+            total += sum(cpu_seconds(int(child)) for child in task.read_text().split())
+    return total
 
 
 def level(url: str, model: str, n: int, concurrency: int, max_tokens: int, timeout: float, server_pid: int) -> dict:
     from openai import OpenAI
 
     client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=timeout)
-    one_request(client, model, -1, 4)  # warm-up
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:  # warm-up: as many rows as the level uses
+        list(pool.map(lambda i: one_request(client, model, i, max_tokens), range(concurrency)))
     cpu_server, cpu_client = cpu_seconds(server_pid), cpu_seconds()
     start = time.perf_counter()
     ttft, tokens, errors = [], 0, []

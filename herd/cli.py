@@ -114,13 +114,14 @@ def cmd_convert(args) -> int:
 
 
 def serve_threads(requested: int | None) -> int:
-    """torch's threads for `herd serve`: as asked, else every core this process may use but one.
+    """torch's threads for `herd serve`'s engine: as asked, else every core this process may use but one.
 
     The HTTP side (request parsing, one streamed chunk per token per client) needs a core of its
     own: when it shares one with a torch thread, every parallel product waits for the descheduled
-    thread. Measured on 2 cores with herd-tiny (benchmarks/serve_load.py, client on the same cores):
-    1 torch thread served 96-110 tokens/s one request at a time and 373-440 with 8 concurrent
-    streams, 2 threads 70 and 178."""
+    thread. Measured on 2 cores with herd-tiny (benchmarks/serve_load.py, client on the same cores,
+    engine on a thread of the server): 1 torch thread served 96-110 tokens/s one request at a time
+    and 373-440 with 8 concurrent streams, 2 threads 70 and 178. The engine process (EngineProcess)
+    is pinned to these cores and the HTTP side to the rest."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--threads must be >= 1, got {requested}")
@@ -138,12 +139,15 @@ def cmd_serve(args) -> int:
     from herd.serve.app import ServeOptions, create_app
 
     threads = serve_threads(args.threads)
-    torch.set_num_threads(threads)
+    # On a CPU the engine runs in a forked process (EngineProcess), and OpenMP's thread pool does
+    # not survive a fork: load on one thread, and let the child and this process take `threads` after.
+    on_cpu = torch.device(args.device).type == "cpu"
+    torch.set_num_threads(1 if on_cpu else threads)
     llm = _load(args)
     key = args.api_key or os.environ.get("HERD_API_KEY") or None
     name = args.served_model_name or Path(args.model).name  # a preset's name, or the folder's
     options = ServeOptions(name, key, args.max_batch, args.max_queue, args.max_context, args.max_body_mb << 20,
-                           args.allow_images_from)
+                           args.allow_images_from, engine_process_threads=threads if on_cpu else 0)
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"herd: WARNING: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)

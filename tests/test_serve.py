@@ -530,6 +530,42 @@ def test_disconnected_client_frees_its_row(tiny):
     assert _metric(tiny.url, "herd_running") == 0  # long before its 900 tokens
 
 
+def test_engine_process_exit_ends_running_requests_and_the_server_says_so(tmp_path):
+    """On a CPU the engine runs in a child process. If it dies (killed, out of memory), a running
+    stream ends with an error event, /health answers 503 and new requests a 503, and the HTTP
+    server itself stays up."""
+    import http.client
+    import signal
+
+    server = Server("tiny-moe", tmp_path)
+    try:
+        children = [int(c) for t in Path(f"/proc/{server.proc.pid}/task").glob("*/children") for c in t.read_text().split()]
+        assert len(children) == 1, children  # the engine process
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", body=_chat(max_tokens=900, stream=True),
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        seen = b""
+        while seen.count(b"data: ") < 4:  # it is generating
+            seen += resp.read1(4096)
+        os.kill(children[0], signal.SIGKILL)
+        while not seen.endswith(b"\n\n") or b'"error"' not in seen:
+            chunk = resp.read1(4096)
+            assert chunk, seen[-500:]
+            seen += chunk
+        assert b"the engine process exited" in seen and b"[DONE]" not in seen
+        conn.close()
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(server.url + "/health", timeout=10)
+        assert health.value.code == 503
+        with pytest.raises(openai.APIStatusError) as e:
+            server.client().chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "Hi"}])
+        assert e.value.status_code == 503 and e.value.body["code"] == "engine_unavailable"
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+
+
 def test_full_queue_answers_429_with_retry_after(tmp_path):
     import concurrent.futures
 

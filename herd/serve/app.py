@@ -35,7 +35,7 @@ from herd.engine.batch import Job
 from herd.engine.generate import Sampling
 from herd.engine.requests import Prompt, chat_prompt, prepare
 from herd.llm import LLM
-from herd.serve.scheduler import QueueFull, Scheduler
+from herd.serve.scheduler import EngineGone, EngineProcess, QueueFull, Scheduler
 
 log = logging.getLogger("herd.serve")
 PAGE = Path(__file__).with_name("page.html")  # the web chat at /: plain HTML + JS, no build step
@@ -66,6 +66,9 @@ class ServeOptions:
     max_context: int | None = None
     max_body_bytes: int = 32 << 20
     allowed_image_dir: str | None = None  # file:// image URLs are read only below this folder
+    # > 0: the engine loop runs in a forked child process with this many torch threads (CPU only:
+    # CUDA does not survive a fork; see EngineProcess); 0: on a thread of this process.
+    engine_process_threads: int = 0
 
 
 class Guard:
@@ -262,7 +265,7 @@ class Inbox:
 
 
 def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
-    scheduler: Scheduler | None = None
+    scheduler: Scheduler | EngineProcess | None = None
     requests_total: dict[tuple[str, int], int] = {}
     created = int(time.time())
     # Engine events reach the requests' inboxes in one event-loop wake-up per engine step.
@@ -288,7 +291,11 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
             if pending:
                 loop.call_soon_threadsafe(deliver)
 
-        scheduler = Scheduler(llm, options.max_batch, options.max_queue, options.max_context, after_step)
+        if options.engine_process_threads:
+            scheduler = EngineProcess(llm, options.max_batch, options.max_queue, options.max_context, after_step,
+                                      threads=options.engine_process_threads)
+        else:
+            scheduler = Scheduler(llm, options.max_batch, options.max_queue, options.max_context, after_step)
         try:
             yield
         finally:
@@ -318,6 +325,9 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        gone = getattr(scheduler, "error", None)  # an EngineProcess whose child exited
+        if gone:
+            return JSONResponse({"status": "error", "model": options.model_name, "error": gone}, status_code=503)
         return {"status": "ok", "model": options.model_name}
 
     @app.get("/v1/models")
@@ -424,9 +434,11 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
             queues[id(job)] = events
         try:
             scheduler.submit(jobs)
-        except QueueFull as e:
+        except (QueueFull, EngineGone) as e:
             for job in jobs:
                 queues.pop(id(job), None)
+            if isinstance(e, EngineGone):
+                raise ApiError(503, str(e), kind="server_error", code="engine_unavailable") from None
             raise ApiError(429, f"server busy: {e}; retry later", kind="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -437,8 +449,8 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
         try:
             await _wait_all(request, jobs, events)
         finally:
+            scheduler.cancel(jobs)  # no-op for finished jobs; frees the rows of a vanished client
             for job in jobs:
-                job.cancelled = True  # no-op for finished jobs; frees the rows of a vanished client
                 queues.pop(id(job), None)
         _raise_job_error(jobs)
         choices = [_choice(llm, job, i, chat, tools) for i, job in enumerate(jobs)]
@@ -488,8 +500,8 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
                 yield chunk([], usage=_usage(prompt_tokens, jobs))
             yield b"data: [DONE]\n\n"
         finally:
+            scheduler.cancel(jobs)  # a disconnected client frees its rows at the next step
             for job in jobs:
-                job.cancelled = True  # a disconnected client frees its rows at the next step
                 queues.pop(id(job), None)
 
     return app
@@ -589,7 +601,7 @@ def _logprobs(llm: LLM, entries, chat: bool) -> dict:
             "top_logprobs": [{_token(llm, t)[0]: lp for t, lp in e.top} for e in entries], "text_offset": []}
 
 
-def _metrics(scheduler: Scheduler | None, requests_total: dict[tuple[str, int], int]) -> str:
+def _metrics(scheduler: Scheduler | EngineProcess | None, requests_total: dict[tuple[str, int], int]) -> str:
     lines = ["# HELP herd_requests_total HTTP requests by endpoint and status.", "# TYPE herd_requests_total counter"]
     lines += [f'herd_requests_total{{endpoint="{p}",status="{s}"}} {n}' for (p, s), n in sorted(requests_total.items())]
     if scheduler is not None:

@@ -3,15 +3,28 @@ queue, join the running batch between decode steps (up to a prompt-token budget 
 burst joins at once, prefilled side by side in one forward per segment, while a long prompt stalls
 the others for no more than its own prefill), and
 leave as soon as they finish or their client goes away.
+
+`Scheduler` runs that loop on a thread of the calling process. `EngineProcess` runs it in a child
+process (on CPUs, what `herd serve` uses): there the HTTP side's Python never holds the engine's
+interpreter lock and the engine's core is its own (measured on 2 cores, herd-tiny's engine alone:
+a second thread doing JSON work ~15% of the time slowed batch-8 decode steps by up to 1.4x; the
+same work in a second process, each pinned to its own core, by at most 1.14x).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import multiprocessing
+import os
+import pickle
+import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from herd.engine.batch import Batcher, Job
 from herd.engine.generate import Engine
@@ -20,6 +33,10 @@ from herd.llm import LLM
 
 class QueueFull(Exception):
     """More requests are waiting than the queue holds."""
+
+
+class EngineGone(Exception):
+    """The engine process exited (killed, out of memory): no request can run until a restart."""
 
 
 @dataclass
@@ -72,6 +89,11 @@ class Scheduler:
             now = time.perf_counter()
             self.waiting.extend((job, now) for job in jobs)
             self.cond.notify()
+
+    def cancel(self, jobs: list[Job]) -> None:
+        """Make these jobs leave the batch at the next step (no-op for finished ones)."""
+        for job in jobs:
+            job.cancelled = True
 
     def close(self) -> None:
         with self.cond:
@@ -158,3 +180,216 @@ class Scheduler:
                 job.stop_reason, job.error = "error", f"{type(error).__name__}: {error}"
                 if job.on_event is not None:
                     job.on_event(job, "")
+
+
+class EngineProcess:
+    """The same engine loop in a forked child process, behind the Scheduler's interface (``submit``,
+    ``cancel``, ``close``, ``stats``, ``queue_depth``, ``running``, ``max_len``): Jobs live in this
+    process; the child gets each job's inputs and sends back, after every step, what each job gained
+    (tokens, log-probabilities, text, its end), which this process applies to its Job before calling
+    ``on_event`` and then ``after_step``, on a reader thread, as the engine thread would.
+
+    The child is forked, so it shares the loaded weights (copy-on-write: nothing writes them) and
+    this process keeps them for the image encoder. Fork only before this process has run torch
+    work on more than one thread: OpenMP's thread pool does not survive a fork (the child's first
+    parallel op would hang); `herd serve` loads with one thread and hands ``threads`` to the child.
+    Where this process may use more cores than ``threads``, the child is pinned to the first
+    ``threads`` of them and this process (HTTP, tokenizing, image encoding) to the rest (`split_cores`).
+    """
+
+    def __init__(self, llm: LLM, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
+                 after_step: Callable[[], None] | None = None, threads: int = 1):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        self.max_len = min(llm.config.text.max_seq_len, max_context or llm.config.text.max_seq_len)
+        self.max_queue, self.after_step = max_queue, after_step
+        self.stats = Stats()
+        self.jobs: dict[int, Job] = {}  # unfinished jobs by id
+        self.started: set[int] = set()  # ids of jobs with a first token (the others are waiting)
+        self.ids: dict[int, int] = {}  # id(job) -> its id in the child, while unfinished
+        self.lock = threading.Lock()  # jobs, started, the pipe's sending end
+        self.closed, self.error = False, None
+        self.next_id = 0
+        ctx = multiprocessing.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_engine_child, args=(llm, child, max_batch, max_queue, max_context, threads),
+                                name="herd-engine", daemon=True)
+        self.proc.start()
+        child.close()
+        # This process (HTTP, tokenizing, image encoding) takes the cores the engine leaves: this
+        # thread (the event loop's) and every thread it starts from now on, torch's included.
+        _, http_cores = split_cores(threads)
+        if http_cores:
+            os.sched_setaffinity(0, http_cores)
+        torch.set_num_threads(len(http_cores) or threads)
+        self.reader = threading.Thread(target=self._read, name="herd-engine-reader", daemon=True)
+        self.reader.start()
+
+    @property
+    def queue_depth(self) -> int:
+        with self.lock:
+            return len(self.jobs) - len(self.started)
+
+    @property
+    def running(self) -> int:
+        with self.lock:
+            return len(self.started)
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs (all or none); QueueFull beyond ``max_queue`` waiting. Jobs in their prefill
+        still count as waiting here, so the child's own queue never refuses what this one took."""
+        with self.lock:
+            if self.error:
+                raise EngineGone(f"{self.error}; restart the server")
+            if self.closed:
+                raise QueueFull("the server is shutting down")
+            waiting = len(self.jobs) - len(self.started)
+            if waiting + len(jobs) > self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting (limit {self.max_queue})")
+            specs = []
+            for job in jobs:
+                self.next_id += 1
+                self.jobs[self.next_id], self.ids[id(job)] = job, self.next_id
+                specs.append((self.next_id, job.ids, job.max_new_tokens, job.sampling, list(job.stop), job.logprobs,
+                              job.image_mask, job.image_features))
+            try:
+                self.conn.send_bytes(pickle.dumps(("submit", specs)))
+            except OSError:  # the child is gone; the reader thread is failing what it had
+                for job in jobs:
+                    del self.jobs[self.ids.pop(id(job))]
+                raise EngineGone("the engine process exited; restart the server") from None
+
+    def cancel(self, jobs: list[Job]) -> None:
+        with self.lock:
+            for job in jobs:
+                job.cancelled = True
+            ids = [self.ids[id(job)] for job in jobs if id(job) in self.ids]
+            if ids and not self.closed:
+                try:
+                    self.conn.send_bytes(pickle.dumps(("cancel", ids)))
+                except OSError:  # the child is gone: nothing runs to cancel
+                    pass
+
+    def close(self) -> None:
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                try:
+                    self.conn.send_bytes(pickle.dumps(("close", None)))
+                except OSError:
+                    pass
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.reader.join(timeout=5)
+
+    def _read(self) -> None:
+        """Reader thread: apply each step's news to the Jobs, then call their on_event and after_step."""
+        while True:
+            try:
+                news, stats = pickle.loads(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                break
+            self.stats = stats
+            for jid, piece, tokens, logprobs, end in news:
+                with self.lock:
+                    job = self.jobs.get(jid)
+                    if job is None:
+                        continue
+                    self.started.add(jid)
+                    job.token_ids += tokens
+                    job.token_logprobs += logprobs
+                    if end is not None:
+                        job.text, job.stop_reason, job.error, job.prefill_s, job.decode_s = end
+                        del self.jobs[jid], self.ids[id(job)]
+                        self.started.discard(jid)
+                if job.on_event is not None:
+                    job.on_event(job, piece)
+            if self.after_step is not None:
+                self.after_step()
+        # The child is gone: whatever was still running ends with an error.
+        self.proc.join(timeout=5)
+        with self.lock:
+            if not self.closed:
+                self.error = f"the engine process exited (code {self.proc.exitcode})"
+            self.closed = True
+            left, self.jobs = list(self.jobs.values()), {}
+            self.started.clear()
+            self.ids.clear()
+        for job in left:
+            job.stop_reason, job.error = "error", self.error or "the server is shutting down"
+            if job.on_event is not None:
+                job.on_event(job, "")
+        if left and self.after_step is not None:
+            self.after_step()
+
+
+def split_cores(threads: int) -> tuple[list[int], list[int]]:
+    """The engine's cores and the HTTP side's when this process may use more cores than the engine's
+    ``threads`` (the first ``threads`` for the engine, the rest for HTTP); ([], []) otherwise (no
+    pinning). Pinned, neither side's wake-ups land on the other's core: measured on 2 cores, a
+    process doing short bursts of Python work slowed herd-tiny's batch-8 decode steps by up to 1.7x
+    when both were free to run anywhere, by at most 1.14x when each had its own core."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return (cores[:threads], cores[threads:]) if len(cores) > threads else ([], [])
+
+
+def _engine_child(llm: LLM, conn, max_batch: int, max_queue: int, max_context: int | None, threads: int) -> None:
+    """The child's main: a Scheduler whose events go back through ``conn`` after every step; this
+    thread reads submissions and cancellations. Ends when told to, or when the parent's end closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent closes us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's handlers inherited by the fork
+    engine_cores, _ = split_cores(threads)
+    if engine_cores:
+        os.sched_setaffinity(0, engine_cores)
+    torch.set_num_threads(threads)
+    jobs: dict[int, Job] = {}  # unfinished, by id
+    sent: dict[int, tuple[int, int]] = {}  # tokens and log-probabilities already sent, per job
+    news: list[tuple] = []
+    lock = threading.Lock()  # news and the pipe: the engine thread sends, this one may too (refusals)
+
+    def on_event(jid: int, job: Job, piece: str) -> None:
+        n, k = sent.get(jid, (0, 0))
+        end = None
+        if job.stop_reason is not None:
+            end = (job.text, job.stop_reason, job.error, job.prefill_s, job.decode_s)
+            sent.pop(jid, None)
+            jobs.pop(jid, None)
+        else:
+            sent[jid] = (len(job.token_ids), len(job.token_logprobs))
+        with lock:
+            news.append((jid, piece, job.token_ids[n:], job.token_logprobs[k:], end))
+
+    def after_step() -> None:
+        with lock:
+            if news:
+                conn.send_bytes(pickle.dumps((news[:], dataclasses.replace(scheduler.stats))))
+                news.clear()
+
+    scheduler = Scheduler(llm, max_batch, max_queue, max_context, after_step)
+    try:
+        while True:
+            try:
+                kind, body = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                break
+            if kind == "close":
+                break
+            if kind == "submit":
+                new = []
+                for jid, ids, max_new, sampling, stop, logprobs, mask, features in body:
+                    jobs[jid] = Job(ids, max_new, sampling, stop, logprobs, mask, features,
+                                    on_event=lambda job, piece, jid=jid: on_event(jid, job, piece))
+                    new.append(jobs[jid])
+                try:
+                    scheduler.submit(new)
+                except QueueFull as e:  # not expected: the parent counts conservatively
+                    Scheduler._fail(new, e)
+                    after_step()
+            elif kind == "cancel":
+                for jid in body:
+                    if jid in jobs:
+                        jobs[jid].cancelled = True
+    finally:
+        scheduler.close()
+        conn.close()
