@@ -204,36 +204,38 @@ class EngineProcess:
         self.max_len = min(llm.config.text.max_seq_len, max_context or llm.config.text.max_seq_len)
         self.max_queue, self.after_step = max_queue, after_step
         self.stats = Stats()
-        self.jobs: dict[int, Job] = {}  # unfinished jobs by id
-        self.started: set[int] = set()  # ids of jobs with a first token (the others are waiting)
-        self.ids: dict[int, int] = {}  # id(job) -> its id in the child, while unfinished
-        self.lock = threading.Lock()  # jobs, started, the pipe's sending end
+        # Unfinished jobs by id(job), which is also their id in the child; those without a token
+        # yet are the waiting ones.
+        self.jobs: dict[int, Job] = {}
+        self.lock = threading.Lock()  # jobs, the pipe's sending end
         self.closed, self.error = False, None
-        self.next_id = 0
+        engine_cores, http_cores = split_cores(threads)
         ctx = multiprocessing.get_context("fork")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_engine_child, args=(llm, child, max_batch, max_queue, max_context, threads),
-                                name="herd-engine", daemon=True)
+        self.proc = ctx.Process(target=_engine_child, name="herd-engine", daemon=True,
+                                args=(llm, child, max_batch, max_queue, max_context, threads, engine_cores))
         self.proc.start()
         child.close()
         # This process (HTTP, tokenizing, image encoding) takes the cores the engine leaves: this
         # thread (the event loop's) and every thread it starts from now on, torch's included.
-        _, http_cores = split_cores(threads)
         if http_cores:
             os.sched_setaffinity(0, http_cores)
         torch.set_num_threads(len(http_cores) or threads)
         self.reader = threading.Thread(target=self._read, name="herd-engine-reader", daemon=True)
         self.reader.start()
 
+    def _waiting(self) -> int:  # the lock held
+        return sum(not job.token_ids for job in self.jobs.values())
+
     @property
     def queue_depth(self) -> int:
         with self.lock:
-            return len(self.jobs) - len(self.started)
+            return self._waiting()
 
     @property
     def running(self) -> int:
         with self.lock:
-            return len(self.started)
+            return len(self.jobs) - self._waiting()
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue jobs (all or none); QueueFull beyond ``max_queue`` waiting. Jobs in their prefill
@@ -243,27 +245,24 @@ class EngineProcess:
                 raise EngineGone(f"{self.error}; restart the server")
             if self.closed:
                 raise QueueFull("the server is shutting down")
-            waiting = len(self.jobs) - len(self.started)
+            waiting = self._waiting()
             if waiting + len(jobs) > self.max_queue:
                 raise QueueFull(f"{waiting} requests are waiting (limit {self.max_queue})")
-            specs = []
-            for job in jobs:
-                self.next_id += 1
-                self.jobs[self.next_id], self.ids[id(job)] = job, self.next_id
-                specs.append((self.next_id, job.ids, job.max_new_tokens, job.sampling, list(job.stop), job.logprobs,
-                              job.image_mask, job.image_features))
+            self.jobs.update((id(job), job) for job in jobs)
+            specs = [(id(job), job.ids, job.max_new_tokens, job.sampling, list(job.stop), job.logprobs,
+                      job.image_mask, job.image_features) for job in jobs]
             try:
                 self.conn.send_bytes(pickle.dumps(("submit", specs)))
             except OSError:  # the child is gone; the reader thread is failing what it had
                 for job in jobs:
-                    del self.jobs[self.ids.pop(id(job))]
+                    del self.jobs[id(job)]
                 raise EngineGone("the engine process exited; restart the server") from None
 
     def cancel(self, jobs: list[Job]) -> None:
         with self.lock:
             for job in jobs:
                 job.cancelled = True
-            ids = [self.ids[id(job)] for job in jobs if id(job) in self.ids]
+            ids = [id(job) for job in jobs if id(job) in self.jobs]
             if ids and not self.closed:
                 try:
                     self.conn.send_bytes(pickle.dumps(("cancel", ids)))
@@ -296,13 +295,11 @@ class EngineProcess:
                     job = self.jobs.get(jid)
                     if job is None:
                         continue
-                    self.started.add(jid)
                     job.token_ids += tokens
                     job.token_logprobs += logprobs
                     if end is not None:
                         job.text, job.stop_reason, job.error, job.prefill_s, job.decode_s = end
-                        del self.jobs[jid], self.ids[id(job)]
-                        self.started.discard(jid)
+                        del self.jobs[jid]
                 if job.on_event is not None:
                     job.on_event(job, piece)
             if self.after_step is not None:
@@ -314,8 +311,6 @@ class EngineProcess:
                 self.error = f"the engine process exited (code {self.proc.exitcode})"
             self.closed = True
             left, self.jobs = list(self.jobs.values()), {}
-            self.started.clear()
-            self.ids.clear()
         for job in left:
             job.stop_reason, job.error = "error", self.error or "the server is shutting down"
             if job.on_event is not None:
@@ -334,14 +329,14 @@ def split_cores(threads: int) -> tuple[list[int], list[int]]:
     return (cores[:threads], cores[threads:]) if len(cores) > threads else ([], [])
 
 
-def _engine_child(llm: LLM, conn, max_batch: int, max_queue: int, max_context: int | None, threads: int) -> None:
+def _engine_child(llm: LLM, conn, max_batch: int, max_queue: int, max_context: int | None, threads: int,
+                  cores: list[int]) -> None:
     """The child's main: a Scheduler whose events go back through ``conn`` after every step; this
     thread reads submissions and cancellations. Ends when told to, or when the parent's end closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent closes us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's handlers inherited by the fork
-    engine_cores, _ = split_cores(threads)
-    if engine_cores:
-        os.sched_setaffinity(0, engine_cores)
+    if cores:
+        os.sched_setaffinity(0, cores)
     torch.set_num_threads(threads)
     jobs: dict[int, Job] = {}  # unfinished, by id
     sent: dict[int, tuple[int, int]] = {}  # tokens and log-probabilities already sent, per job
