@@ -4,6 +4,7 @@ LoRA (merge, adapters, transformers export), FSDP2 + expert parallel on gloo, co
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -165,6 +166,22 @@ def test_data_shuffle_false_trains_in_file_order(tmp_path):
     for order, kept in ((orders[False], True), (orders[True], False)):
         early, late = (np.mean([order[d] for d in range(a, a + 100)]) for a in (0, 300))
         assert (early < 0.5 * late) == kept, (early, late)
+
+
+def test_output_projections_start_scaled_unless_the_recipe_says_not(tmp_path):
+    """model.scale_output_init: wo and w2 at init_std / sqrt(2 * n_layers) (GPT-2), or at init_std."""
+    (tmp_path / "docs.txt").write_text("a few words " * 50)
+    path = tmp_path / "c.toml"
+    path.write_text("out_dir = 'o'\n[model]\npreset = 'tiny-dense'\ninit_std = 0.05\n[data]\ntrain = ['docs.txt']\n"
+                    "val_fraction = 0\n[train]\nprogress = false\n")
+    for scaled in (True, False):
+        model = Trainer(load_config(path, [f"model.scale_output_init={str(scaled).lower()}"])).model
+        n_layers = model.cfg.n_layers
+        for name, p in model.named_parameters():
+            if name.endswith(("attention.wo.weight", "w2.weight", "attention.wq.weight", "w1.weight")):
+                out = name.endswith(("wo.weight", "w2.weight"))
+                want = 0.05 / math.sqrt(2 * n_layers) if out and scaled else 0.05
+                assert abs(p.std().item() / want - 1) < 0.1, (scaled, name, p.std().item(), want)
 
 
 def test_assistant_mask_marks_only_what_the_assistant_wrote():

@@ -32,8 +32,10 @@ class ModelSection:
     checkpoint: str = doc("sft / lora: the checkpoint folder (HF or Meta) to start from", "")
     tokenizer: str = doc("tokenizer file (tokenizer.json or tokenizer.model); default: the checkpoint's, "
                          "else the config's folder's, else Llama 4's bundled one", "")
-    init_std: float = doc("pretrain: weights start as N(0, init_std); norms at 1 (herd's documented scheme); "
-                          "output projections (wo, w2) are scaled by 1/sqrt(2 * n_layers) as in GPT-2", 0.02)
+    init_std: float = doc("pretrain: weights start as N(0, init_std); norms at 1 (herd's documented scheme)", 0.02)
+    scale_output_init: bool = doc("pretrain: the projections writing into the residual stream (wo, w2) start "
+                                  "scaled by 1/sqrt(2 * n_layers) as in GPT-2; false: at init_std like the rest "
+                                  "(in-context lookups formed sooner so in herd-tiny's probes)", True)
     vision: bool = doc("build / keep the vision encoder when the architecture has one", True)
     vision_init: str = doc("pretrain: the vision encoder's starting weights (a .safetensors file with herd's "
                            "VisionModel names, e.g. from `python -m herd.tiny encoder`); default: random init", "")

@@ -43,11 +43,14 @@ class Built:
     extra_files: dict  # name -> path: copied into the exported model folder
 
 
-def init_for_training(model: nn.Module, seed: int, std: float, n_layers: int) -> None:
-    """herd's pretraining init: N(0, std) for matrices, ones for norms, zeros for biases, and the
-    projections that write into the residual stream (wo, w2) scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+def init_for_training(model: nn.Module, seed: int, std: float, n_layers: int, scale_outputs: bool = True) -> None:
+    """herd's pretraining init: N(0, std) for matrices, ones for norms, zeros for biases, and (with
+    ``scale_outputs``) the projections that write into the residual stream (wo, w2) scaled by
+    1/sqrt(2 * n_layers) (GPT-2)."""
     from herd.llm import init_weights
     init_weights(model, seed=seed, std=std)
+    if not scale_outputs:
+        return
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("attention.wo.weight", "w2.weight", "experts.w2")):
@@ -89,7 +92,7 @@ def build(cfg: TrainConfig) -> Built:
             raise ValueError(f"model: tokenizer has {tok.vocab_size} ids but the architecture's vocab_size is "
                              f"{mcfg.text.vocab_size}")
         model = TextModel(mcfg.text)
-        init_for_training(model, cfg.seed, m.init_std, mcfg.text.n_layers)
+        init_for_training(model, cfg.seed, m.init_std, mcfg.text.n_layers, m.scale_output_init)
         vision = None
         if mcfg.vision is not None and m.vision:
             vision = VisionModel(mcfg.vision, mcfg.text.dim)
