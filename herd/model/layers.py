@@ -71,22 +71,23 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ b). Half precision on a CPU takes one of three ways, whichever is fastest there:
 
-    - one row (batch-1 decode) on a CPU with native half-precision dot products (AVX512-BF16, AMX):
-      torch's own GEMV (see `_half_gemv`), not oneDNN's product, which reorders the weight into its
-      blocked layout on every call.
+    - one row (batch-1 decode), on any CPU: torch's own GEMV (see `_half_gemv`): float32 sums
+      rounded once. With native half-precision dot products (AVX512-BF16, AMX) oneDNN's product
+      reorders the weight into its blocked layout on every call; on AVX2 the plain bf16 call's sums
+      are rounded more than once (more than one bf16 step from the exact sum: tests/test_half_precision.py)
+      at about the same speed (7.0 vs 6.5 GB/s, one thread, the 202,048 x 1,024 head).
     - 16 or more rows on a CPU without them (AVX2, AVX-512 without BF16): in float32. Such CPUs run
       half-precision GEMMs 3-7x slower than float32 ones, and upcasting the weight for the call costs
       one pass over it (measured on AVX2: a 4096 x 1024 weight breaks even at 8-16 rows). Very tall
       weights (the output head) are upcast in blocks of rows, so no float32 copy of the whole matrix
       is ever made.
-    - otherwise the plain call: few rows on CPUs without native dot products (memory-bound GEMVs,
-      where reading half the bytes is the win), many rows on CPUs with them (oneDNN's native bf16
-      GEMM, 2.4-2.9x faster than the upcast: 512 x 1024 x 4096, AVX512-BF16 EPYC).
+    - otherwise the plain call: 2-15 rows on CPUs without native dot products, many rows on CPUs
+      with them (oneDNN's native bf16 GEMM, 2.4-2.9x faster than the upcast: 512 x 1024 x 4096, AVX512-BF16 EPYC).
     """
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     half_cpu = x.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
     native = half_cpu and native_half_gemm(w.dtype)
-    if native and rows == 1:
+    if half_cpu and rows == 1:
         return _half_gemv(x, w, b)
     if not half_cpu or rows < 16 or native:
         return F.linear(x, w, b)
