@@ -38,19 +38,68 @@ def chunked_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | N
     return allowed
 
 
-def packed_mask(segments_BT: torch.Tensor, positions_BT: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """Boolean [B, 1, T, T] mask for rows that pack several documents (training).
+@dataclass(frozen=True)
+class Packing:
+    """Packed rows (training) laid out for attention: every span a query may read — a document,
+    or in a chunked layer one attention chunk of a document — becomes its own causal sequence, so
+    the cost is the sum of the spans' squared lengths, not T^2 per row. Spans are padded to a
+    multiple of a granule and grouped by that length (one attention call per group).
 
-    A query sees earlier tokens of its own document only (segment ids), and in a chunked layer only
-    those of its own attention chunk, counted from the document's start (positions restart at 0 in
-    each document): every document is computed exactly as if it were alone at position 0.
+    ``index``: the (B*T-flattened) token at every place of every padded span, group after group;
+    a span's padding repeats token 0, which no real query sees (causal) and whose outputs are
+    dropped. ``shapes``: (spans, length) of each group. ``slots``: where each token's output lies
+    in the groups' outputs concatenated; padding tokens read a zero row after them.
     """
-    T = segments_BT.shape[1]
-    idx = torch.arange(T, device=segments_BT.device)
-    allowed = (segments_BT[:, :, None] == segments_BT[:, None, :]) & (idx[None, :] <= idx[:, None])
-    if chunk is not None:
-        allowed &= (positions_BT[:, :, None] // chunk) == (positions_BT[:, None, :] // chunk)
-    return allowed[:, None]
+
+    index: torch.Tensor
+    shapes: tuple[tuple[int, int], ...]
+    slots: torch.Tensor
+
+
+def packing(segments_BT: torch.Tensor, positions_BT: torch.Tensor, chunk: int | None, granule: int = 64) -> Packing:
+    """The `Packing` of rows whose documents carry segment ids (-1: padding) and positions that
+    restart at 0 in each document: a query sees earlier tokens of its own document only, and in a
+    chunked layer only those of its own chunk counted from the document's start, so every document
+    is computed exactly as if it were alone at position 0."""
+    seg, pos = segments_BT.reshape(-1), positions_BT.reshape(-1)
+    dev = seg.device
+    real = seg >= 0
+    new_doc = torch.ones_like(segments_BT, dtype=torch.bool)  # a span never crosses rows or documents
+    new_doc[:, 1:] = segments_BT[:, 1:] != segments_BT[:, :-1]
+    starts_here = real & (new_doc.reshape(-1) | (pos % chunk == 0 if chunk is not None else pos == 0))
+    starts = starts_here.nonzero().squeeze(1)  # each span's first token
+    span = torch.cumsum(starts_here, 0) - 1  # span of every real token
+    lengths = torch.bincount(span[real], minlength=starts.numel())
+    g = min(granule, chunk) if chunk is not None else granule
+    padded = (lengths + g - 1) // g * g
+    index, shapes = [], []
+    slots = torch.empty(seg.numel(), dtype=torch.long, device=dev)
+    base = 0
+    for L in padded.unique().tolist():
+        members = (padded == L).nonzero().squeeze(1)
+        offsets = torch.arange(L, device=dev)
+        grid = starts[members, None] + offsets  # (spans, L)
+        inside = offsets < lengths[members, None]
+        index.append(torch.where(inside, grid, 0).flatten())
+        slots[grid[inside]] = base + inside.flatten().nonzero().squeeze(1)
+        shapes.append((members.numel(), L))
+        base += grid.numel()
+    slots[~real] = base
+    return Packing(torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=dev), tuple(shapes), slots)
+
+
+def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packing, gqa: bool) -> torch.Tensor:
+    """Attention of packed rows: q (B, T, H, Dh), k/v (B, T, G, Dh) -> (B, T, H, Dh)."""
+    B, T, H, Dh = q.shape
+    sizes = [n * L for n, L in packed.shapes]
+
+    def spans(t: torch.Tensor) -> list[torch.Tensor]:  # one (spans, heads, L, Dh) per group
+        t = t.reshape(B * T, *t.shape[2:])[packed.index]  # one gather (and one scatter back) per tensor
+        return [x.view(n, L, *t.shape[1:]).transpose(1, 2) for x, (n, L) in zip(t.split(sizes), packed.shapes)]
+
+    outs = [F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=gqa).transpose(1, 2).reshape(-1, H, Dh)
+            for qg, kg, vg in zip(spans(q), spans(k), spans(v))]
+    return torch.cat(outs + [q.new_zeros(1, H, Dh)])[packed.slots].view(B, T, H, Dh)
 
 
 def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -133,17 +182,16 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x_BTD: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor,
-                mask_B1TT: torch.Tensor | None = None) -> torch.Tensor:
-        """Full forward, no cache: over sequences that start at position 0 (positions [1, T], mask None),
-        or over packed rows with per-token positions [B, T] and their `packed_mask`."""
+                packed: Packing | None = None) -> torch.Tensor:
+        """Full forward, no cache: over sequences that start at position 0 (positions [1, T], packed
+        None), or over packed rows with per-token positions [B, T] and their `packing`."""
         B, T, _ = x_BTD.shape
         q, k, v = self._project(x_BTD, positions, rot)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|G, T, Dh)
-        if mask_B1TT is None:
-            out = self._attend(q, k, v)  # (B, H, T, Dh)
+        if packed is None:
+            out = self._attend(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)  # (B, T, H, Dh)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TT, enable_gqa=self.gqa)
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            out = attend_packed(q, k, v, packed, self.gqa)
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
     def forward_cached(self, x_BTD: torch.Tensor, pos_BT: torch.Tensor, rot: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor, at: CacheSlots) -> torch.Tensor:

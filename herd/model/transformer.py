@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from herd.config import TextConfig
 
-from herd.model.attention import Attention, CacheSlots, cache_slots, packed_mask
+from herd.model.attention import Attention, CacheSlots, cache_slots, packing
 from herd.model.layers import Linear, RMSNorm, SwiGLU, rope_rotations, rope_inv_freq
 from herd.model.moe import MoE
 
@@ -91,8 +91,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MoE(cfg.dim, cfg.moe) if cfg.is_moe[layer] else SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x_BTD, positions, rot, mask=None):
-        h = x_BTD + self.attention(self.attention_norm(x_BTD), positions, rot, mask)
+    def forward(self, x_BTD, positions, rot, packed=None):
+        h = x_BTD + self.attention(self.attention_norm(x_BTD), positions, rot, packed)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def forward_cached(self, x_BTD, pos_BT, rot, k_cache, v_cache, at: CacheSlots):
@@ -123,7 +123,7 @@ class TextModel(nn.Module):
                 positions_BT: torch.Tensor | None = None, targets_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V]; with images, the N positions where image_mask_BT is True (row-major order)
         take the N image feature vectors instead of their token embeddings (early fusion). Packed rows
-        (training) give each token's document id and position within it (see `packed_mask`).
+        (training) give each token's document id and position within it (see `packing`).
 
         With ``targets_BT`` (training), the summed float32 cross-entropy over the positions whose target
         is not IGNORE_INDEX instead (see LinearCrossEntropy: no [B, T, V] logits).
@@ -162,19 +162,19 @@ class TextModel(nn.Module):
         T = h_BTD.shape[1]
         if segments_BT is None:
             positions = torch.arange(T, device=h_BTD.device)[None]  # (1, T)
-            masks = {}
+            packs = {}
         else:
             positions = positions_BT
-            # One mask per layer kind (its chunk), shared by the layers of that kind.
-            masks = {c: packed_mask(segments_BT, positions_BT, c) for c in {b.attention.chunk for b in self.layers}}
+            # One layout per layer kind (its chunk), shared by the layers of that kind.
+            packs = {c: packing(segments_BT, positions_BT, c) for c in {b.attention.chunk for b in self.layers}}
         rot = rope_rotations(positions, self.inv_freq)  # (1 or B, T, Dh/2), shared by every RoPE layer
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            mask = masks.get(layer.attention.chunk)
+            packed = packs.get(layer.attention.chunk)
             if recompute:
-                h_BTD = checkpoint(layer, h_BTD, positions, rot, mask, use_reentrant=False)
+                h_BTD = checkpoint(layer, h_BTD, positions, rot, packed, use_reentrant=False)
             else:
-                h_BTD = layer(h_BTD, positions, rot, mask)
+                h_BTD = layer(h_BTD, positions, rot, packed)
         return h_BTD
 
     def head(self, h_BTD: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ result is reused while the sources and tokenizer are unchanged. Packing is a pur
 (documents, seq_len, seed, epoch): documents in a seeded order, each cut into pieces of at most
 ``seq_len`` tokens (consecutive pieces share one token, so every token but a document's first is a
 target exactly once), laid greedily into rows. Inside a row every piece is its own document for
-attention (segment ids, positions from 0: see `herd.model.attention.packed_mask`). Because the
+attention (segment ids, positions from 0: see `herd.model.attention.packing`). Because the
 rows of step s are a function of s, the data position of a checkpoint is just its step.
 """
 
