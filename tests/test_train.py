@@ -139,6 +139,32 @@ def test_packed_rows_train_as_each_document_alone():
             assert gap < 2e-5, f"{n}: {gap:.2e}"
 
 
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_packed_attention_keeps_spans_inside_rows_and_documents(chunk):
+    """Edge cases of `packing`: a row that opens mid-document (positions not from 0, mid-chunk), a
+    document id reused in the next row, a one-token document, padding between documents, a span longer
+    than the granule. Real tokens get exactly what a dense mask gives (same row, same document, causal,
+    same chunk of positions)."""
+    from herd.model.attention import attend_packed, packing
+    gen = torch.Generator().manual_seed(3)
+    seg = torch.tensor([[0] * 13 + [1] * 20 + [-1] * 3 + [2] + [-1] * 3,
+                        [0] * 25 + [-1] * 2 + [1] * 10 + [-1] * 3])
+    pos = torch.tensor([list(range(5, 18)) + list(range(20)) + [0] * 3 + [0] + [0] * 3,
+                        list(range(25)) + [0] * 2 + list(range(10)) + [0] * 3])
+    B, T, H, G, Dh = 2, 40, 4, 2, 8
+    q, k, v = (torch.randn(B, T, n, Dh, generator=gen) for n in (H, G, G))
+    out = attend_packed(q, k, v, packing(seg, pos, chunk, granule=4), gqa=True)
+    idx = torch.arange(T)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (idx[None, :] <= idx[:, None])
+    if chunk is not None:
+        allowed &= (pos[:, :, None] // chunk) == (pos[:, None, :] // chunk)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=allowed[:, None], enable_gqa=True).transpose(1, 2)
+    real = seg >= 0
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-6)
+    assert not out[~real].any()  # padding reads the zero row
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_linear_cross_entropy_matches_autograd(lora):
     gen = torch.Generator().manual_seed(1)
