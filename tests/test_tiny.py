@@ -315,3 +315,53 @@ def test_readme_first_command_describes_the_example_picture():
                           "Describe the image."], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "RANDOM" not in out.stderr, out.stderr
     assert sorted(named_pairs(out.stdout)) == [("green", "circle"), ("yellow", "square")], out.stdout
+
+
+def test_probe_documents_score_only_what_a_lookup_predicts():
+    from herd.tiny.probe import DEFAULT_TOKENIZER, Documents, pack_rows
+    from herd.tokenizer.tokenizer import Tokenizer
+    docs = Documents(Tokenizer.from_hf_json(DEFAULT_TOKENIZER), chunk=64)
+    rng = random.Random(5)
+    for straddle in (False, True):
+        ids, learn, scored = docs.word_list(rng, 20, straddle=straddle)
+        rep = [t for t, s in zip(ids, scored) if s]
+        again = docs.tok.encode(". Again:")
+        start = scored.index(True) - len(again)
+        assert ids[start:start + len(again)] == again
+        assert docs.tok.decode(rep) == docs.tok.decode(ids[start - len(rep):start])  # the first listing, copied
+        assert learn.index(True) == start and all(learn[start:])  # nothing learned before ". Again:"
+        assert (start == 64) == straddle  # straddling: the repetition opens the second chunk
+    with pytest.raises(ValueError, match="does not fit in one chunk of 64"):
+        docs.word_list(rng, 70, straddle=True)
+    ids, learn, scored = docs.fact(rng, 300)
+    number = docs.tok.decode([t for t, s in zip(ids, scored) if s]).strip()
+    body = docs.tok.decode(ids[:learn.index(True)])
+    key = re.search(r"number of the (\w+) is$", docs.tok.decode(ids[:scored.index(True)])).group(1)
+    assert number.isdigit() and f"The number of the {key} is {number}." in body
+
+    made = [docs.word_list(rng, n) for n in (8, 12, 9, 30)]
+    queue = iter(made * 2)
+    r = pack_rows(lambda: next(queue), rows=2, seq_len=100)
+    for b in range(2):
+        segs = r["segments"][b]
+        for s in segs.unique().tolist():
+            if s < 0:
+                continue
+            at = (segs == s).nonzero().flatten()
+            assert r["positions"][b, at].tolist() == list(range(len(at)))
+            ids, learn, scored = made[[len(m[0]) for m in made].index(len(at))]
+            assert r["tokens"][b, at].tolist() == ids
+            t = r["targets"][b, at[:-1]]
+            assert t.tolist() == [i if ok else -100 for i, ok in zip(ids[1:], learn[1:])]
+            assert r["scored"][b, at[:-1]].tolist() == scored[1:]
+
+
+def test_probe_trains_and_reports_each_skill():
+    from herd.tiny.probe import ProbeConfig, probe
+    lines = []
+    history = probe(ProbeConfig(layers=2, dim=64, steps=2, every=1, rows=2, grow=8, switch=0.0, facts_at=33),
+                    log=lines.append)
+    assert [h["step"] for h in history] == [0, 1, 2] and [h["nmax"] for h in history] == [25, 33, 41]
+    assert {"near", "straddle", "far", "top"} <= history[0].keys() and "fact_far" in history[1]
+    assert all(0.0 <= h[k] <= 1.0 for h in history for k in ("near", "straddle", "far"))
+    assert len(lines) == 3 and lines[0].startswith("step 0 nmax 25 near ")

@@ -1,4 +1,4 @@
-"""python -m herd.tiny data OUT | encoder OUT | package FINAL DEST | eval MODEL [--report FILE]
+"""python -m herd.tiny data OUT | encoder OUT | package FINAL DEST | eval MODEL [--report FILE] | probe [...]
 (see scripts/train-herd-tiny)."""
 
 import argparse
@@ -24,6 +24,11 @@ def main(argv=None) -> int:
     e.add_argument("--report", help="write the report (markdown) here")
     e.add_argument("--seed", type=int, default=12345, help="seed of the fresh examples (not the training seeds)")
     e.add_argument("--n", type=int, default=200, help="examples per task")
+    pr = sub.add_parser("probe", help="train a small decoder on word lists and fact lookups and print how well it "
+                        "copies within and beyond one attention chunk (see herd/tiny/probe.py)")
+    from herd.tiny.probe import add_arguments
+    add_arguments(pr)
+    pr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.cmd == "data":
         from herd.tiny.build import build
@@ -41,6 +46,13 @@ def main(argv=None) -> int:
     elif args.cmd == "package":
         from herd.tiny.build import package
         print(f"herd-tiny packaged in {package(args.final, args.dest, args.run)}")
+    elif args.cmd == "probe":
+        import torch
+
+        from herd.tiny.probe import config_from, probe
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        probe(config_from(args))
     else:
         from herd.tiny.evaluate import evaluate, report
         results = evaluate(args.model, seed=args.seed, n=args.n)
