@@ -35,11 +35,12 @@ from pathlib import Path
 import torch
 
 from herd.config import MoEConfig, TextConfig, every, rope_layout
+from herd.llm import MODELS_DIR
 from herd.model.transformer import IGNORE_INDEX, TextModel
 from herd.tiny import text
 from herd.tokenizer.tokenizer import Tokenizer
 
-DEFAULT_TOKENIZER = Path(__file__).resolve().parent.parent / "models" / "herd-tiny" / "tokenizer.json"
+DEFAULT_TOKENIZER = MODELS_DIR / "herd-tiny" / "tokenizer.json"
 
 
 @dataclass
@@ -180,7 +181,7 @@ def build_model(cfg: ProbeConfig, vocab_size: int) -> TextModel:
 
 def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print) -> list[dict]:
     """Train and measure as the module docstring says; returns one record per measurement."""
-    from herd.train.trainer import param_groups
+    from herd.train.trainer import lr_factor, param_groups
     torch.manual_seed(cfg.seed)
     docs = Documents(Tokenizer.from_hf_json(tokenizer), cfg.chunk)
     model = build_model(cfg, docs.tok.vocab_size).train()
@@ -225,7 +226,7 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            g["lr"] = cfg.lr * lr_factor(step, cfg.warmup, cfg.steps, min_ratio=1.0)  # warm-up, then constant
         opt.step()
     return history
 
