@@ -365,3 +365,5 @@ def test_probe_trains_and_reports_each_skill():
     assert {"near", "straddle", "far", "top"} <= history[0].keys() and "fact_far" in history[1]
     assert all(0.0 <= h[k] <= 1.0 for h in history for k in ("near", "straddle", "far"))
     assert len(lines) == 3 and lines[0].startswith("step 0 nmax 25 near ")
+    with pytest.raises(ValueError, match=r"nmin = 30 \(must be 1 <= nmin <= nmax <= far_nmax\); facts = 1.5"):
+        ProbeConfig(nmin=30, facts=1.5)

@@ -69,6 +69,16 @@ class ProbeConfig:
     max_distance: int = 400
     seed: int = 0
 
+    def __post_init__(self):
+        rules = [("nmin", 1 <= self.nmin <= self.nmax <= self.far_nmax, "must be 1 <= nmin <= nmax <= far_nmax"),
+                 ("steps", self.steps >= 0, "must be >= 0"), ("every", self.every >= 1, "must be >= 1"),
+                 ("warmup", self.warmup >= 1, "must be >= 1"), ("grow", self.grow >= 0, "must be >= 0"),
+                 ("rows", self.rows >= 2, "must be >= 2 (long documents take half as many)")]
+        rules += [(name, 0 <= getattr(self, name) <= 1, "must be in [0, 1]") for name in ("switch", "straddle", "facts")]
+        bad = [f"{name} = {getattr(self, name)} ({why})" for name, ok, why in rules if not ok]
+        if bad:
+            raise ValueError("probe: " + "; ".join(bad))
+
 
 Doc = tuple[list[int], list[bool], list[bool]]  # ids, learned (as targets), scored (as targets)
 
