@@ -184,6 +184,37 @@ def test_encoder_pretraining_feeds_herd_train(tiny_dir, tmp_path):
         load_config(tmp_path / "c.toml", ["job=sft", "model.checkpoint=x", "model.config="])
 
 
+def test_probe_decoder_feeds_herd_train(tiny_dir, tmp_path):
+    """`python -m herd.tiny probe --save` (with herd-tiny's architecture) writes a decoder `herd train`
+    starts from (model.text_init), its curriculum state in the metadata; other files are refused."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from herd.checkpoint.errors import CheckpointError
+    from herd.tiny.probe import ProbeConfig, probe
+    from herd.train.config import TrainConfigError, load_config
+    from herd.train.trainer import build as build_training
+    out, _ = tiny_dir
+    dec = tmp_path / "dec.safetensors"
+    probe(ProbeConfig(layers=8, nope_every=4, qk_norm=True, steps=1, every=1, rows=2, save=str(dec)),
+          tokenizer=out / "tokenizer.json", log=lambda line: None)
+    with safe_open(str(dec), "pt") as f:
+        assert f.metadata()["step"] == "1" and f.metadata()["nmax"] == "25"
+    (tmp_path / "c.toml").write_text(f"[model]\nconfig = '{out / 'config.json'}'\ntext_init = 'dec.safetensors'\n"
+                                     "[data]\ntrain = ['x.jsonl']\n")
+    built = build_training(load_config(tmp_path / "c.toml"))
+    weights = load_file(dec)
+    assert weights.keys() == built.model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in built.model.state_dict().items())
+    save_file({k: v for k, v in list(weights.items())[1:]}, str(dec))
+    with pytest.raises(CheckpointError, match=r"model.text_init: .*dec.safetensors: not this decoder's weights"):
+        build_training(load_config(tmp_path / "c.toml"))
+    with pytest.raises(TrainConfigError, match="model.text_init: only for pretrain"):
+        load_config(tmp_path / "c.toml", ["job=sft", "model.checkpoint=x", "model.config="])
+    with pytest.raises(ValueError, match="save = x.pt"):
+        ProbeConfig(save="x.pt")
+
+
 def test_processor_config_sets_tiles_and_bad_values_are_named(tmp_path):
     from herd.llm import folder_max_tiles
     assert folder_max_tiles(tmp_path) is None
@@ -338,6 +369,16 @@ def test_probe_documents_score_only_what_a_lookup_predicts():
     body = docs.tok.decode(ids[:learn.index(True)])
     key = re.search(r"number of the (\w+) is$", docs.tok.decode(ids[:scored.index(True)])).group(1)
     assert number.isdigit() and f"The number of the {key} is {number}." in body
+    ids, learn, scored = docs.pairs(rng, 4, 100)
+    whole = docs.tok.decode(ids)
+    first, again = whole.split(" Again:")
+    assert docs.tok.decode(ids[:learn.index(True)]) == first and again.count("The number of the") == 4
+    asked = re.findall(r"number of the (\w+) is (\d+)\.", again)
+    assert sorted(asked) == sorted(re.findall(r"number of the (\w+) is (\d+)\.", first))
+    assert [docs.tok.decode([t]) for t, s in zip(ids, scored) if s] == [v for _, v in asked]  # the digits only
+    facts = docs.tok.encode(" ".join(f"The number of the {k} is {v}." for k, v in
+                                     re.findall(r"number of the (\w+) is (\d+)\.", first)), bos=True)
+    assert ids[:len(facts)] == facts and learn.index(True) == len(facts) + 100  # 100 tokens of stories between
 
     made = [docs.word_list(rng, n) for n in (8, 12, 9, 30)]
     queue = iter(made * 2)
@@ -359,10 +400,12 @@ def test_probe_documents_score_only_what_a_lookup_predicts():
 def test_probe_trains_and_reports_each_skill():
     from herd.tiny.probe import ProbeConfig, probe
     lines = []
-    history = probe(ProbeConfig(layers=2, dim=64, steps=2, every=1, rows=2, grow=8, switch=0.0, facts_at=33),
-                    log=lines.append)
+    history = probe(ProbeConfig(layers=2, dim=64, steps=2, every=1, rows=2, grow=8, switch=0.0, facts_at=33,
+                                pairs=0.5, pair_grow=32), log=lines.append)
     assert [h["step"] for h in history] == [0, 1, 2] and [h["nmax"] for h in history] == [25, 33, 41]
     assert {"near", "straddle", "far", "top"} <= history[0].keys() and "fact_far" in history[1]
+    assert "pairs_near" not in history[0] and [h["dmax"] for h in history[1:]] == [0, 32]  # fact lists join with facts
+    assert all(0.0 <= h[k] <= 1.0 for h in history[1:] for k in ("pairs_near", "pairs_far", "pairs_top"))
     assert all(0.0 <= h[k] <= 1.0 for h in history for k in ("near", "straddle", "far"))
     assert len(lines) == 3 and lines[0].startswith("step 0 nmax 25 near ")
     with pytest.raises(ValueError, match=r"nmin = 30 \(must be 1 <= nmin <= nmax <= far_nmax\); facts = 1.5"):

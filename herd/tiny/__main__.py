@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     from herd.tiny.probe import add_arguments
     add_arguments(pr)
     pr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    pr.add_argument("--tokenizer", help="the tokenizer.json to use (default: the shipped herd-tiny's)")
     args = ap.parse_args(argv)
     if args.cmd == "data":
         from herd.tiny.build import build
@@ -49,10 +50,10 @@ def main(argv=None) -> int:
     elif args.cmd == "probe":
         import torch
 
-        from herd.tiny.probe import config_from, probe
+        from herd.tiny.probe import DEFAULT_TOKENIZER, config_from, probe
         if args.threads:
             torch.set_num_threads(args.threads)
-        probe(config_from(args))
+        probe(config_from(args), args.tokenizer or DEFAULT_TOKENIZER)
     else:
         from herd.tiny.evaluate import evaluate, report
         results = evaluate(args.model, seed=args.seed, n=args.n)

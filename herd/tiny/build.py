@@ -43,13 +43,17 @@ CHAT_TEMPLATE = (
 )
 
 
-def text_config(vocab_size: int) -> TextConfig:
+def text_config(vocab_size: int, layers: int = 8, nope_every: int = 4, moe_every: int = 2, dim: int = 256,
+                heads: int = 4, chunk: int = 64, qk_norm: bool = True) -> TextConfig:
     """herd-tiny's decoder: width 256, 8 layers (every 4th NoPE, chunk 64), MoE on every 2nd layer
-    with 8 experts top-1 + a shared expert, dense FFN 512 on the others."""
+    with 8 experts top-1 + a shared expert, dense FFN 512 on the others; head_dim 64, half as many
+    key/value heads as query heads, QK-norm on the RoPE layers (Llama 4's default). The keywords are
+    the lookup probe's knobs (herd/tiny/probe.py)."""
     return TextConfig(
-        vocab_size=vocab_size, dim=256, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=512,
-        uses_rope=rope_layout(8, 4), is_moe=every(8, 2), moe=MoEConfig(num_experts=8, top_k=1, expert_dim=256),
-        attention_chunk_size=64, max_seq_len=8192, rope_theta=500000.0)
+        vocab_size=vocab_size, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=max(1, heads // 2), head_dim=64,
+        ffn_dim=2 * dim, uses_rope=rope_layout(layers, nope_every), is_moe=every(layers, moe_every),
+        moe=MoEConfig(num_experts=8, top_k=1, expert_dim=dim), attention_chunk_size=chunk, max_seq_len=8192,
+        rope_theta=500000.0, use_qk_norm=qk_norm)
 
 
 VISION = VisionConfig(image_size=TILE, patch_size=14, dim=128, n_layers=3, n_heads=4, mlp_dim=512, output_dim=256,

@@ -2,27 +2,34 @@
 chunk and beyond it, and do fact lookups follow? Minutes per question instead of an hour-long build,
 to choose herd-tiny's architecture and text curriculum (`python -m herd.tiny probe --help`).
 
-A decoder (herd's TextModel, herd's pretraining init and weight-decay groups) trains from scratch on
-packed rows of generated documents:
+A decoder (herd's TextModel of herd-tiny's kind, `build.text_config`; herd's pretraining init and
+weight-decay groups) trains from scratch on packed rows of generated documents:
 
   lists   "Words: w1 ... wn. Again: w1 ... wn." (`text.word_list`); loss on ". Again:", the repetition
           and the final "." (the first listing cannot be predicted); scored on the repetition.
   facts   a `text.retrieval_example` body, its question and the answer's words; scored on the number.
+  pairs   fact lists: "The number of the fox is 42. ..." (2-6 facts), stories, " Again:" and the same
+          facts (in the same order or shuffled); learned from " Again:" on, scored on the numbers.
 
 Curriculum: lists of nmin..nmax words; with ``grow``, whenever the lists at the top of that range
 are copied with accuracy >= ``switch``, nmax rises by ``grow`` (so more and more of each repetition
-lies beyond the chunked RoPE layers' reach and only the global NoPE layers can copy it); facts join
-once nmax reaches ``facts_at``. Every ``every`` steps it prints teacher-forced accuracy on fresh
-documents: near lists (8-25 words: one chunk holds both listings), straddling lists (the
-repetition starts in the chunk after the first listing: only NoPE layers reach it), far lists
-(72-160 words), and exact fact answers with the fact 0-60 and 256-384 tokens before the question.
+lies beyond the chunked RoPE layers' reach and only the global NoPE layers can copy it); facts and
+fact lists join once nmax reaches ``facts_at``, the stories inside fact lists growing by ``pair_grow``
+tokens whenever the longest are answered >= ``switch``. Every ``every`` steps it prints
+teacher-forced accuracy on fresh documents: near lists (8-25 words: one chunk holds both listings),
+straddling lists (the repetition starts in the chunk after the first listing: only NoPE layers reach
+it), far lists (72-160 words), fact lists 0-30 and 4-5 chunks of stories apart, and exact fact answers
+with the fact 0-60 and 256-384 tokens before the question. ``save`` writes the decoder (the start of
+a `herd train` recipe's `model.text_init`); ``stop_at`` ends the run once far facts are answered so.
 
-What it found (2026-12-03, width 256, 8 x 256 tokens a step, one seed each): in a 2-layer RoPE, NoPE
-decoder, near lists alone grow an induction head in the NoPE layer within ~350 steps; in 4 layers with
-NoPE only at layer 3 the RoPE layers take the copying and the NoPE layer never learns it (straddling
-lists 0.10-0.16); with NoPE at layers 1 and 3 (--nope-every 2, MoE or dense) near lists form it in
-~400 steps and growing lists then reach far lists (72-160 words) at 0.87-0.94 within 950-1,600 steps.
-Straddling lists alone teach nothing; fact lookups stayed at 0-5% for 700 steps after joining.
+What it found (2026-12-03, width 256, 8 x 256 tokens a step, one seed each unless said): with NoPE
+only at layer 3 of 4 the RoPE layers take the copying and the NoPE layer never learns it (straddling
+lists 0.10-0.16); with NoPE at layers 1 and 3 (--nope-every 2, MoE or dense) near lists form an
+induction head in ~400 steps and lists growing +16 words at 0.6 reach far lists (72-160 words) at
+0.9 within ~1,000 steps (seed 1; seed 0 stalls at 41 words). Facts joining before that stall the
+growth; fact lookups alone, after it, stay at 0-5% for 1,300 steps; fact lists in the same order
+(30%, with 10% facts) bring far facts (4-6 chunks back) to ~0.7 (0.54-0.88) within 2,000-3,000
+steps (README, herd-tiny). Straddling lists alone teach nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ from pathlib import Path
 
 import torch
 
-from herd.config import MoEConfig, TextConfig, every, rope_layout
 from herd.llm import MODELS_DIR
 from herd.model.transformer import IGNORE_INDEX, TextModel
 from herd.tiny import text
@@ -67,14 +73,23 @@ class ProbeConfig:
     facts: float = 0.3  # share of fact documents once nmax >= facts_at
     facts_at: int = 100
     max_distance: int = 400
+    pairs: float = 0.0  # share of fact-list documents once nmax >= facts_at
+    pairs_shuffle: bool = True  # repeat the facts in another order (else in the same order)
+    pairs_bare: bool = False  # "Pairs: fox 42 cat 17 ..." (the number two tokens after its animal)
+    pair_grow: int = 0  # their stories grow by this many tokens whenever the longest are answered >= switch
     seed: int = 0
+    stop_at: float = 0.0  # stop once fact_far (exact answers 4-6 chunks back) is measured >= this (0: never)
+    save: str = ""  # write the decoder's weights here at the end (.safetensors; curriculum state in its metadata)
 
     def __post_init__(self):
         rules = [("nmin", 1 <= self.nmin <= self.nmax <= self.far_nmax, "must be 1 <= nmin <= nmax <= far_nmax"),
                  ("steps", self.steps >= 0, "must be >= 0"), ("every", self.every >= 1, "must be >= 1"),
                  ("warmup", self.warmup >= 1, "must be >= 1"), ("grow", self.grow >= 0, "must be >= 0"),
                  ("rows", self.rows >= 2, "must be >= 2 (long documents take half as many)")]
-        rules += [(name, 0 <= getattr(self, name) <= 1, "must be in [0, 1]") for name in ("switch", "straddle", "facts")]
+        rules += [("pair_grow", self.pair_grow >= 0, "must be >= 0"),
+                  ("save", not self.save or self.save.endswith(".safetensors"), "must name a .safetensors file")]
+        rules += [(name, 0 <= getattr(self, name) <= 1, "must be in [0, 1]")
+                  for name in ("switch", "straddle", "facts", "pairs", "stop_at")]
         bad = [f"{name} = {getattr(self, name)} ({why})" for name, ok, why in rules if not ok]
         if bad:
             raise ValueError("probe: " + "; ".join(bad))
@@ -114,6 +129,34 @@ class Documents:
         scored = [rep <= i < rep + len(parts[3]) for i in range(len(ids))]
         return ids, learn, scored
 
+    def stories(self, rng: random.Random, n: int) -> list[int]:
+        """``n`` tokens of story text (cut mid-sentence)."""
+        ids: list[int] = []
+        while len(ids) < n:
+            ids += self.tok.encode(" " + text.story(rng))
+        return ids[:n]
+
+    def pairs(self, rng: random.Random, n: int, distance: int, shuffle: bool = True, bare: bool = False) -> Doc:
+        """``n`` facts ("The number of the fox is 42."; ``bare``: "Pairs: fox 42 cat 17 ..."),
+        ``distance`` tokens of stories, " Again:" and the same facts in another order (``shuffle``) or
+        in the same order: each number is found where the same animal stood three tokens before a
+        number (' fox', ' is', ' ', '42'; two tokens when bare), the lookup a fact question needs, once
+        per fact. Learned from " Again:" on; scored on the repeated numbers."""
+        keys = rng.sample(text.KEYS, n)
+        values = [rng.randint(10, 99) for _ in keys]
+        say = (lambda k, v: f" {k} {v}") if bare else (lambda k, v: " " + text.fact(k, v))
+        listed = "".join(say(k, v) for k, v in zip(keys, values))
+        ids = self.tok.encode("Pairs:" + listed if bare else listed.lstrip(), bos=True) + self.stories(rng, distance)
+        head = len(ids)
+        ids += self.tok.encode(" Again:")
+        scored = [False] * len(ids)
+        tail = 0 if bare else 1  # the fact's final "."
+        for i in rng.sample(range(n), n) if shuffle else range(n):
+            piece, digits = self.tok.encode(say(keys[i], values[i])), len(self.tok.encode(str(values[i])))
+            ids += piece
+            scored += [False] * (len(piece) - digits - tail) + [True] * digits + [False] * tail
+        return ids, [i >= head for i in range(len(ids))], scored
+
     def fact(self, rng: random.Random, distance: int) -> Doc:
         """A fact lookup with the asked fact about ``distance`` tokens before the question, as raw text:
         body, question, then the answer "The number of the fox is 42." (scored on the number only)."""
@@ -144,6 +187,8 @@ def pack_rows(make_doc, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
             ids, learn, scored = make_doc()
             n = len(ids)
             if n > seq_len:
+                if n > 2 * seq_len:
+                    raise ValueError(f"documents of {n} tokens do not fit rows of {seq_len}")
                 continue
             if at + n > seq_len:
                 break
@@ -177,15 +222,11 @@ def accuracy(model: TextModel, make_doc, rows: int, seq_len: int) -> tuple[float
 
 
 def build_model(cfg: ProbeConfig, vocab_size: int) -> TextModel:
+    from herd.tiny.build import text_config
     from herd.train.trainer import init_for_training
-    L = cfg.layers
-    text_cfg = TextConfig(
-        vocab_size=vocab_size, dim=cfg.dim, n_layers=L, n_heads=cfg.heads, n_kv_heads=max(1, cfg.heads // 2),
-        head_dim=64, ffn_dim=2 * cfg.dim, uses_rope=rope_layout(L, cfg.nope_every), is_moe=every(L, cfg.moe_every),
-        moe=MoEConfig(num_experts=8, top_k=1, expert_dim=cfg.dim), attention_chunk_size=cfg.chunk,
-        max_seq_len=8192, rope_theta=500000.0, use_qk_norm=cfg.qk_norm)
-    model = TextModel(text_cfg)
-    init_for_training(model, cfg.seed, 0.02, L)
+    model = TextModel(text_config(vocab_size, cfg.layers, cfg.nope_every, cfg.moe_every, cfg.dim, cfg.heads, cfg.chunk,
+                                  cfg.qk_norm))
+    init_for_training(model, cfg.seed, 0.02, cfg.layers)
     return model
 
 
@@ -203,11 +244,15 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
              "far": lambda: docs.word_list(fresh, fresh.randint(72, 160))}
     facts = {"fact_near": lambda: docs.fact(fresh, fresh.randint(0, 60)),
              "fact_far": lambda: docs.fact(fresh, fresh.randint(4 * cfg.chunk, 6 * cfg.chunk))}
-    nmax, history, t0 = cfg.nmax, [], time.time()
+    pair = lambda r, lo, hi: docs.pairs(r, r.randint(2, 6), r.randint(lo, hi), cfg.pairs_shuffle, cfg.pairs_bare)  # noqa: E731
+    pair_tests = {"pairs_near": lambda: pair(fresh, 0, 30), "pairs_far": lambda: pair(fresh, 4 * cfg.chunk, 5 * cfg.chunk)}
+    nmax, dmax, history, t0 = cfg.nmax, 0 if cfg.pair_grow else cfg.max_distance, [], time.time()
 
     def train_doc() -> Doc:
         if nmax >= cfg.facts_at and rng.random() < cfg.facts:
             return docs.fact(rng, rng.randint(0, cfg.max_distance))
+        if nmax >= cfg.facts_at and rng.random() < cfg.pairs:
+            return pair(rng, 0, dmax)
         n = rng.randint(cfg.nmin, nmax)
         return docs.word_list(rng, n, straddle=n <= 25 and rng.random() < cfg.straddle)
 
@@ -215,8 +260,16 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
         if step % cfg.every == 0:
             rec = {"step": step, "nmax": nmax}
             rec.update({k: accuracy(model, f, 4, long)[0] for k, f in tests.items()})
+            if cfg.pairs and nmax >= cfg.facts_at:
+                rec["dmax"] = dmax
+                rec.update({k: accuracy(model, f, 4, long)[0] for k, f in pair_tests.items()})
+                if cfg.pair_grow:
+                    top = dmax
+                    rec["pairs_top"] = accuracy(model, lambda: pair(fresh, max(0, top - 30), top), 4, long)[0]
+                    if rec["pairs_top"] >= cfg.switch and dmax < cfg.max_distance:
+                        dmax = min(cfg.max_distance, dmax + cfg.pair_grow)
             if nmax >= cfg.facts_at:
-                rec.update({k: accuracy(model, f, 8, long)[1] for k, f in facts.items()})
+                rec.update({k: accuracy(model, f, 24, long)[1] for k, f in facts.items()})
             if cfg.grow:
                 top = nmax
                 rec["top"] = accuracy(model, lambda: docs.word_list(fresh, fresh.randint(max(cfg.nmin, top - 10), top)),
@@ -226,9 +279,9 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
             rec["seconds"] = round(time.time() - t0)
             history.append(rec)
             log(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-        if step == cfg.steps:
+        if step == cfg.steps or (cfg.stop_at and rec.get("fact_far", 0.0) >= cfg.stop_at):
             break
-        short = 2 * nmax + 8 <= cfg.seq_len and cfg.facts_at > nmax
+        short = 2 * nmax + 8 <= cfg.seq_len and cfg.facts_at > nmax  # facts and pairs need long rows
         r = pack_rows(train_doc, cfg.rows if short else cfg.rows // 2, cfg.seq_len if short else long)
         loss = model(r["tokens"], segments_BT=r["segments"], positions_BT=r["positions"],
                      targets_BT=r["targets"]) / (r["targets"] != IGNORE_INDEX).sum()
@@ -238,6 +291,11 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(step, cfg.warmup, cfg.steps, min_ratio=1.0)  # warm-up, then constant
         opt.step()
+    if cfg.save:
+        from safetensors.torch import save_file
+        Path(cfg.save).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, cfg.save,
+                  metadata={"step": str(step), "nmax": str(nmax), "dmax": str(dmax), "config": str(asdict(cfg))})
     return history
 
 

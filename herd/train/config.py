@@ -37,6 +37,8 @@ class ModelSection:
                                   "scaled by 1/sqrt(2 * n_layers) as in GPT-2; false: at init_std like the rest "
                                   "(in-context lookups formed sooner so in herd-tiny's probes)", True)
     vision: bool = doc("build / keep the vision encoder when the architecture has one", True)
+    text_init: str = doc("pretrain: the decoder's starting weights (a .safetensors file with herd's TextModel "
+                         "names, e.g. from `python -m herd.tiny probe --save`); default: random init", "")
     vision_init: str = doc("pretrain: the vision encoder's starting weights (a .safetensors file with herd's "
                            "VisionModel names, e.g. from `python -m herd.tiny encoder`); default: random init", "")
 
@@ -142,6 +144,7 @@ class TrainConfig:
         else:
             need(bool(m.checkpoint), "model.checkpoint", f"{self.job} starts from a checkpoint; none given")
             need(not m.vision_init, "model.vision_init", f"only for pretrain; {self.job} takes the checkpoint's encoder")
+            need(not m.text_init, "model.text_init", f"only for pretrain; {self.job} takes the checkpoint's decoder")
         need(bool(self.data.train), "data.train", "no training files given")
         need(self.data.seq_len >= 8, "data.seq_len", f"must be >= 8, got {self.data.seq_len}")
         need(0 <= self.data.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.data.val_fraction}")
@@ -247,7 +250,7 @@ def _resolve_paths(cfg: TrainConfig, base: Path) -> None:
     cfg.out_dir = fix(cfg.out_dir)
     cfg.model.config, cfg.model.tokenizer, cfg.data.cache_dir = (fix(cfg.model.config), fix(cfg.model.tokenizer),
                                                                  fix(cfg.data.cache_dir))
-    cfg.model.vision_init = fix(cfg.model.vision_init)
+    cfg.model.vision_init, cfg.model.text_init = fix(cfg.model.vision_init), fix(cfg.model.text_init)
     if cfg.model.checkpoint and (base / cfg.model.checkpoint).exists():
         cfg.model.checkpoint = fix(cfg.model.checkpoint)
     cfg.data.train = [fix(p) for p in cfg.data.train]

@@ -57,15 +57,16 @@ def init_for_training(model: nn.Module, seed: int, std: float, n_layers: int, sc
                 p.mul_(1 / math.sqrt(2 * n_layers))
 
 
-def load_encoder(vision: nn.Module, path: Path) -> None:
-    """The encoder's starting weights from a .safetensors file: every tensor present, each of its shape."""
+def load_start(module: nn.Module, path: Path, key: str, what: str) -> None:
+    """A module's starting weights (the recipe's ``key``) from a .safetensors file: every tensor
+    present, each of its shape; else a CheckpointError naming the field and the file."""
     from safetensors.torch import load_file
     try:
         weights = load_file(path)
     except (OSError, ValueError) as e:  # missing file, not a safetensors file
-        raise CheckpointError(f"model.vision_init: {path}: {e}") from None
-    check_tensors(f"model.vision_init: {path}", weights, vision.state_dict(), "this encoder's weights")
-    vision.load_state_dict(weights)
+        raise CheckpointError(f"{key}: {path}: {e}") from None
+    check_tensors(f"{key}: {path}", weights, module.state_dict(), what)
+    module.load_state_dict(weights)
 
 
 def build(cfg: TrainConfig) -> Built:
@@ -93,12 +94,14 @@ def build(cfg: TrainConfig) -> Built:
                              f"{mcfg.text.vocab_size}")
         model = TextModel(mcfg.text)
         init_for_training(model, cfg.seed, m.init_std, mcfg.text.n_layers, m.scale_output_init)
+        if m.text_init:
+            load_start(model, Path(m.text_init), "model.text_init", "this decoder's weights")
         vision = None
         if mcfg.vision is not None and m.vision:
             vision = VisionModel(mcfg.vision, mcfg.text.dim)
             init_for_training(vision, cfg.seed + 1, m.init_std, mcfg.vision.n_layers)
             if m.vision_init:
-                load_encoder(vision, Path(m.vision_init))
+                load_start(vision, Path(m.vision_init), "model.vision_init", "this encoder's weights")
         base = m.preset or m.config
         folder = default_tok
         max_tiles = (folder_max_tiles(folder) if folder is not None else None) or DEFAULT_MAX_TILES
