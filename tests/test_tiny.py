@@ -196,10 +196,15 @@ def test_probe_decoder_feeds_herd_train(tiny_dir, tmp_path):
     from herd.train.trainer import build as build_training
     out, _ = tiny_dir
     dec = tmp_path / "dec.safetensors"
-    probe(ProbeConfig(layers=8, nope_every=4, qk_norm=True, steps=1, every=1, rows=2, save=str(dec)),
-          tokenizer=out / "tokenizer.json", log=lambda line: None)
+    arch = dict(layers=8, nope_every=4, qk_norm=True, every=1, rows=2)
+    probe(ProbeConfig(**arch, steps=1, grow=8, switch=0.0, save=str(dec)), tokenizer=out / "tokenizer.json",
+          log=lambda line: None)
     with safe_open(str(dec), "pt") as f:
-        assert f.metadata()["step"] == "1" and f.metadata()["nmax"] == "25"
+        assert f.metadata()["step"] == "1" and f.metadata()["nmax"] == "41"
+    again = probe(ProbeConfig(**arch, steps=0, init=str(dec), save=str(tmp_path / "again.safetensors")),
+                  tokenizer=out / "tokenizer.json", log=lambda line: None)
+    assert again[0]["nmax"] == 41  # a run goes on where the saved one stopped, from its weights:
+    assert all(torch.equal(v, load_file(dec)[k]) for k, v in load_file(tmp_path / "again.safetensors").items())
     (tmp_path / "c.toml").write_text(f"[model]\nconfig = '{out / 'config.json'}'\ntext_init = 'dec.safetensors'\n"
                                      "[data]\ntrain = ['x.jsonl']\n")
     built = build_training(load_config(tmp_path / "c.toml"))

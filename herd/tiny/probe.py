@@ -80,6 +80,7 @@ class ProbeConfig:
     seed: int = 0
     stop_at: float = 0.0  # stop once fact_far (exact answers 4-6 chunks back) is measured >= this (0: never)
     save: str = ""  # write the decoder's weights here at the end (.safetensors; curriculum state in its metadata)
+    init: str = ""  # start from a decoder `save` wrote, and from its curriculum state (nmax, dmax)
 
     def __post_init__(self):
         rules = [("nmin", 1 <= self.nmin <= self.nmax <= self.far_nmax, "must be 1 <= nmin <= nmax <= far_nmax"),
@@ -236,6 +237,14 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
     torch.manual_seed(cfg.seed)
     docs = Documents(Tokenizer.from_hf_json(tokenizer), cfg.chunk)
     model = build_model(cfg, docs.tok.vocab_size).train()
+    state = {}
+    if cfg.init:
+        from safetensors import safe_open
+
+        from herd.train.trainer import load_start
+        load_start(model, Path(cfg.init), "probe init", "this decoder's weights")
+        with safe_open(cfg.init, "pt") as f:
+            state = f.metadata() or {}
     opt = torch.optim.AdamW(param_groups(list(model.named_parameters()), 0.1, cfg.lr), betas=(0.9, 0.95))
     rng, fresh = random.Random(cfg.seed + 1), random.Random(cfg.seed + 2)
     long = 2 * cfg.seq_len
@@ -246,7 +255,9 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
              "fact_far": lambda: docs.fact(fresh, fresh.randint(4 * cfg.chunk, 6 * cfg.chunk))}
     pair = lambda r, lo, hi: docs.pairs(r, r.randint(2, 6), r.randint(lo, hi), cfg.pairs_shuffle, cfg.pairs_bare)  # noqa: E731
     pair_tests = {"pairs_near": lambda: pair(fresh, 0, 30), "pairs_far": lambda: pair(fresh, 4 * cfg.chunk, 5 * cfg.chunk)}
-    nmax, dmax, history, t0 = cfg.nmax, 0 if cfg.pair_grow else cfg.max_distance, [], time.time()
+    nmax = int(state.get("nmax", cfg.nmax))
+    dmax = int(state.get("dmax", 0 if cfg.pair_grow else cfg.max_distance))
+    history, t0 = [], time.time()
 
     def train_doc() -> Doc:
         if nmax >= cfg.facts_at and rng.random() < cfg.facts:
