@@ -242,7 +242,7 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
         from safetensors import safe_open
 
         from herd.train.trainer import load_start
-        load_start(model, Path(cfg.init), "probe init", "this decoder's weights")
+        load_start(model, Path(cfg.init), "probe --init", "this decoder's weights")
         with safe_open(cfg.init, "pt") as f:
             state = f.metadata() or {}
     opt = torch.optim.AdamW(param_groups(list(model.named_parameters()), 0.1, cfg.lr), betas=(0.9, 0.95))
@@ -304,9 +304,12 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
         opt.step()
     if cfg.save:
         from safetensors.torch import save_file
-        Path(cfg.save).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, cfg.save,
+        out = Path(cfg.save)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        part = out.with_name(out.name + ".part")  # a run cut short leaves no half-written decoder
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(part),
                   metadata={"step": str(step), "nmax": str(nmax), "dmax": str(dmax), "config": str(asdict(cfg))})
+        part.replace(out)
     return history
 
 

@@ -60,11 +60,12 @@ def init_for_training(model: nn.Module, seed: int, std: float, n_layers: int, sc
 def load_start(module: nn.Module, path: Path, key: str, what: str) -> None:
     """A module's starting weights (the recipe's ``key``) from a .safetensors file: every tensor
     present, each of its shape; else a CheckpointError naming the field and the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
         weights = load_file(path)
-    except (OSError, ValueError) as e:  # missing file, not a safetensors file
-        raise CheckpointError(f"{key}: {path}: {e}") from None
+    except (OSError, ValueError, SafetensorError) as e:  # missing file, not a safetensors file
+        raise CheckpointError(f"{key}: {path}: not a readable .safetensors file ({e})") from None
     check_tensors(f"{key}: {path}", weights, module.state_dict(), what)
     module.load_state_dict(weights)
 
