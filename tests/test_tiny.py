@@ -216,7 +216,7 @@ def test_probe_decoder_feeds_herd_train(tiny_dir, tmp_path):
         build_training(load_config(tmp_path / "c.toml"))
     with pytest.raises(TrainConfigError, match="model.text_init: only for pretrain"):
         load_config(tmp_path / "c.toml", ["job=sft", "model.checkpoint=x", "model.config="])
-    assert not list(tmp_path.glob("*.part"))
+    assert not list(tmp_path.glob("*.partial"))
     with pytest.raises(CheckpointError, match=r"probe --init: .*c.toml"):
         probe(ProbeConfig(**arch, steps=0, init=str(tmp_path / "c.toml")), tokenizer=out / "tokenizer.json")
     with pytest.raises(ValueError, match="save = x.pt"):

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -30,6 +29,7 @@ from herd.config import from_hf_config
 from herd.llm import ImageTiler
 from herd.model.vision import VisionModel
 from herd.tiny import shapes
+from herd.train.trainer import save_start
 
 EASY_SHARE = 0.3  # share of single large-shape pictures (build.EASY_SIZE) among the spec's pictures
 
@@ -95,11 +95,7 @@ def pretrain_encoder(config: str | Path, out: str | Path, steps: int = 1000, bat
         recent = (recent + [(loss.detach().item(), exact.item())])[-50:]
         bar.set_postfix(loss=f"{recent[-1][0]:.3f}", acc=f"{recent[-1][1]:.2f}")
     held_out = _held_out(vision, head, tiler, seed + 999)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".partial")
-    save_file({k: v.detach().contiguous() for k, v in vision.state_dict().items()}, str(tmp))
-    tmp.replace(out)
+    save_start(vision, out)
     return {"loss": sum(r[0] for r in recent) / len(recent), "accuracy": sum(r[1] for r in recent) / len(recent),
             "steps": steps, "seconds": time.perf_counter() - started, **held_out}
 

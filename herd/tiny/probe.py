@@ -119,10 +119,7 @@ class Documents:
             room = self.chunk - len(parts[0]) - len(parts[1])
             if room < 0:
                 raise ValueError(f"a list of {n} words does not fit in one chunk of {self.chunk}")
-            filler: list[int] = []
-            while len(filler) < room:
-                filler += self.tok.encode(" " + text.story(rng))
-            parts[0] = parts[0][:1] + filler[:room] + parts[0][1:]
+            parts[0] = parts[0][:1] + self.stories(rng, room) + parts[0][1:]
         ids = [t for p in parts for t in p]
         head = len(parts[0]) + len(parts[1])
         rep = head + len(parts[2])
@@ -303,13 +300,8 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
             g["lr"] = cfg.lr * lr_factor(step, cfg.warmup, cfg.steps, min_ratio=1.0)  # warm-up, then constant
         opt.step()
     if cfg.save:
-        from safetensors.torch import save_file
-        out = Path(cfg.save)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        part = out.with_name(out.name + ".part")  # a run cut short leaves no half-written decoder
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(part),
-                  metadata={"step": str(step), "nmax": str(nmax), "dmax": str(dmax), "config": str(asdict(cfg))})
-        part.replace(out)
+        from herd.train.trainer import save_start
+        save_start(model, cfg.save, {"step": str(step), "nmax": str(nmax), "dmax": str(dmax), "config": str(asdict(cfg))})
     return history
 
 

@@ -70,6 +70,18 @@ def load_start(module: nn.Module, path: Path, key: str, what: str) -> None:
     module.load_state_dict(weights)
 
 
+def save_start(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """A module's weights as a .safetensors file `load_start` reads back (a recipe's model.text_init /
+    model.vision_init), written through a .partial file so a run cut short leaves none half-written."""
+    from safetensors.torch import save_file
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp), metadata=metadata)
+    tmp.replace(out)
+    return out
+
+
 def build(cfg: TrainConfig) -> Built:
     import herd
     from herd.llm import ImageTiler, carried_files, folder_max_tiles
