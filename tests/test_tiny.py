@@ -205,6 +205,8 @@ def test_probe_decoder_feeds_herd_train(tiny_dir, tmp_path):
                   tokenizer=out / "tokenizer.json", log=lambda line: None)
     assert again[0]["nmax"] == 41  # a run goes on where the saved one stopped, from its weights:
     assert all(torch.equal(v, load_file(dec)[k]) for k, v in load_file(tmp_path / "again.safetensors").items())
+    with safe_open(str(tmp_path / "again.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "1"  # steps count over the runs it went on from
     (tmp_path / "c.toml").write_text(f"[model]\nconfig = '{out / 'config.json'}'\ntext_init = 'dec.safetensors'\n"
                                      "[data]\ntrain = ['x.jsonl']\n")
     built = build_training(load_config(tmp_path / "c.toml"))

@@ -15,6 +15,7 @@ def main(argv=None) -> int:
                        "(writes DATA/encoder.safetensors, the recipe's model.vision_init)")
     v.add_argument("data", help="the folder `data` wrote (its config.json gives the encoder)")
     v.add_argument("--steps", type=int, default=1000)
+    v.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p = sub.add_parser("package", help="write a trained model (bf16) + loss curve into DEST, e.g. herd/models/herd-tiny")
     p.add_argument("final", help="the run's exported model (OUT_DIR/final)")
     p.add_argument("dest")
@@ -31,6 +32,9 @@ def main(argv=None) -> int:
     pr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     pr.add_argument("--tokenizer", help="the tokenizer.json to use (default: the shipped herd-tiny's)")
     args = ap.parse_args(argv)
+    if getattr(args, "threads", 0):
+        import torch
+        torch.set_num_threads(args.threads)
     if args.cmd == "data":
         from herd.tiny.build import build
         print(f"herd-tiny data in {build(args.out, seed=args.seed)}")
@@ -48,12 +52,8 @@ def main(argv=None) -> int:
         from herd.tiny.build import package
         print(f"herd-tiny packaged in {package(args.final, args.dest, args.run)}")
     elif args.cmd == "probe":
-        import torch
-
         from herd.tiny.probe import DEFAULT_TOKENIZER, config_from, probe
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        probe(config_from(args), args.tokenizer or DEFAULT_TOKENIZER)
+        probe(config_from(args), args.tokenizer or DEFAULT_TOKENIZER, log=lambda line: print(line, flush=True))
     else:
         from herd.tiny.evaluate import evaluate, report
         results = evaluate(args.model, seed=args.seed, n=args.n)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -49,38 +49,43 @@ from herd.tokenizer.tokenizer import Tokenizer
 DEFAULT_TOKENIZER = MODELS_DIR / "herd-tiny" / "tokenizer.json"
 
 
+def _opt(default, help: str):
+    """A ProbeConfig field and its `--help` line."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ProbeConfig:
-    layers: int = 4
-    nope_every: int = 2  # every Nth layer is NoPE (Llama 4: 4)
-    moe_every: int = 2  # every Nth layer is MoE (0: dense everywhere)
-    dim: int = 256
-    heads: int = 4
-    chunk: int = 64
-    qk_norm: bool = False
-    lr: float = 2e-3
-    warmup: int = 50
-    steps: int = 1000
-    every: int = 50
-    rows: int = 8
-    seq_len: int = 256  # long documents get rows of 2 * seq_len (half as many rows)
-    nmin: int = 8
-    nmax: int = 25
-    grow: int = 0
-    switch: float = 0.7
-    far_nmax: int = 160
-    straddle: float = 0.0  # share of lists that straddle a chunk boundary
-    facts: float = 0.3  # share of fact documents once nmax >= facts_at
-    facts_at: int = 100
-    max_distance: int = 400
-    pairs: float = 0.0  # share of fact-list documents once nmax >= facts_at
-    pairs_shuffle: bool = True  # repeat the facts in another order (else in the same order)
-    pairs_bare: bool = False  # "Pairs: fox 42 cat 17 ..." (the number two tokens after its animal)
-    pair_grow: int = 0  # their stories grow by this many tokens whenever the longest are answered >= switch
-    seed: int = 0
-    stop_at: float = 0.0  # stop once fact_far (exact answers 4-6 chunks back) is measured >= this (0: never)
-    save: str = ""  # write the decoder's weights here at the end (.safetensors; curriculum state in its metadata)
-    init: str = ""  # start from a decoder `save` wrote, and from its curriculum state (nmax, dmax)
+    layers: int = _opt(4, "decoder layers")
+    nope_every: int = _opt(2, "every Nth layer is NoPE (Llama 4: 4)")
+    moe_every: int = _opt(2, "every Nth layer is MoE (0: dense everywhere)")
+    dim: int = _opt(256, "width")
+    heads: int = _opt(4, "attention heads (half as many key/value heads)")
+    chunk: int = _opt(64, "attention chunk of the RoPE layers")
+    qk_norm: bool = _opt(False, "QK-norm on the RoPE layers")
+    lr: float = _opt(2e-3, "learning rate after the warm-up (constant)")
+    warmup: int = _opt(50, "warm-up steps")
+    steps: int = _opt(1000, "training steps")
+    every: int = _opt(50, "measure (and grow the curriculum) every this many steps")
+    rows: int = _opt(8, "rows a step (long documents: half as many of twice the length)")
+    seq_len: int = _opt(256, "tokens a row")
+    nmin: int = _opt(8, "fewest words a list")
+    nmax: int = _opt(25, "most words a list at the start")
+    grow: int = _opt(0, "raise nmax by this many words whenever the longest lists are copied >= switch (0: never)")
+    switch: float = _opt(0.7, "accuracy that grows the lists (and the fact lists' stories)")
+    far_nmax: int = _opt(160, "most words a list ever")
+    straddle: float = _opt(0.0, "share of lists that straddle a chunk boundary")
+    facts: float = _opt(0.3, "share of fact lookups once nmax >= facts_at")
+    facts_at: int = _opt(100, "list length at which facts and fact lists join")
+    max_distance: int = _opt(400, "most tokens between a fact and its question (and of the fact lists' stories)")
+    pairs: float = _opt(0.0, "share of fact lists once nmax >= facts_at")
+    pairs_shuffle: bool = _opt(True, "repeat the fact lists' facts in another order (0: in the same order)")
+    pairs_bare: bool = _opt(False, "fact lists as 'Pairs: fox 42 cat 17 ...' (the number two tokens after its animal)")
+    pair_grow: int = _opt(0, "grow the fact lists' stories by this many tokens whenever the longest are answered >= switch")
+    seed: int = _opt(0, "seed of the weights and the training documents")
+    stop_at: float = _opt(0.0, "stop once far facts (exact answers 4-6 chunks back) are measured >= this (0: never)")
+    save: str = _opt("", "write the decoder here at the end (.safetensors; steps and curriculum state in its metadata)")
+    init: str = _opt("", "start from a decoder --save wrote, and from its curriculum state (nmax, dmax)")
 
     def __post_init__(self):
         rules = [("nmin", 1 <= self.nmin <= self.nmax <= self.far_nmax, "must be 1 <= nmin <= nmax <= far_nmax"),
@@ -301,15 +306,17 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
         opt.step()
     if cfg.save:
         from herd.train.trainer import save_start
-        save_start(model, cfg.save, {"step": str(step), "nmax": str(nmax), "dmax": str(dmax), "config": str(asdict(cfg))})
+        done = int(state.get("step", 0)) + step  # counted over every run this one resumes
+        save_start(model, cfg.save, {"step": str(done), "nmax": str(nmax), "dmax": str(dmax), "config": str(asdict(cfg))})
     return history
 
 
 def add_arguments(ap) -> None:
     """One --option per ProbeConfig field (booleans as 0/1)."""
-    for name, value in asdict(ProbeConfig()).items():
-        ap.add_argument("--" + name.replace("_", "-"), type=type(value) if not isinstance(value, bool) else int,
-                        default=value, dest=name)
+    for f in fields(ProbeConfig):
+        kind = int if isinstance(f.default, bool) else type(f.default)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, dest=f.name,
+                        help=f.metadata["help"] + " (default: %(default)s)")
 
 
 def config_from(args) -> ProbeConfig:
