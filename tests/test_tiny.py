@@ -420,3 +420,20 @@ def test_probe_trains_and_reports_each_skill():
     assert len(lines) == 3 and lines[0].startswith("step 0 nmax 25 near ")
     with pytest.raises(ValueError, match=r"nmin = 30 \(must be 1 <= nmin <= nmax <= far_nmax\); facts = 1.5"):
         ProbeConfig(nmin=30, facts=1.5)
+
+
+def test_probe_options_parse_and_explain_themselves():
+    """`python -m herd.tiny probe`: one --option per ProbeConfig field, each with its help line;
+    booleans as 0/1."""
+    import argparse
+    from dataclasses import fields
+
+    from herd.tiny.probe import ProbeConfig, add_arguments, config_from
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    cfg = config_from(ap.parse_args(["--pairs-shuffle", "0", "--steps", "5", "--lr", "5e-4", "--save", "d.safetensors"]))
+    assert cfg == ProbeConfig(pairs_shuffle=False, steps=5, lr=5e-4, save="d.safetensors")
+    text = " ".join(ap.format_help().split())
+    assert all(" ".join(f.metadata["help"].split()) in text for f in fields(ProbeConfig))
+    with pytest.raises(ValueError, match="save = d.pt"):
+        config_from(ap.parse_args(["--save", "d.pt"]))
