@@ -26,7 +26,7 @@ What it found (2026-12-03, width 256, 8 x 256 tokens a step, one seed each unles
 only at layer 3 of 4 the RoPE layers take the copying and the NoPE layer never learns it (straddling
 lists 0.10-0.16); with NoPE at layers 1 and 3 (--nope-every 2, MoE or dense) near lists form an
 induction head in ~400 steps and lists growing +16 words at 0.6 reach far lists (72-160 words) at
-0.9 within ~1,000 steps (seed 1; seed 0 stalls at 41 words). Facts joining before that stall the
+0.9 within ~1,000 steps (seed 1; seeds 0 and 2 stall at 41 words). Facts joining before that stall the
 growth; fact lookups alone, after it, stay at 0-5% for 1,300 steps; fact lists in the same order
 (30%, with 10% facts) bring far facts (4-6 chunks back) to ~0.7 (0.54-0.88) within 2,000-3,000
 steps (README, herd-tiny). Straddling lists alone teach nothing.
@@ -239,14 +239,10 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
     torch.manual_seed(cfg.seed)
     docs = Documents(Tokenizer.from_hf_json(tokenizer), cfg.chunk)
     model = build_model(cfg, docs.tok.vocab_size).train()
-    state = {}
+    state = {}  # the curriculum state and steps a --save wrote
     if cfg.init:
-        from safetensors import safe_open
-
         from herd.train.trainer import load_start
-        load_start(model, Path(cfg.init), "probe --init", "this decoder's weights")
-        with safe_open(cfg.init, "pt") as f:
-            state = f.metadata() or {}
+        state = load_start(model, Path(cfg.init), "probe --init", "this decoder's weights")
     opt = torch.optim.AdamW(param_groups(list(model.named_parameters()), 0.1, cfg.lr), betas=(0.9, 0.95))
     rng, fresh = random.Random(cfg.seed + 1), random.Random(cfg.seed + 2)
     long = 2 * cfg.seq_len

@@ -57,17 +57,20 @@ def init_for_training(model: nn.Module, seed: int, std: float, n_layers: int, sc
                 p.mul_(1 / math.sqrt(2 * n_layers))
 
 
-def load_start(module: nn.Module, path: Path, key: str, what: str) -> None:
+def load_start(module: nn.Module, path: Path, key: str, what: str) -> dict[str, str]:
     """A module's starting weights (the recipe's ``key``) from a .safetensors file: every tensor
-    present, each of its shape; else a CheckpointError naming the field and the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    present, each of its shape; else a CheckpointError naming the field and the file. Returns the
+    file's metadata (what `save_start` was given), read in the same pass."""
+    from safetensors import SafetensorError, safe_open
     try:
-        weights = load_file(path)
+        with safe_open(str(path), "pt") as f:
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
     except (OSError, ValueError, SafetensorError) as e:  # missing file, not a safetensors file
         raise CheckpointError(f"{key}: {path}: not a readable .safetensors file ({e})") from None
     check_tensors(f"{key}: {path}", weights, module.state_dict(), what)
     module.load_state_dict(weights)
+    return metadata
 
 
 def save_start(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
