@@ -364,7 +364,8 @@ def test_probe_documents_score_only_what_a_lookup_predicts():
     docs = Documents(Tokenizer.from_hf_json(DEFAULT_TOKENIZER), chunk=64)
     rng = random.Random(5)
     for straddle in (False, True):
-        ids, learn, scored = docs.word_list(rng, 20, straddle=straddle)
+        ids, learn, scored, pixels = docs.word_list(rng, 20, straddle=straddle)
+        assert pixels is None
         rep = [t for t, s in zip(ids, scored) if s]
         again = docs.tok.encode(". Again:")
         start = scored.index(True) - len(again)
@@ -374,12 +375,12 @@ def test_probe_documents_score_only_what_a_lookup_predicts():
         assert (start == 64) == straddle  # straddling: the repetition opens the second chunk
     with pytest.raises(ValueError, match="does not fit in one chunk of 64"):
         docs.word_list(rng, 70, straddle=True)
-    ids, learn, scored = docs.fact(rng, 300)
+    ids, learn, scored, _ = docs.fact(rng, 300)
     number = docs.tok.decode([t for t, s in zip(ids, scored) if s]).strip()
     body = docs.tok.decode(ids[:learn.index(True)])
     key = re.search(r"number of the (\w+) is$", docs.tok.decode(ids[:scored.index(True)])).group(1)
     assert number.isdigit() and f"The number of the {key} is {number}." in body
-    ids, learn, scored = docs.pairs(rng, 4, 100)
+    ids, learn, scored, _ = docs.pairs(rng, 4, 100)
     whole = docs.tok.decode(ids)
     first, again = whole.split(" Again:")
     assert docs.tok.decode(ids[:learn.index(True)]) == first and again.count("The number of the") == 4
@@ -400,11 +401,48 @@ def test_probe_documents_score_only_what_a_lookup_predicts():
                 continue
             at = (segs == s).nonzero().flatten()
             assert r["positions"][b, at].tolist() == list(range(len(at)))
-            ids, learn, scored = made[[len(m[0]) for m in made].index(len(at))]
+            ids, learn, scored, _ = made[[len(m[0]) for m in made].index(len(at))]
             assert r["tokens"][b, at].tolist() == ids
             t = r["targets"][b, at[:-1]]
             assert t.tolist() == [i if ok else -100 for i, ok in zip(ids[1:], learn[1:])]
             assert r["scored"][b, at[:-1]].tolist() == scored[1:]
+    assert r["pixels"] is None
+
+
+def test_probe_pictures_are_chats_with_their_tiles(tmp_path):
+    """--images / --image-first: picture chats as herd train reads them (the answers learned and
+    scored), their tiles packed in row-major order and fed to the frozen encoder's patch positions."""
+    from herd.model.vision import VisionModel
+    from herd.tiny.build import VISION
+    from herd.tiny.probe import DEFAULT_TOKENIZER, Documents, ProbeConfig, forward, pack_rows, probe
+    from herd.tokenizer.tokenizer import Tokenizer
+    from herd.train.trainer import save_start
+    docs = Documents(Tokenizer.from_hf_json(DEFAULT_TOKENIZER), chunk=64, vision=VISION)
+    made = [docs.picture(random.Random(i), easy=i == 0) for i in range(4)]
+    for ids, learn, scored, pixels in made:
+        assert pixels.shape == (1, 3, 224, 224) and ids.count(docs.patch_id) == 64 and learn == scored
+        answers = docs.tok.decode([t for t, ok in zip(ids, learn) if ok])
+        assert answers.endswith("<|eot|>") and re.search(r"\.<\|eot\|>$", answers)
+    queue = iter(made)
+    r = pack_rows(lambda: next(queue), rows=2, seq_len=max(len(m.ids) for m in made) + 1)
+    placed = []  # the documents in row-major order
+    for b in range(2):
+        for seg in r["segments"][b].unique().tolist():
+            if seg >= 0:
+                tokens = r["tokens"][b, r["segments"][b] == seg].tolist()
+                placed += [m for m in made if m.ids == tokens]
+    assert len(placed) >= 2 and torch.equal(r["pixels"], torch.cat([m.pixels for m in placed]))
+    vision = VisionModel(VISION, 256)
+    save_start(vision, tmp_path / "enc.safetensors")
+    lines = []
+    history = probe(ProbeConfig(layers=2, steps=2, every=1, rows=2, image_first=1, images=0.5,
+                                encoder=str(tmp_path / "enc.safetensors")), log=lines.append)
+    assert all(0.0 <= h["pictures"] <= 1.0 for h in history) and lines[0].startswith("step 0 nmax 25 pictures ")
+    from herd.tiny.probe import build_model
+    model = build_model(ProbeConfig(layers=2), docs.tok.vocab_size)
+    assert forward(model, r, docs.patch_id, vision.eval()).shape == (2, r["tokens"].shape[1], docs.tok.vocab_size)
+    with pytest.raises(ValueError, match=r"encoder =  \(pictures \(images, image_first\) need the encoder\)"):
+        ProbeConfig(images=0.2)
 
 
 def test_probe_trains_and_reports_each_skill():

@@ -10,13 +10,16 @@ weight-decay groups) trains from scratch on packed rows of generated documents:
   facts   a `text.retrieval_example` body, its question and the answer's words; scored on the number.
   pairs   fact lists: "The number of the fox is 42. ..." (2-6 facts), stories, " Again:" and the same
           facts (in the same order or shuffled); learned from " Again:" on, scored on the numbers.
+  pictures  (with ``encoder``, a frozen pretrained vision encoder) a chat about a picture of the
+          spec's distribution, as herd train reads one; learned and scored on the answers. ``image_first``
+          steps of them alone open the run, then they are ``images`` of the documents.
 
 Curriculum: lists of nmin..nmax words; with ``grow``, whenever the lists at the top of that range
 are copied with accuracy >= ``switch``, nmax rises by ``grow`` (so more and more of each repetition
 lies beyond the chunked RoPE layers' reach and only the global NoPE layers can copy it); facts and
 fact lists join once nmax reaches ``facts_at``, the stories inside fact lists growing by ``pair_grow``
 tokens whenever the longest are answered >= ``switch``. Every ``every`` steps it prints
-teacher-forced accuracy on fresh documents: near lists (8-25 words: one chunk holds both listings),
+teacher-forced accuracy on fresh documents: picture chats answered exactly (with pictures), near lists (8-25 words: one chunk holds both listings),
 straddling lists (the repetition starts in the chunk after the first listing: only NoPE layers reach
 it), far lists (72-160 words), fact lists 0-30 and 4-5 chunks of stories apart, and exact fact answers
 with the fact 0-60 and 256-384 tokens before the question. ``save`` writes the decoder (the start of
@@ -38,12 +41,13 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from herd.llm import MODELS_DIR
 from herd.model.transformer import IGNORE_INDEX, TextModel
-from herd.tiny import text
+from herd.tiny import shapes, text
 from herd.tokenizer.tokenizer import Tokenizer
 
 DEFAULT_TOKENIZER = MODELS_DIR / "herd-tiny" / "tokenizer.json"
@@ -86,6 +90,9 @@ class ProbeConfig:
     stop_at: float = _opt(0.0, "stop once far facts (exact answers 4-6 chunks back) are measured >= this (0: never)")
     save: str = _opt("", "write the decoder here at the end (.safetensors; steps and curriculum state in its metadata)")
     init: str = _opt("", "start from a decoder --save wrote, and from its curriculum state (nmax, dmax)")
+    encoder: str = _opt("", "a vision encoder (.safetensors, `python -m herd.tiny encoder`), frozen; needed for images")
+    images: float = _opt(0.0, "share of chats about a picture among the training documents")
+    image_first: int = _opt(0, "steps of picture chats only at the start (half of them one large shape)")
 
     def __post_init__(self):
         rules = [("nmin", 1 <= self.nmin <= self.nmax <= self.far_nmax, "must be 1 <= nmin <= nmax <= far_nmax"),
@@ -93,24 +100,38 @@ class ProbeConfig:
                  ("warmup", self.warmup >= 1, "must be >= 1"), ("grow", self.grow >= 0, "must be >= 0"),
                  ("rows", self.rows >= 2, "must be >= 2 (long documents take half as many)")]
         rules += [("pair_grow", self.pair_grow >= 0, "must be >= 0"),
-                  ("save", not self.save or self.save.endswith(".safetensors"), "must name a .safetensors file")]
+                  ("save", not self.save or self.save.endswith(".safetensors"), "must name a .safetensors file"),
+                  ("image_first", self.image_first >= 0, "must be >= 0"),
+                  ("encoder", bool(self.encoder) or not (self.images or self.image_first),
+                   "pictures (images, image_first) need the encoder")]
         rules += [(name, 0 <= getattr(self, name) <= 1, "must be in [0, 1]")
-                  for name in ("switch", "straddle", "facts", "pairs", "stop_at")]
+                  for name in ("switch", "straddle", "facts", "pairs", "stop_at", "images")]
         bad = [f"{name} = {getattr(self, name)} ({why})" for name, ok, why in rules if not ok]
         if bad:
             raise ValueError("probe: " + "; ".join(bad))
 
 
-Doc = tuple[list[int], list[bool], list[bool]]  # ids, learned (as targets), scored (as targets)
+class Doc(NamedTuple):
+    ids: list[int]
+    learn: list[bool]  # per token: learned (as a target)
+    scored: list[bool]  # per token: counted by `accuracy` (as a target)
+    pixels: torch.Tensor | None = None  # a picture chat's tiles
 
 
 class Documents:
-    """The probe's documents, tokenised with herd-tiny's tokenizer."""
+    """The probe's documents, tokenised with herd-tiny's tokenizer (pictures tiled for ``vision``,
+    a VisionConfig, when given)."""
 
-    def __init__(self, tok: Tokenizer, chunk: int):
+    def __init__(self, tok: Tokenizer, chunk: int, vision=None):
+        import copy
+
+        from herd.llm import ImageTiler
         from herd.tiny.evaluate import vocabulary
-        self.tok, self.chunk = tok, chunk
+        self.tok, self.chunk = copy.copy(tok), chunk
         self.words = sorted(vocabulary(random.Random(0)))
+        if vision is not None:
+            self.tok.image_processor = ImageTiler(vision, 1)
+        self.patch_id = tok.token_id("<|patch|>")
 
     def count(self, s: str) -> int:
         return len(self.tok.encode(s))
@@ -130,7 +151,7 @@ class Documents:
         rep = head + len(parts[2])
         learn = [i >= head for i in range(len(ids))]
         scored = [rep <= i < rep + len(parts[3]) for i in range(len(ids))]
-        return ids, learn, scored
+        return Doc(ids, learn, scored)
 
     def stories(self, rng: random.Random, n: int) -> list[int]:
         """``n`` tokens of story text (cut mid-sentence)."""
@@ -158,7 +179,7 @@ class Documents:
             piece, digits = self.tok.encode(say(keys[i], values[i])), len(self.tok.encode(str(values[i])))
             ids += piece
             scored += [False] * (len(piece) - digits - tail) + [True] * digits + [False] * tail
-        return ids, [i >= head for i in range(len(ids))], scored
+        return Doc(ids, [i >= head for i in range(len(ids))], scored)
 
     def fact(self, rng: random.Random, distance: int) -> Doc:
         """A fact lookup with the asked fact about ``distance`` tokens before the question, as raw text:
@@ -172,22 +193,32 @@ class Documents:
         ids = body + lead + value + self.tok.encode(".")
         learn = [i >= len(body) for i in range(len(ids))]
         scored = [len(body) + len(lead) <= i < len(body) + len(lead) + len(value) for i in range(len(ids))]
-        return ids, learn, scored
+        return Doc(ids, learn, scored)
+
+    def picture(self, rng: random.Random, easy: bool = False) -> Doc:
+        """A chat about a picture of the spec's distribution (``easy``: one large shape), as herd
+        train reads one: 1-4 questions, the answers learned and scored."""
+        from herd.tiny.build import EASY_SIZE
+        scene = shapes.random_scene(rng, 1, EASY_SIZE) if easy else shapes.random_scene(rng)
+        chat = self.tok.apply_chat_template(shapes.conversation(scene, scene.draw(), rng), add_generation_prompt=False)
+        learn = list(chat.assistant_mask)
+        return Doc(list(chat), learn, learn, chat.pixel_values)
 
 
 def pack_rows(make_doc, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
     """Rows of whole documents from ``make_doc()`` (too long ones are drawn again), as TextModel's
     packed-row inputs: tokens, targets (IGNORE_INDEX where nothing is learned), segments, positions,
-    and `scored` (targets the accuracy counts)."""
+    `scored` (targets the accuracy counts) and `pixels` (the pictures' tiles in row-major order, or None)."""
     out = {"tokens": torch.zeros(rows, seq_len, dtype=torch.long),
            "targets": torch.full((rows, seq_len), IGNORE_INDEX, dtype=torch.long),
            "segments": torch.full((rows, seq_len), -1, dtype=torch.long),
            "positions": torch.zeros(rows, seq_len, dtype=torch.long),
            "scored": torch.zeros(rows, seq_len, dtype=torch.bool)}
+    pixels = []
     for b in range(rows):
         at = j = 0
         while True:
-            ids, learn, scored = make_doc()
+            ids, learn, scored, tiles = make_doc()
             n = len(ids)
             if n > seq_len:
                 if n > 2 * seq_len:
@@ -202,16 +233,32 @@ def pack_rows(make_doc, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
             out["segments"][b, at:at + n] = j
             out["positions"][b, at:at + n] = torch.arange(n)
             at, j = at + n, j + 1
+            if tiles is not None:
+                pixels.append(tiles)
+    out["pixels"] = torch.cat(pixels) if pixels else None
     return out
 
 
+def forward(model: TextModel, r: dict, patch_id: int, vision=None, targets: bool = False) -> torch.Tensor:
+    """The decoder on `pack_rows`'s rows, the pictures' features (from the frozen ``vision``) in
+    their patch positions; the summed loss with ``targets``, else logits."""
+    mask = feats = None
+    if r["pixels"] is not None:
+        with torch.no_grad():
+            feats = vision(r["pixels"]).flatten(0, 1)
+        mask = r["tokens"] == patch_id
+    return model(r["tokens"], mask, feats, segments_BT=r["segments"], positions_BT=r["positions"],
+                 targets_BT=r["targets"] if targets else None)
+
+
 @torch.no_grad()
-def accuracy(model: TextModel, make_doc, rows: int, seq_len: int) -> tuple[float, float]:
+def accuracy(model: TextModel, make_doc, rows: int, seq_len: int, patch_id: int = -1,
+             vision=None) -> tuple[float, float]:
     """(share of scored tokens predicted, share of documents with every scored token predicted)."""
     was = model.training
     model.eval()
     r = pack_rows(make_doc, rows, seq_len)
-    right = model(r["tokens"], segments_BT=r["segments"], positions_BT=r["positions"]).argmax(-1) == r["targets"]
+    right = forward(model, r, patch_id, vision).argmax(-1) == r["targets"]
     model.train(was)
     hit = right & r["scored"]
     docs = whole = 0
@@ -236,9 +283,17 @@ def build_model(cfg: ProbeConfig, vocab_size: int) -> TextModel:
 def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print) -> list[dict]:
     """Train and measure as the module docstring says; returns one record per measurement."""
     from herd.train.trainer import lr_factor, param_groups
+    from herd.tiny.build import VISION
     torch.manual_seed(cfg.seed)
-    docs = Documents(Tokenizer.from_hf_json(tokenizer), cfg.chunk)
+    docs = Documents(Tokenizer.from_hf_json(tokenizer), cfg.chunk, VISION if cfg.encoder else None)
     model = build_model(cfg, docs.tok.vocab_size).train()
+    vision = None
+    if cfg.encoder:
+        from herd.model.vision import VisionModel
+        from herd.train.trainer import load_start
+        vision = VisionModel(VISION, cfg.dim)
+        load_start(vision, Path(cfg.encoder), "probe --encoder", "this encoder's weights")
+        vision.eval().requires_grad_(False)
     state = {}  # the curriculum state and steps a --save wrote
     if cfg.init:
         from herd.train.trainer import load_start
@@ -258,6 +313,10 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
     history, t0 = [], time.time()
 
     def train_doc() -> Doc:
+        if step < cfg.image_first:
+            return docs.picture(rng, easy=rng.random() < 0.5)
+        if cfg.images and rng.random() < cfg.images:
+            return docs.picture(rng)
         if nmax >= cfg.facts_at and rng.random() < cfg.facts:
             return docs.fact(rng, rng.randint(0, cfg.max_distance))
         if nmax >= cfg.facts_at and rng.random() < cfg.pairs:
@@ -268,6 +327,8 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
     for step in range(cfg.steps + 1):
         if step % cfg.every == 0:
             rec = {"step": step, "nmax": nmax}
+            if vision is not None:
+                rec["pictures"] = accuracy(model, lambda: docs.picture(fresh), 8, long, docs.patch_id, vision)[1]
             rec.update({k: accuracy(model, f, 4, long)[0] for k, f in tests.items()})
             if cfg.pairs and nmax >= cfg.facts_at:
                 rec["dmax"] = dmax
@@ -292,8 +353,7 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
             break
         short = 2 * nmax + 8 <= cfg.seq_len and cfg.facts_at > nmax  # facts and pairs need long rows
         r = pack_rows(train_doc, cfg.rows if short else cfg.rows // 2, cfg.seq_len if short else long)
-        loss = model(r["tokens"], segments_BT=r["segments"], positions_BT=r["positions"],
-                     targets_BT=r["targets"]) / (r["targets"] != IGNORE_INDEX).sum()
+        loss = forward(model, r, docs.patch_id, vision, targets=True) / (r["targets"] != IGNORE_INDEX).sum()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
