@@ -435,7 +435,7 @@ def test_probe_pictures_are_chats_with_their_tiles(tmp_path):
     vision = VisionModel(VISION, 256)
     save_start(vision, tmp_path / "enc.safetensors")
     lines = []
-    history = probe(ProbeConfig(layers=2, steps=2, every=1, rows=2, image_first=1, images=0.5,
+    history = probe(ProbeConfig(layers=2, steps=2, every=1, rows=2, image_first=1, images=0.5, images_at=25,
                                 encoder=str(tmp_path / "enc.safetensors")), log=lines.append)
     assert all(0.0 <= h["pictures"] <= 1.0 for h in history) and lines[0].startswith("step 0 nmax 25 pictures ")
     from herd.tiny.probe import build_model
@@ -443,6 +443,8 @@ def test_probe_pictures_are_chats_with_their_tiles(tmp_path):
     assert forward(model, r, docs.patch_id, vision.eval()).shape == (2, r["tokens"].shape[1], docs.tok.vocab_size)
     with pytest.raises(ValueError, match=r"encoder =  \(pictures \(images, image_first\) need the encoder\)"):
         ProbeConfig(images=0.2)
+    with pytest.raises(ValueError, match=r"images_at = -1 \(must be >= 0\)"):
+        ProbeConfig(images_at=-1)
 
 
 def test_probe_trains_and_reports_each_skill():
