@@ -37,10 +37,12 @@ steps (README, herd-tiny). Straddling lists alone teach nothing.
 Pictures and lookups compete (seed 1, the encoder of `python -m herd.tiny encoder`, frozen): 300
 steps of pictures first, then 25% of the documents, and the lists' induction never forms (near lists
 0.29 at step 1,850, against 0.76 at step 300 without pictures) while the pictures fall back from
-0.2-0.5 to 0.08 exact; pictures joining at 41 words (25%) leave the lists and facts as without them
-(far facts 0.50-0.75 over steps 2,850-3,300, 0.67 at the end) but are never learned (exact chats
-0.09 on average after step 500, at most 0.25; 50% of the documents: 0.04-0.12 over 300 steps). A likely reason: a picture's 64 tokens fill a whole attention chunk of 64, so
-from its answers only the NoPE layers see the picture, the same layers the long lookups need.
+0.2-0.5 to 0.08 exact; pictures joining at 41 words (25%) left the lists and facts as without them
+in one run (far facts 0.50-0.75 over steps 2,850-3,300, 0.67 at the end; rerun with an encoder
+trained again, the lists stalled at 41 words) but were never learned (exact chats 0.09 on average
+after step 500, at most 0.25; 50% of the documents: 0.04-0.12 over 300 steps). A likely reason: a
+picture's 64 tokens fill a whole attention chunk of 64, so from its answers only the NoPE layers
+see the picture, the same layers the long lookups need.
 """
 
 from __future__ import annotations
