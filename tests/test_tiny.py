@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -175,8 +177,17 @@ def test_encoder_pretraining_feeds_herd_train(tiny_dir, tmp_path):
     weights = load_file(tmp_path / "enc.safetensors")
     (tmp_path / "c.toml").write_text(f"[model]\nconfig = '{out / 'config.json'}'\nvision_init = 'enc.safetensors'\n"
                                      "[data]\ntrain = ['x.jsonl']\n")
-    built = build_training(load_config(tmp_path / "c.toml"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # beside the data's config.json: its tiling, no warning
+        built = build_training(load_config(tmp_path / "c.toml"))
     assert all(torch.equal(weights[k], v) for k, v in built.vision.state_dict().items())
+    (tmp_path / "bare").mkdir()  # a config.json alone: the tiling falls back to Llama 4's, and says so
+    shutil.copy(out / "config.json", tmp_path / "bare" / "config.json")
+    with pytest.warns(UserWarning, match=r"model.config: no preprocessor_config.json beside .*bare.config.json: "
+                                         r"pictures are cut into up to 16 tiles"):
+        bare = build_training(load_config(tmp_path / "c.toml", [f"model.config={tmp_path / 'bare' / 'config.json'}",
+                                                              f"model.tokenizer={out / 'tokenizer.json'}"]))
+    assert bare.tiler.max_tiles == 16 and built.tiler.max_tiles == 1
     save_file({k: v for k, v in list(weights.items())[1:]}, str(tmp_path / "enc.safetensors"))
     with pytest.raises(CheckpointError, match=r"model.vision_init: .*enc.safetensors: not this encoder's weights"):
         build_training(load_config(tmp_path / "c.toml"))

@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,10 @@ def build(cfg: TrainConfig) -> Built:
         base = m.preset or m.config
         folder = default_tok
         max_tiles = (folder_max_tiles(folder) if folder is not None else None) or DEFAULT_MAX_TILES
+        if vision is not None and folder is not None and not (folder / "preprocessor_config.json").exists():
+            # The tiling decides how many image tokens a picture becomes: say when it is a guess.
+            warnings.warn(f"model.config: no preprocessor_config.json beside {m.config}: pictures are cut into "
+                          f"up to {max_tiles} tiles (Llama 4's default max_patches)", stacklevel=2)
     else:
         llm = herd.load(m.checkpoint, dtype="float32", device="cpu", vision=m.vision, progress=cfg.train.progress)
         model, vision, tok, mcfg, base = llm.model, llm.vision, llm.tokenizer, llm.config, m.checkpoint
