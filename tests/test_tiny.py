@@ -425,7 +425,7 @@ def test_probe_pictures_are_chats_with_their_tiles(tmp_path):
     scored), their tiles packed in row-major order and fed to the frozen encoder's patch positions."""
     from herd.model.vision import VisionModel
     from herd.tiny.build import VISION
-    from herd.tiny.probe import DEFAULT_TOKENIZER, Documents, ProbeConfig, forward, pack_rows, probe
+    from herd.tiny.probe import DEFAULT_TOKENIZER, Documents, ProbeConfig, build_model, forward, pack_rows, probe
     from herd.tokenizer.tokenizer import Tokenizer
     from herd.train.trainer import save_start
     docs = Documents(Tokenizer.from_hf_json(DEFAULT_TOKENIZER), chunk=64, vision=VISION)
@@ -449,7 +449,6 @@ def test_probe_pictures_are_chats_with_their_tiles(tmp_path):
     history = probe(ProbeConfig(layers=2, steps=2, every=1, rows=2, image_first=1, images=0.5, images_at=25,
                                 encoder=str(tmp_path / "enc.safetensors")), log=lines.append)
     assert all(0.0 <= h["pictures"] <= 1.0 for h in history) and lines[0].startswith("step 0 nmax 25 pictures ")
-    from herd.tiny.probe import build_model
     model = build_model(ProbeConfig(layers=2), docs.tok.vocab_size)
     assert forward(model, r, docs.patch_id, vision.eval()).shape == (2, r["tokens"].shape[1], docs.tok.vocab_size)
     with pytest.raises(ValueError, match=r"encoder =  \(pictures \(images, image_first\) need the encoder\)"):

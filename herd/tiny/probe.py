@@ -137,11 +137,12 @@ class Documents:
         import copy
 
         from herd.llm import ImageTiler
+        from herd.tiny.build import MAX_TILES
         from herd.tiny.evaluate import vocabulary
         self.tok, self.chunk = copy.copy(tok), chunk
         self.words = sorted(vocabulary(random.Random(0)))
         if vision is not None:
-            self.tok.image_processor = ImageTiler(vision, 1)
+            self.tok.image_processor = ImageTiler(vision, MAX_TILES)  # herd-tiny's tiling (one tile)
         self.patch_id = tok.token_id("<|patch|>")
 
     def count(self, s: str) -> int:
