@@ -18,7 +18,7 @@ import torch
 
 import herd
 from herd.checkpoint.errors import CheckpointError
-from herd.llm import MODELS_DIR
+from herd.llm import MODELS_DIR, ImageTiler
 from herd.tiny import build, shapes, text
 from herd.tiny.evaluate import named_pairs
 from herd.tokenizer.tokenizer import NUM_SPECIAL, llama4_special_tokens
@@ -133,23 +133,26 @@ def test_retrieval_example_places_the_fact(tiny_dir):
 def test_training_split_starts_with_the_warm_up_block(tiny_dir, tmp_path):
     _, tok = tiny_dir
     mix = build.Mix(first_copies=6, lookup_copies=3, lookup_retrieval=3, images=20, easy_images=10,
-                    warmup_images=8, stories=20, story_chats=4, retrieval=6, copies=5)
+                    warmup_images=8, warmup_retrieval=2, warmup_stories=3, stories=20, story_chats=4, retrieval=6,
+                    copies=5)
     path = build.write_split(tmp_path, "train", tok, mix, seed=1, progress=False)
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(records) == 77
+    assert len(records) == 82
     is_copy = lambda r: "messages" in r and str(r["messages"][0]["content"]).endswith(text.ASK_REPEAT)  # noqa: E731
     assert all(is_copy(r) and len(tok.encode(r["messages"][1]["content"])) <= 60 for r in records[:6])  # text first
     assert sum(map(is_copy, records[6:12])) == 3 and sum("The number of the" in json.dumps(r) for r in records[6:12]) == 3
-    records = records[12:]  # then images only
+    records = records[12:]  # then the warm-up block
     easy = [i for i, r in enumerate(records) if "easy" in json.dumps(r)]
-    assert len(easy) == 10 and max(easy) < 18  # the warm-up block: the easy chats and 8 others
-    assert all("image" in json.dumps(r["messages"][0]) for r in records[:18])  # images only
+    assert len(easy) == 10 and max(easy) < 23  # the easy chats, 8 others, 3 stories and 2 fact lookups
+    warmup = records[:23]
+    assert sum("image" in json.dumps(r.get("messages", [{}])[0]) for r in warmup) == 18
+    assert sum("text" in r for r in warmup) == 3 and sum("The number of the" in json.dumps(r) for r in warmup) == 2
     from PIL import Image
     for i in easy:  # one shape of at least half the shorter side
         src = records[i]["messages"][0]["content"][0]["image"]
         img = np.asarray(Image.open(tmp_path / src).convert("L")) < 250
         assert max(img.any(0).sum(), img.any(1).sum()) >= 0.5 * min(img.shape) - 1
-    copies = [m for m in (r.get("messages") for r in records[18:])
+    copies = [m for m in (r.get("messages") for r in records[23:])
               if m and isinstance(m[0]["content"], str) and m[0]["content"].endswith(text.ASK_REPEAT)]
     assert len(copies) == 5 and all(m[0]["content"].startswith(m[1]["content"] + "\n\n") for m in copies)
     assert all(60 - 8 <= len(tok.encode(m[1]["content"])) <= 240 for m in copies)
@@ -165,14 +168,22 @@ def test_encoder_pretraining_feeds_herd_train(tiny_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from herd.checkpoint.errors import CheckpointError
-    from herd.tiny.encoder import labels, pretrain_encoder
+    from herd.tiny.encoder import labels, pretrain_encoder, tokens_labelled
     from herd.train.config import TrainConfigError, load_config
     from herd.train.trainer import build as build_training
     out, _ = tiny_dir
     scene = shapes.Scene(100, 100, (shapes.Shape("circle", "blue", 5, 5, 20),
                                     shapes.Shape("triangle", "red", 50, 50, 20)))
     assert labels(scene) == [3, 0, 1, 0, 0, 0]  # red: triangle, blue: circle, the rest absent
-    result = pretrain_encoder(out / "config.json", tmp_path / "enc.safetensors", steps=2, batch=2, progress=False)
+    # Per image token (8 x 8 squares of 28 px over the 224-px tile the 100-px picture is scaled to):
+    # the circle covers squares (0-1, 0-1), the triangle about (4-5, 4-5); the rest is white.
+    tiles = ImageTiler(build.VISION, 1)(scene.draw())[0]
+    grid = tokens_labelled(tiles, [scene], 8)[0].view(8, 8)
+    circle, triangle = 1 + 2 * 3 + 0, 1 + 0 * 3 + 2  # 1 + colour * 3 + shape
+    assert set(grid[:2, :2].flatten().tolist()) == {circle} and (grid == circle).sum() <= 9
+    assert (grid[3:7, 3:7] == triangle).sum() >= 3 and set(grid.unique().tolist()) == {0, circle, triangle}
+    result = pretrain_encoder(out / "config.json", tmp_path / "enc.safetensors", steps=2, batch=2, progress=False,
+                              token_labels=True)
     assert result["steps"] == 2 and 0 <= result["accuracy"] <= 1
     weights = load_file(tmp_path / "enc.safetensors")
     (tmp_path / "c.toml").write_text(f"[model]\nconfig = '{out / 'config.json'}'\nvision_init = 'enc.safetensors'\n"

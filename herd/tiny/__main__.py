@@ -11,10 +11,14 @@ def main(argv=None) -> int:
     d = sub.add_parser("data", help="build herd-tiny's tokenizer, config.json and training data into OUT")
     d.add_argument("out")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--lookups", action="store_true", help="the build that starts from the lookup probe's decoder "
+                   "(4 layers, NoPE at 1 and 3; fact lookups in the warm-up block: herd/tiny/build.py)")
     v = sub.add_parser("encoder", help="pretrain herd-tiny's vision encoder on the generator's labels "
                        "(writes DATA/encoder.safetensors, the recipe's model.vision_init)")
     v.add_argument("data", help="the folder `data` wrote (its config.json gives the encoder)")
     v.add_argument("--steps", type=int, default=1000)
+    v.add_argument("--token-labels", action="store_true", help="also learn, per image token, which coloured shape "
+                   "covers it (herd/tiny/encoder.py)")
     v.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p = sub.add_parser("package", help="write a trained model (bf16) + loss curve into DEST, e.g. herd/models/herd-tiny")
     p.add_argument("final", help="the run's exported model (OUT_DIR/final)")
@@ -37,13 +41,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.cmd == "data":
         from herd.tiny.build import build
-        print(f"herd-tiny data in {build(args.out, seed=args.seed)}")
+        print(f"herd-tiny data in {build(args.out, seed=args.seed, lookups=args.lookups)}")
     elif args.cmd == "encoder":
         from pathlib import Path
 
         from herd.tiny.encoder import pretrain_encoder
         out = Path(args.data) / "encoder.safetensors"
-        r = pretrain_encoder(Path(args.data) / "config.json", out, steps=args.steps)
+        r = pretrain_encoder(Path(args.data) / "config.json", out, steps=args.steps, token_labels=args.token_labels)
         print(f"herd-tiny encoder in {out}: {r['steps']} steps, {r['seconds']:.0f} s, last 50 steps: loss "
               f"{r['loss']:.3f}, {r['accuracy']:.1%} of pictures with every colour's shape right; fresh pictures: "
               f"single shape: shape {r['shape']:.1%}, colour {r['color']:.1%}; 1-3 shapes: count {r['count']:.1%}, "

@@ -48,7 +48,7 @@ def text_config(vocab_size: int, layers: int = 8, nope_every: int = 4, moe_every
     """herd-tiny's decoder: width 256, 8 layers (every 4th NoPE, chunk 64), MoE on every 2nd layer
     with 8 experts top-1 + a shared expert, dense FFN 512 on the others; head_dim 64, half as many
     key/value heads as query heads, QK-norm on the RoPE layers (Llama 4's default). The keywords are
-    the lookup probe's knobs (herd/tiny/probe.py)."""
+    the lookup probe's knobs (herd/tiny/probe.py); LOOKUPS_DECODER is the probe's decoder."""
     return TextConfig(
         vocab_size=vocab_size, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=max(1, heads // 2), head_dim=64,
         ffn_dim=2 * dim, uses_rope=rope_layout(layers, nope_every), is_moe=every(layers, moe_every),
@@ -98,8 +98,9 @@ def train_tokenizer(out: Path, seed: int = 0, ranks: int = BPE_RANKS) -> Tokeniz
     return Tokenizer.from_hf_json(out / "tokenizer.json")
 
 
-def write_config(out: Path, tok: Tokenizer) -> None:
-    cfg = to_hf_config(text_config(tok.vocab_size), VISION, tok.special_tokens)
+def write_config(out: Path, tok: Tokenizer, **decoder) -> None:
+    """config.json (``decoder``: `text_config`'s keywords) and preprocessor_config.json."""
+    cfg = to_hf_config(text_config(tok.vocab_size, **decoder), VISION, tok.special_tokens)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     # transformers' Llama4ImageProcessorFast reads max_patches; herd.load takes its max_tiles from it.
     (out / "preprocessor_config.json").write_text(json.dumps({
@@ -121,7 +122,9 @@ class Mix:
     lookup_retrieval: int = 1_000
     images: int = 50_000  # chats about one image of the spec's distribution, 1-4 questions each
     easy_images: int = 6_000  # one large shape (EASY_SIZE of the shorter side), 1-4 questions
-    warmup_images: int = 5_000  # of `images`, how many join the easy ones in the image-only warm-up block
+    warmup_images: int = 5_000  # of `images`, how many join the easy ones in the warm-up block
+    warmup_retrieval: int = 0  # fact lookups and stories in the warm-up block (0, 0: images only): a
+    warmup_stories: int = 0  # decoder that already reads facts (model.text_init) keeps them through it
     stories: int = 7_000  # raw text
     story_chats: int = 3_000  # "tell me a story about X"
     retrieval: int = 6_500  # long-context fact lookups, every fact asked (2-8 questions)
@@ -137,12 +140,21 @@ class Mix:
 # lookups then rose from 0 to 0.55 in 300 steps of a copy / lookup mix (measured). But most of that
 # is the story grammar, not a lookup: after this block alone (450 steps), next-token accuracy was
 # 0.88 in the repetition and already 0.73 in the passage itself, where nothing can be copied, and
-# greedy fact answers were exact 0/40 even with the fact within one chunk (measured 2026-12-02).
+# greedy fact answers were exact 0/40 even with the fact within one chunk (measured 2026-12-02). The
+# lookup probe's curriculum forms them (the `lookups` build: training starts from the probe's decoder).
 # The warm-up block: a from-scratch encoder and decoder learn to read pictures from image chats alone,
 # large shapes helping, and keep the skill once text joins; mixed with text from the start (a few
 # image answers among thousands of text targets per step), or with the encoder at the decoder's
-# learning rate, they stayed at chance in probes (colour 4/16 at steps 200-600 of a full run).
+# learning rate, they stayed at chance in probes (colour 4/16 at steps 200-600 of a full run). From the
+# probe's decoder, an image-only block cost the lookups (the loss jumped to 5-8 where text came back,
+# and list copying fell from 0.97 to 0.29): its fact lookups and stories (~12% of its records) keep them.
 EASY_SIZE = (0.5, 0.9)
+
+# The `lookups` build (`python -m herd.tiny data --lookups`, `scripts/train-herd-tiny --lookups`):
+# herd train starts from the lookup probe's decoder (its architecture: the probe's defaults), with no
+# text-first block and fact lookups and stories in the warm-up block.
+LOOKUPS_DECODER = dict(layers=4, nope_every=2, qk_norm=False)
+LOOKUPS_MIX = Mix(first_copies=0, lookup_copies=0, lookup_retrieval=0, warmup_retrieval=1_500, warmup_stories=1_000)
 
 
 def _image_chat(rng: random.Random, img_dir: Path, name: str, i: int, easy: bool) -> dict:
@@ -161,8 +173,9 @@ def _retrieval_chat(rng: random.Random, count, max_distance: int) -> dict:
 
 def write_split(out: Path, name: str, tok: Tokenizer, mix: Mix, seed: int, progress: bool = True) -> Path:
     """``name``.jsonl and its images under out/images/``name``/. Records come in curriculum order: a
-    text-first block (short copies, then copies and fact lookups), an image-only warm-up block (the
-    easy images and ``warmup_images`` of the others), then the rest; each block shuffled. The recipe
+    text-first block (short copies, then copies and fact lookups; empty by default), a warm-up block
+    (the easy images, ``warmup_images`` of the others, ``warmup_stories`` stories and
+    ``warmup_retrieval`` fact lookups), then the rest; each block shuffled. The recipe
     trains in file order (data.shuffle = false)."""
     rng = random.Random(seed)
     img_dir = out / "images" / name
@@ -178,7 +191,8 @@ def write_split(out: Path, name: str, tok: Tokenizer, mix: Mix, seed: int, progr
             for i in tqdm(range(mix.easy_images), desc=f"{name}: warm-up images", disable=not progress)]
     records = [_image_chat(rng, img_dir, name, i, False)
                for i in tqdm(range(mix.images), desc=f"{name}: images", disable=not progress)]
-    warmup = easy + records[:mix.warmup_images]
+    warmup = easy + records[:mix.warmup_images] + [{"text": text.story(rng)} for _ in range(mix.warmup_stories)]
+    warmup += [_retrieval_chat(rng, count, mix.max_distance) for _ in range(mix.warmup_retrieval)]
     records = records[mix.warmup_images:]
     records += [{"text": text.story(rng)} for _ in range(mix.stories)]
     records += [{"messages": text.story_chat(rng)} for _ in range(mix.story_chats)]
@@ -196,12 +210,14 @@ def write_split(out: Path, name: str, tok: Tokenizer, mix: Mix, seed: int, progr
 
 
 def build(out: str | Path, seed: int = 0, train: Mix | None = None, val: Mix | None = None,
-          progress: bool = True) -> Path:
+          progress: bool = True, lookups: bool = False) -> Path:
+    """Tokenizer, configs and both splits in ``out``; ``lookups``: the `lookups` build (LOOKUPS_DECODER,
+    LOOKUPS_MIX)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(out, seed)
-    write_config(out, tok)
-    write_split(out, "train", tok, train or Mix(), seed + 1, progress)
+    write_config(out, tok, **(LOOKUPS_DECODER if lookups else {}))
+    write_split(out, "train", tok, train or (LOOKUPS_MIX if lookups else Mix()), seed + 1, progress)
     write_split(out, "val", tok, val or Mix(first_copies=0, lookup_copies=0, lookup_retrieval=0, images=400,
                                             easy_images=0, warmup_images=0, stories=400,
                                             story_chats=50, retrieval=100, copies=60), seed + 2, progress)

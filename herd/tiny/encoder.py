@@ -9,9 +9,13 @@ the decoder learns to read them within ~40 steps (measured in probes: colour 91%
 `herd train` with this encoder, chance at steps 100-600 without it). This is the small
 version of what vision-language models do with a pretrained image encoder.
 
-The head (discarded afterwards) predicts, per colour, one of absent / circle / square / triangle,
-each shape's score the best over the tile's tokens (max-pooled: a linear head over the flattened
-tokens learned colours but stayed at chance on shapes).
+Two heads (discarded afterwards) learn from each picture:
+- per colour, one of absent / circle / square / triangle, each shape's score the best over the
+  tile's tokens (max-pooled: a linear head over the flattened tokens learned colours but stayed at
+  chance on shapes);
+- (``token_labels``) per image token, which coloured shape covers its 28x28-pixel square (or none), read
+  from the tile's own pixels: every token of a shape learns to carry what the shape is, not only
+  the best one, so a decoder reading any of them finds it.
 """
 
 from __future__ import annotations
@@ -50,6 +54,37 @@ class PoolHead(nn.Module):
         return torch.cat([self.absent.expand(feats.shape[0], -1, -1), best], -1)  # [B, colours, 4]
 
 
+class TokenHead(nn.Module):
+    """Per image token [B, Q, D], logits over none + each (colour, shape) pair ([B, Q, 1 + 6 x 3])."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.out = nn.Linear(dim, 1 + len(shapes.COLORS) * len(shapes.SHAPES))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.out(feats / (feats.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6))
+
+
+PALETTE = torch.tensor(list(shapes.COLORS.values()), dtype=torch.float32)  # [6, 3]
+TOKEN_COVER = 0.1  # a token is labelled with the colour covering at least this share of its square
+
+
+def tokens_labelled(tiles: torch.Tensor, scenes: list[shapes.Scene], side: int) -> torch.Tensor:
+    """[B, side*side] labels of a tile's image tokens (row-major over its side x side squares, the
+    order of `pixel_shuffle`'s output): 0 for none, else 1 + colour * 3 + shape of the colour that
+    covers most of the square (at least TOKEN_COVER of it), that colour's shape in the scene."""
+    rgb = (tiles.float() * 0.5 + 0.5) * 255  # the tiler's normalisation undone: [B, 3, S, S]
+    dist = (rgb.unsqueeze(1) - PALETTE.view(1, -1, 3, 1, 1)).pow(2).sum(2)  # [B, 6, S, S]
+    near = (dist < 60.0 ** 2).float()  # pixels of each palette colour (edges blended by the resize drop out)
+    cover = nn.functional.adaptive_avg_pool2d(near, side).flatten(2)  # [B, 6, side*side]: share of each square
+    share, colour = cover.max(1)
+    kind = torch.tensor([[shapes.SHAPES.index(k) if k is not None else 0
+                          for k in (dict((s.color, s.kind) for s in scene.shapes).get(c) for c in shapes.COLORS)]
+                         for scene in scenes])  # [B, 6]: each colour's shape (0 where absent: never picked)
+    label = 1 + colour * len(shapes.SHAPES) + kind.gather(1, colour)
+    return label.where(share >= TOKEN_COVER, 0)
+
+
 def labels(scene: shapes.Scene) -> list[int]:
     """Per colour (in shapes.COLORS order): 0 absent, else 1 + the index of its shape in shapes.SHAPES."""
     kinds = {s.color: s.kind for s in scene.shapes}
@@ -57,8 +92,9 @@ def labels(scene: shapes.Scene) -> list[int]:
 
 
 def pretrain_encoder(config: str | Path, out: str | Path, steps: int = 1000, batch: int = 32, lr: float = 2e-3,
-                     seed: int = 0, init_std: float = 0.02, progress: bool = True) -> dict:
-    """Train the encoder of ``config`` (a config.json) and write its weights to ``out`` (.safetensors).
+                     seed: int = 0, init_std: float = 0.02, progress: bool = True, token_labels: bool = False) -> dict:
+    """Train the encoder of ``config`` (a config.json) and write its weights to ``out`` (.safetensors);
+    ``token_labels``: with the per-token head too (TokenHead).
     Returns the last 50 steps' mean loss and share of pictures with every colour's label right, on
     the training stream (fresh pictures every step, so never seen before)."""
     from herd.tiny.build import EASY_SIZE
@@ -72,7 +108,9 @@ def pretrain_encoder(config: str | Path, out: str | Path, steps: int = 1000, bat
     vision = VisionModel(cfg.vision, cfg.text.dim)
     init_for_training(vision, seed + 1, init_std, cfg.vision.n_layers)
     head = PoolHead(cfg.text.dim)
-    params = list(vision.parameters()) + list(head.parameters())
+    token_head = TokenHead(cfg.text.dim) if token_labels else None
+    side = round(vision.tokens_per_tile ** 0.5)
+    params = [*vision.parameters(), *head.parameters(), *(token_head.parameters() if token_head else ())]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     vision.train()
     started, recent = time.perf_counter(), []
@@ -87,6 +125,9 @@ def pretrain_encoder(config: str | Path, out: str | Path, steps: int = 1000, bat
         feats = vision(tiles)  # [B, tokens, D]
         logits = head(feats)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+        if token_head is not None:
+            loss = loss + nn.functional.cross_entropy(token_head(feats).flatten(0, 1),
+                                                      tokens_labelled(tiles, scenes, side).flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
