@@ -498,3 +498,18 @@ def test_probe_options_parse_and_explain_themselves():
     assert all(" ".join(f.metadata["help"].split()) in text for f in fields(ProbeConfig))
     with pytest.raises(ValueError, match="save = d.pt"):
         config_from(ap.parse_args(["--save", "d.pt"]))
+
+
+def test_lookups_build_is_the_probes_decoder(tiny_dir, tmp_path):
+    """`data --lookups` writes the architecture the lookup probe trains by default (its decoder is the
+    recipe's model.text_init), and a warm-up block that keeps fact lookups and stories."""
+    from herd.config import from_hf_config
+    from herd.tiny.probe import ProbeConfig, build_model
+    _, tok = tiny_dir
+    build.write_config(tmp_path, tok, **build.LOOKUPS_DECODER)
+    written = from_hf_config(json.loads((tmp_path / "config.json").read_text())).text
+    assert written == build_model(ProbeConfig(), tok.vocab_size).cfg
+    assert written.uses_rope == (True, False, True, False) and not written.use_qk_norm
+    mix = build.LOOKUPS_MIX
+    assert mix.first_copies == mix.lookup_copies == mix.lookup_retrieval == 0
+    assert mix.warmup_retrieval > 0 and mix.warmup_stories > 0
