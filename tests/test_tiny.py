@@ -178,7 +178,7 @@ def test_encoder_pretraining_feeds_herd_train(tiny_dir, tmp_path):
     # Per image token (8 x 8 squares of 28 px over the 224-px tile the 100-px picture is scaled to):
     # the circle covers squares (0-1, 0-1), the triangle about (4-5, 4-5); the rest is white.
     tiles = ImageTiler(build.VISION, 1)(scene.draw())[0]
-    grid = tokens_labelled(tiles, [scene], 8)[0].view(8, 8)
+    grid = tokens_labelled(tiles, torch.tensor([labels(scene)]), 8)[0].view(8, 8)
     circle, triangle = 1 + 2 * 3 + 0, 1 + 0 * 3 + 2  # 1 + colour * 3 + shape
     assert set(grid[:2, :2].flatten().tolist()) == {circle} and (grid == circle).sum() <= 9
     assert (grid[3:7, 3:7] == triangle).sum() >= 3 and set(grid.unique().tolist()) == {0, circle, triangle}

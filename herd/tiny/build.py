@@ -173,7 +173,7 @@ def _retrieval_chat(rng: random.Random, count, max_distance: int) -> dict:
 
 def write_split(out: Path, name: str, tok: Tokenizer, mix: Mix, seed: int, progress: bool = True) -> Path:
     """``name``.jsonl and its images under out/images/``name``/. Records come in curriculum order: a
-    text-first block (short copies, then copies and fact lookups; empty by default), a warm-up block
+    text-first block (short copies, then copies and fact lookups), a warm-up block
     (the easy images, ``warmup_images`` of the others, ``warmup_stories`` stories and
     ``warmup_retrieval`` fact lookups), then the rest; each block shuffled. The recipe
     trains in file order (data.shuffle = false)."""

@@ -69,18 +69,17 @@ PALETTE = torch.tensor(list(shapes.COLORS.values()), dtype=torch.float32)  # [6,
 TOKEN_COVER = 0.1  # a token is labelled with the colour covering at least this share of its square
 
 
-def tokens_labelled(tiles: torch.Tensor, scenes: list[shapes.Scene], side: int) -> torch.Tensor:
+def tokens_labelled(tiles: torch.Tensor, target: torch.Tensor, side: int) -> torch.Tensor:
     """[B, side*side] labels of a tile's image tokens (row-major over its side x side squares, the
     order of `pixel_shuffle`'s output): 0 for none, else 1 + colour * 3 + shape of the colour that
-    covers most of the square (at least TOKEN_COVER of it), that colour's shape in the scene."""
+    covers most of the square (at least TOKEN_COVER of it), that colour's shape in the scene (from
+    ``target`` [B, 6], the pictures' `labels`)."""
     rgb = (tiles.float() * 0.5 + 0.5) * 255  # the tiler's normalisation undone: [B, 3, S, S]
     dist = (rgb.unsqueeze(1) - PALETTE.view(1, -1, 3, 1, 1)).pow(2).sum(2)  # [B, 6, S, S]
     near = (dist < 60.0 ** 2).float()  # pixels of each palette colour (edges blended by the resize drop out)
     cover = nn.functional.adaptive_avg_pool2d(near, side).flatten(2)  # [B, 6, side*side]: share of each square
     share, colour = cover.max(1)
-    kind = torch.tensor([[shapes.SHAPES.index(k) if k is not None else 0
-                          for k in (dict((s.color, s.kind) for s in scene.shapes).get(c) for c in shapes.COLORS)]
-                         for scene in scenes])  # [B, 6]: each colour's shape (0 where absent: never picked)
+    kind = (target - 1).clamp(min=0)  # [B, 6]: each colour's shape index (absent colours are never picked)
     label = 1 + colour * len(shapes.SHAPES) + kind.gather(1, colour)
     return label.where(share >= TOKEN_COVER, 0)
 
@@ -127,7 +126,7 @@ def pretrain_encoder(config: str | Path, out: str | Path, steps: int = 1000, bat
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
         if token_head is not None:
             loss = loss + nn.functional.cross_entropy(token_head(feats).flatten(0, 1),
-                                                      tokens_labelled(tiles, scenes, side).flatten())
+                                                      tokens_labelled(tiles, target, side).flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
