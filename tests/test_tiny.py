@@ -281,7 +281,7 @@ def test_a_missing_embedded_model_is_named(monkeypatch, tmp_path):
         herd.load("herd-tiny")
 
 
-# ---- the embedded model (herd/models/herd-tiny, trained by recipes/herd-tiny.toml) ------------------
+# ---- the embedded model (herd/models/herd-tiny: recipes/herd-tiny.toml, then herd-tiny-pictures.toml) ----
 
 COLOR_FLOOR = 14  # of 16 fresh single-shape pictures (EVAL.md: 200 of 200; chance is 1 in 6)
 EMBEDDED = MODELS_DIR / "herd-tiny"
@@ -360,6 +360,14 @@ def test_induction_row_scores_the_repetition_token_by_token(tiny_llm):
     assert real.total == perfect.total and 0 <= real.correct <= real.total
     question, expected, got = real.failures[0] if real.failures else (None, None, None)
     assert question is None or (question.startswith("Words: ") and question.endswith(". Again:"))
+
+
+def test_embedded_model_finds_far_facts(tiny_llm):
+    """Long-context retrieval through llm.generate: the asked fact 4-6 chunks back, so only the NoPE
+    layers can reach it (EVAL.md: 191 of 200 on other seeds)."""
+    from herd.tiny.evaluate import retrieval_task
+    far = retrieval_task(tiny_llm, random.Random(778), 12)
+    assert far.correct >= 10, far.failures
 
 
 def test_embedded_model_writes_english(tiny_llm):
@@ -501,7 +509,7 @@ def test_probe_options_parse_and_explain_themselves():
 
 
 def test_lookups_build_is_the_probes_decoder(tiny_dir, tmp_path):
-    """`data --lookups` writes the architecture the lookup probe trains by default (its decoder is the
+    """`data` writes the architecture the lookup probe trains by default (its decoder is the
     recipe's model.text_init), and a warm-up block that keeps fact lookups and stories."""
     from herd.config import from_hf_config
     from herd.tiny.probe import ProbeConfig, build_model
@@ -513,3 +521,32 @@ def test_lookups_build_is_the_probes_decoder(tiny_dir, tmp_path):
     mix = build.LOOKUPS_MIX
     assert mix.first_copies == mix.lookup_copies == mix.lookup_retrieval == 0
     assert mix.warmup_retrieval > 0 and mix.warmup_stories > 0
+    pics = build.PICTURES_MIX  # the second stage: pictures, lookups and stories kept, no curriculum blocks
+    assert pics.images > 0 and pics.retrieval > 0 and pics.stories > 0
+    assert pics.first_copies == pics.lookup_copies == pics.lookup_retrieval == pics.easy_images == pics.warmup_images == 0
+
+
+def test_cli_names_a_bad_option_without_a_traceback(capsys):
+    from herd.tiny.__main__ import main
+    assert main(["probe", "--steps", "-1", "--switch", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: probe: ") and "steps = -1" in err and "switch = 2" in err and "Traceback" not in err
+
+
+def test_recipes_chain_the_shipped_builds_stages():
+    """recipes/herd-tiny.toml (from the probe's decoder and the encoder) then recipes/herd-tiny-pictures.toml
+    (from stage 1's exported model, on the `pictures` split, the same held-out rows); every recipe loads."""
+    from herd.train.config import load_config
+    for path in sorted((ROOT / "recipes").glob("*.toml")):
+        load_config(path)
+    one, two = load_config(ROOT / "recipes" / "herd-tiny.toml"), load_config(ROOT / "recipes" / "herd-tiny-pictures.toml")
+    run = (ROOT / "runs" / "herd-tiny").resolve()
+    assert Path(one.out_dir).resolve() == run / "train" and one.job == "pretrain"
+    assert Path(one.model.text_init).resolve() == run / "data" / "decoder.safetensors"
+    assert Path(one.model.vision_init).resolve() == run / "data" / "encoder.safetensors"
+    assert two.job == "sft" and Path(two.out_dir).resolve() == run / "pictures"
+    assert (ROOT / "recipes" / two.model.checkpoint).resolve() == run / "train" / "final"  # resolved once it exists
+    assert [Path(p).resolve() for p in two.data.train] == [run / "data" / "pictures.jsonl"]
+    assert two.data.val == one.data.val and two.optim.lr < one.optim.lr
+    script = (ROOT / "scripts" / "train-herd-tiny").read_text()
+    assert script.index("herd train recipes/herd-tiny.toml") < script.index("herd train recipes/herd-tiny-pictures.toml")

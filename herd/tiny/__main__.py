@@ -11,8 +11,9 @@ def main(argv=None) -> int:
     d = sub.add_parser("data", help="build herd-tiny's tokenizer, config.json and training data into OUT")
     d.add_argument("out")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--lookups", action="store_true", help="the build that starts from the lookup probe's decoder "
-                   "(4 layers, NoPE at 1 and 3; fact lookups in the warm-up block: herd/tiny/build.py)")
+    d.add_argument("--first-build", action="store_true", help="the first build's data and architecture (8 layers, "
+                   "NoPE at 3 and 7, a text-first block, no pictures split; no fact lookups formed: README, herd-tiny) "
+                   "instead of the shipped build's (4 layers for the lookup probe's decoder: herd/tiny/build.py)")
     v = sub.add_parser("encoder", help="pretrain herd-tiny's vision encoder on the generator's labels "
                        "(writes DATA/encoder.safetensors, the recipe's model.vision_init)")
     v.add_argument("data", help="the folder `data` wrote (its config.json gives the encoder)")
@@ -23,7 +24,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("package", help="write a trained model (bf16) + loss curve into DEST, e.g. herd/models/herd-tiny")
     p.add_argument("final", help="the run's exported model (OUT_DIR/final)")
     p.add_argument("dest")
-    p.add_argument("--run", help="the run folder (its loss.png is copied)")
+    p.add_argument("--run", action="append", default=[], help="a training run's folder, once per stage in order "
+                   "(loss curves copied, stages summed up in README.md)")
     e = sub.add_parser("eval", help="evaluate a herd-tiny checkpoint on fresh generated examples")
     e.add_argument("model")
     e.add_argument("--report", help="write the report (markdown) here")
@@ -36,12 +38,20 @@ def main(argv=None) -> int:
     pr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     pr.add_argument("--tokenizer", help="the tokenizer.json to use (default: the shipped herd-tiny's)")
     args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:  # bad options or files: the message names them
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
     if getattr(args, "threads", 0):
         import torch
         torch.set_num_threads(args.threads)
     if args.cmd == "data":
         from herd.tiny.build import build
-        print(f"herd-tiny data in {build(args.out, seed=args.seed, lookups=args.lookups)}")
+        print(f"herd-tiny data in {build(args.out, seed=args.seed, lookups=not args.first_build)}")
     elif args.cmd == "encoder":
         from pathlib import Path
 

@@ -370,7 +370,8 @@ def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step, cfg.warmup, cfg.steps, min_ratio=1.0)  # warm-up, then constant
+            # warm-up, then constant; a resumed run warms up again: its optimizer moments start afresh
+            g["lr"] = cfg.lr * lr_factor(step, cfg.warmup, cfg.steps, min_ratio=1.0)
         opt.step()
     if cfg.save:
         from herd.train.trainer import save_start
