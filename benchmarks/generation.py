@@ -2,7 +2,7 @@
 
     python benchmarks/generation.py [--dtypes bfloat16 float32] [--threads 2] [--layers 8] [--experts 16]
                                     [--prompts 512 4096] [--batches 1 8] [--steps 32] [--llamacpp]
-                                    [--json out.json]
+                                    [--json out.json] [--plot out.png]
 
 The model: a random Llama 4 of width 1024 (8 heads of 128, 2 KV heads), ``--layers`` layers, every
 layer MoE with ``--experts`` experts of width 1024 (top-1) + shared expert, the real 202,048-token
@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scout-slice", action="store_true", help="also time 2 Scout-width layers (~9 GB in bf16)")
     ap.add_argument("--dir", default=os.environ.get("HERD_BENCH_DIR"), help="checkpoint folder (kept between runs)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="also draw the table as a bar chart (PNG)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = bench_config(args.layers, args.experts)
@@ -197,16 +198,19 @@ def main(argv=None) -> int:
     if args.llamacpp:
         add_llama4_tokenizer(folder)
         script = LLAMACPP / "bench.sh"
+        # bench.sh's `python3` converts the checkpoint (torch, transformers, gguf): make it this interpreter
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         out = subprocess.run(["bash", str(script), str(folder), "bf16", str(args.threads)], capture_output=True,
-                             text=True)
+                             text=True, env=env)
         for line in out.stdout.splitlines():  # "llama.cpp pp512: 2020.0 tokens/s"
             kind, rate = line.split()[1].rstrip(":"), float(line.split()[2])
             cases = ("prefill 512",) if kind == "pp512" else ("decode batch 1", "decode b1 compile")
             for row in rows:
                 if row["dtype"] == "bfloat16" and row["case"] in cases:
                     row["llama.cpp"] = rate
-        if out.returncode:
-            print(out.stderr[-2000:], file=sys.stderr)
+        if out.returncode or not out.stdout.strip():
+            print(f"llama.cpp's bench.sh failed (exit {out.returncode}), no llama.cpp figures: {out.stderr[-2000:]}"
+                  f"(its conversion log: ~/.cache/herd-anchors/gguf/*.log)", file=sys.stderr)
         if "bfloat16" in args.dtypes and 1 in args.batches:  # this machine drifts: time herd again, right after
             for compile_, case in ((False, "decode batch 1"), (True, "decode b1 compile")):
                 llm = herd.load(folder, dtype="bfloat16", progress=False, compile=compile_)
@@ -228,10 +232,48 @@ def main(argv=None) -> int:
                   f"({r['herd_again'] / r['llama.cpp']:.2f}x llama.cpp)")
     if any(r.get("transformers_capped") for r in rows):
         print(f"* transformers timed on {args.tf_bf16_tokens} prompt tokens / decode steps (bf16 is too slow for more)")
+    if args.plot:
+        plot(rows, Path(args.plot), f"{cfg.n_layers} layers, width {cfg.dim}, {args.experts} experts top-1, "
+             f"vocab {cfg.vocab_size}, {args.threads} threads")
     extra = extras(args)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, **extra}, indent=1))
     return 0
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """The table as horizontal bars, one group per case: herd, transformers and llama.cpp tokens/s on a
+    log scale, each bar labelled with its rate and herd's ratio to it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sides = [("herd", "tab:green"), ("transformers", "tab:gray"), ("llama.cpp", "tab:blue")]
+    fig, ax = plt.subplots(figsize=(9, 0.62 * len(rows) + 1.2))
+    labelled = set()
+    for i, r in enumerate(rows):
+        for j, (side, colour) in enumerate(sides):
+            rate = r.get(side)
+            if not rate:
+                continue
+            y = i + (j - 1) * 0.27
+            ax.barh(y, rate, height=0.25, color=colour, label=None if side in labelled else side)
+            labelled.add(side)
+            note = f"{rate:.1f}" if side == "herd" else f"{rate:.1f} (herd {r['herd'] / rate:.2f}x)"
+            ax.text(rate * 1.03, y, note, va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"{r['dtype'].replace('bfloat16', 'bf16').replace('float32', 'f32')} {r['case']}"
+                                      for r in rows])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(right=ax.get_xlim()[1] * 4)  # room for the labels
+    ax.set_xlabel("tokens/s (log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"chart: {path}")
 
 
 @torch.inference_mode()

@@ -1,5 +1,5 @@
-"""Half-precision products on the CPU (herd.model.layers.linear): one row by torch's GEMV (on CPUs
-with native bf16, in place of oneDNN's product), more rows by oneDNN or in float32. Every way gives
+"""Half-precision products on the CPU (herd.model.layers.linear): one row by a matrix-vector product
+(oneDNN's on CPUs with AMX, torch's GEMV on the others), more rows by oneDNN or in float32. Every way gives
 float32 sums rounded to bf16, so results agree up to one bf16 rounding step (they may sum in
 another order)."""
 
@@ -9,6 +9,7 @@ import torch
 import herd
 from herd.engine.generate import Engine
 from herd.llm import init_weights
+from herd.model import layers
 from herd.model.layers import linear
 from herd.model.transformer import TextModel
 from tests.conftest import tiny_text
@@ -20,8 +21,14 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert (a - b).abs().max() <= 2e-2 * b.abs().max()  # bf16 has 8 bits: one rounding step is 0.4-0.8%
 
 
+# The one-row product's kernels this CPU takes: torch's GEMV everywhere, oneDNN's where it has AMX.
+GEMV_KERNELS = ["torch"] + (["onednn"] if layers._amx_bf16() else [])
+
+
+@pytest.mark.parametrize("kernel", GEMV_KERNELS)
 @pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96), (96,)])
-def test_one_row_is_the_float32_sum_rounded_once(shape):
+def test_one_row_is_the_float32_sum_rounded_once(shape, kernel, monkeypatch):
+    monkeypatch.setattr(layers, "_amx_bf16", lambda: kernel == "onednn")
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 96, generator=g).bfloat16()
     b = torch.randn(300, generator=g).bfloat16()
@@ -72,12 +79,15 @@ def test_compiled_head_gives_float32_sums_of_the_bf16_weights():
     assert not herd.load("tiny-moe", progress=False).model.compile_head()  # float32: nothing to gain
 
 
-def test_gemv_switch_does_not_reach_products_on_other_threads():
-    """The one-row GEMV turns oneDNN off process-wide for its call; a bf16 GEMM on another thread under
-    ONEDNN_SWITCH (as the server's image encoder runs) must still give oneDNN's bits, every time."""
+def test_gemv_switch_does_not_reach_products_on_other_threads(monkeypatch):
+    """The one-row GEMV by torch's kernel turns oneDNN off process-wide for its call; a bf16 GEMM on
+    another thread under ONEDNN_SWITCH (as the server's image encoder runs) must still give oneDNN's
+    bits, every time."""
     import threading
 
     from herd.model.layers import ONEDNN_SWITCH, _half_gemv
+
+    monkeypatch.setattr(layers, "_amx_bf16", lambda: False)  # the switching kernel, whatever this CPU has
 
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(2048, 512, generator=g).bfloat16(), torch.randn(512, generator=g).bfloat16()

@@ -71,11 +71,8 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ b). Half precision on a CPU takes one of three ways, whichever is fastest there:
 
-    - one row (batch-1 decode), on any CPU: torch's own GEMV (see `_half_gemv`): float32 sums
-      rounded once. With native half-precision dot products (AVX512-BF16, AMX) oneDNN's product
-      reorders the weight into its blocked layout on every call; on AVX2 the plain bf16 call's sums
-      are rounded more than once (more than one bf16 step from the exact sum: tests/test_half_precision.py)
-      at about the same speed (7.0 vs 6.5 GB/s, one thread, the 202,048 x 1,024 head).
+    - one row (batch-1 decode), on any CPU: a matrix-vector product (see `_half_gemv`), float32
+      sums rounded once: oneDNN's on CPUs with AMX, torch's own GEMV on the others.
     - 16 or more rows on a CPU without them (AVX2, AVX-512 without BF16): in float32. Such CPUs run
       half-precision GEMMs 3-7x slower than float32 ones, and upcasting the weight for the call costs
       one pass over it (measured on AVX2: a 4096 x 1024 weight breaks even at 8-16 rows). Very tall
@@ -107,21 +104,38 @@ ONEDNN_SWITCH = threading.RLock()
 
 
 def _half_gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """One row x [..., D] times a half-precision (out, in) matrix on the CPU by torch's GEMV kernel:
-    float32 dot products over the rows of w, rounded once. With oneDNN enabled torch hands the product
-    to oneDNN, which reorders w into its blocked layout first: measured on an AVX512-BF16 EPYC, 2
-    threads, the 202,048 x 1024 output head took 14-16 ms (29 GB/s) this way against 33 ms, and a cold
-    1024 x 1024 expert matrix 0.085 ms against 0.19 (and 0.13 even with w stored pre-blocked).
-    oneDNN is switched off for the call only, under `ONEDNN_SWITCH`."""
-    with ONEDNN_SWITCH:
-        enabled = torch._C._get_mkldnn_enabled()
-        torch._C._set_mkldnn_enabled(False)
-        try:
-            y = torch.mv(w, x.reshape(-1))
-        finally:
-            torch._C._set_mkldnn_enabled(enabled)
+    """One row x [..., D] times a half-precision (out, in) matrix on the CPU as torch.mv(w, x): float32
+    dot products over the rows of w, rounded once. Which kernel runs it depends on the CPU:
+
+    - with AMX (bf16): oneDNN's, as torch configures it (a brgemm with w as the tall left operand, no
+      reorder). Measured on a Xeon with AMX, 2 threads: the 202,048 x 1024 output head 15.4-16.0 ms
+      against 26.9-27.2 by torch's GEMV; a whole batch-1 decode step of the benchmark model 29.3-31.1 ms
+      against 41.1-41.5.
+    - otherwise torch's GEMV, with oneDNN switched off for the call (under `ONEDNN_SWITCH`): oneDNN
+      reorders w into its blocked layout first on such CPUs. Measured on an AVX512-BF16 EPYC (no
+      AMX), 2 threads: the head 14-16 ms (29 GB/s) against 33 ms, a cold 1024 x 1024 expert matrix
+      0.085 ms against 0.19 (and 0.13 even with w stored pre-blocked); on AVX2 oneDNN's call also
+      rounds the sums more than once (tests/test_half_precision.py).
+    """
+    if w.dtype == torch.bfloat16 and _amx_bf16():
+        y = torch.mv(w, x.reshape(-1))
+    else:
+        with ONEDNN_SWITCH:
+            enabled = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(False)
+            try:
+                y = torch.mv(w, x.reshape(-1))
+            finally:
+                torch._C._set_mkldnn_enabled(enabled)
     y = y.view(*x.shape[:-1], w.shape[0])
     return y if b is None else y + b
+
+
+@functools.cache
+def _amx_bf16() -> bool:
+    """Whether this CPU has AMX tiles (Xeon Sapphire Rapids and later), on which oneDNN runs bf16
+    matrix-vector products fastest."""
+    return torch.cpu._is_amx_tile_supported()
 
 
 @functools.cache

@@ -187,8 +187,10 @@ class TextModel(nn.Module):
     def compile_head(self) -> bool:
         """Batch-1 decode's output product (the largest read of a step: 414 MB for Llama 4's vocabulary
         at width 1024 in bf16) through a kernel torch.compile generates, for half-precision weights on a
-        CPU: it streams the matrix at memory speed (31-33 GB/s here, against 26-29 for torch's bf16
-        GEMV, see `linear`), and its logits are float32 sums of the exact products instead of bf16-rounded ones.
+        CPU: its logits are float32 sums of the exact products instead of bf16-rounded ones. On an
+        AVX512-BF16 EPYC it also streamed the matrix faster (31-33 GB/s against 26-29 for torch's bf16
+        GEMV, see `linear`); on a Xeon with AMX it is slower than oneDNN's product (18.8-19.4 ms against
+        15.4-16.0 for the 202,048 x 1024 head).
         Costs a compilation at the first step (~20 s on a fresh machine, ~1.5 s from torch's cache),
         hence an option (herd.load(..., compile=True)). Returns whether it applies."""
         w = self.output.weight
