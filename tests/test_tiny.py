@@ -199,6 +199,11 @@ def test_encoder_pretraining_feeds_herd_train(tiny_dir, tmp_path):
         bare = build_training(load_config(tmp_path / "c.toml", [f"model.config={tmp_path / 'bare' / 'config.json'}",
                                                               f"model.tokenizer={out / 'tokenizer.json'}"]))
     assert bare.tiler.max_tiles == 16 and built.tiler.max_tiles == 1
+    (tmp_path / "bare" / "preprocessor_config.json").write_text('{"do_resize": true}')  # says nothing of tiles
+    with pytest.warns(UserWarning, match=r"model.config: no max_patches in the preprocessor_config.json beside "
+                                         r".*bare.config.json: pictures are cut into up to 16 tiles"):
+        build_training(load_config(tmp_path / "c.toml", [f"model.config={tmp_path / 'bare' / 'config.json'}",
+                                                        f"model.tokenizer={out / 'tokenizer.json'}"]))
     save_file({k: v for k, v in list(weights.items())[1:]}, str(tmp_path / "enc.safetensors"))
     with pytest.raises(CheckpointError, match=r"model.vision_init: .*enc.safetensors: not this encoder's weights"):
         build_training(load_config(tmp_path / "c.toml"))
@@ -545,7 +550,7 @@ def test_recipes_chain_the_shipped_builds_stages():
     assert Path(one.model.text_init).resolve() == run / "data" / "decoder.safetensors"
     assert Path(one.model.vision_init).resolve() == run / "data" / "encoder.safetensors"
     assert two.job == "sft" and Path(two.out_dir).resolve() == run / "pictures"
-    assert (ROOT / "recipes" / two.model.checkpoint).resolve() == run / "train" / "final"  # resolved once it exists
+    assert Path(two.model.checkpoint).resolve() == run / "train" / "final"  # relative to the recipe, before it exists
     assert [Path(p).resolve() for p in two.data.train] == [run / "data" / "pictures.jsonl"]
     assert two.data.val == one.data.val and two.optim.lr < one.optim.lr
     script = (ROOT / "scripts" / "train-herd-tiny").read_text()

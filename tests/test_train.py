@@ -470,6 +470,26 @@ def test_overrides_and_field_docs(tmp_path):
     assert "optim.lr = 0.0003  # peak learning rate" in docs and "[distributed]" in docs
 
 
+def test_checkpoint_is_a_folder_beside_the_recipe_or_a_model_name(tmp_path):
+    """model.checkpoint is read relative to the recipe even before an earlier stage writes it (so a
+    missing one is named where the recipe meant it), and stays a name when it is one herd.load knows."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    path = recipes / "c.toml"
+    for value, want in (("../runs/final", str(recipes / "../runs/final")), ("tiny-moe", "tiny-moe"),
+                        ("herd-tiny", "herd-tiny"), ("later", str(recipes / "later"))):
+        path.write_text(f"job = 'sft'\n[model]\ncheckpoint = '{value}'\n[data]\ntrain = ['x.jsonl']\n")
+        assert load_config(path).model.checkpoint == want
+    from herd.checkpoint.errors import CheckpointError
+    from herd.train.trainer import build
+
+    with pytest.raises(CheckpointError, match=f"model.checkpoint: {recipes / 'later'}: not a directory"):
+        build(load_config(path))
+    (recipes / "tiny-moe").mkdir()  # a folder of that name beside the recipe wins, as in herd.load
+    path.write_text("job = 'sft'\n[model]\ncheckpoint = 'tiny-moe'\n[data]\ntrain = ['x.jsonl']\n")
+    assert load_config(path).model.checkpoint == str(recipes / "tiny-moe")
+
+
 def test_bad_training_data_is_named(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{oops\n')
     path = tmp_path / "c.toml"

@@ -29,7 +29,8 @@ def doc(text: str, default: Any = dataclasses.MISSING, **kw):
 class ModelSection:
     preset: str = doc("pretrain: a preset name (tiny-moe, tiny-interleaved, ...) giving the architecture", "")
     config: str = doc("pretrain: a Hugging Face config.json giving the architecture (instead of preset)", "")
-    checkpoint: str = doc("sft / lora: the checkpoint folder (HF or Meta) to start from", "")
+    checkpoint: str = doc("sft / lora: the checkpoint folder (HF or Meta; relative to the recipe) or model name "
+                          "(herd.load's) to start from", "")
     tokenizer: str = doc("tokenizer file (tokenizer.json or tokenizer.model); default: the checkpoint's, "
                          "else the config's folder's, else Llama 4's bundled one", "")
     init_std: float = doc("pretrain: weights start as N(0, init_std); norms at 1 (herd's documented scheme)", 0.02)
@@ -251,8 +252,14 @@ def _resolve_paths(cfg: TrainConfig, base: Path) -> None:
     cfg.model.config, cfg.model.tokenizer, cfg.data.cache_dir = (fix(cfg.model.config), fix(cfg.model.tokenizer),
                                                                  fix(cfg.data.cache_dir))
     cfg.model.vision_init, cfg.model.text_init = fix(cfg.model.vision_init), fix(cfg.model.text_init)
-    if cfg.model.checkpoint and (base / cfg.model.checkpoint).exists():
-        cfg.model.checkpoint = fix(cfg.model.checkpoint)
+    # A folder relative to the recipe (as every path here), whether it exists yet or not (an earlier
+    # stage may write it), unless it is a name herd.load knows and no such folder is there.
+    from herd.config import PRESETS
+    from herd.llm import MODELS
+
+    ckpt = cfg.model.checkpoint
+    if ckpt and ((base / ckpt).exists() or ckpt not in (*PRESETS, *MODELS)):
+        cfg.model.checkpoint = fix(ckpt)
     cfg.data.train = [fix(p) for p in cfg.data.train]
     cfg.data.val = [fix(p) for p in cfg.data.val]
 

@@ -121,13 +121,19 @@ def build(cfg: TrainConfig) -> Built:
                 load_start(vision, Path(m.vision_init), "model.vision_init", "this encoder's weights")
         base = m.preset or m.config
         folder = default_tok
-        max_tiles = (folder_max_tiles(folder) if folder is not None else None) or DEFAULT_MAX_TILES
-        if vision is not None and folder is not None and not (folder / "preprocessor_config.json").exists():
+        known = folder_max_tiles(folder) if folder is not None else None
+        max_tiles = known or DEFAULT_MAX_TILES
+        if vision is not None and folder is not None and known is None:
             # The tiling decides how many image tokens a picture becomes: say when it is a guess.
-            warnings.warn(f"model.config: no preprocessor_config.json beside {m.config}: pictures are cut into "
-                          f"up to {max_tiles} tiles (Llama 4's default max_patches)", stacklevel=2)
+            missing = ("no preprocessor_config.json" if not (folder / "preprocessor_config.json").exists()
+                       else "no max_patches in the preprocessor_config.json")
+            warnings.warn(f"model.config: {missing} beside {m.config}: pictures are cut into up to {max_tiles} "
+                          f"tiles (Llama 4's default max_patches)", stacklevel=2)
     else:
-        llm = herd.load(m.checkpoint, dtype="float32", device="cpu", vision=m.vision, progress=cfg.train.progress)
+        try:
+            llm = herd.load(m.checkpoint, dtype="float32", device="cpu", vision=m.vision, progress=cfg.train.progress)
+        except CheckpointError as e:
+            raise CheckpointError(f"model.checkpoint: {e}") from None
         model, vision, tok, mcfg, base = llm.model, llm.vision, llm.tokenizer, llm.config, m.checkpoint
         folder, max_tiles = Path(m.checkpoint), llm.tiler.max_tiles if llm.tiler is not None else DEFAULT_MAX_TILES
         model.output.weight.data = model.output.weight.data.contiguous()  # inference may keep it column-major
