@@ -189,22 +189,23 @@ def write_split(out: Path, name: str, tok: Tokenizer, mix: Mix, seed: int, progr
     img_dir.mkdir(parents=True, exist_ok=True)
     count = lambda s: len(tok.encode(s))  # noqa: E731
     copy = lambda lengths: {"messages": text.copy_example(rng, count, rng.randint(*lengths))}  # noqa: E731
+    fact = lambda: _retrieval_chat(rng, count, mix.max_distance)  # noqa: E731
+    story = lambda: {"text": text.story(rng)}  # noqa: E731
     first = [copy(mix.first_copy_tokens)
              for _ in tqdm(range(mix.first_copies), desc=f"{name}: text-first copies", disable=not progress)]
     lookups = [copy(mix.copy_tokens) for _ in range(mix.lookup_copies)]
-    lookups += [_retrieval_chat(rng, count, mix.max_distance)
-                for _ in tqdm(range(mix.lookup_retrieval), desc=f"{name}: text-first lookups", disable=not progress)]
+    lookups += [fact() for _ in tqdm(range(mix.lookup_retrieval), desc=f"{name}: text-first lookups",
+                                     disable=not progress)]
     easy = [_image_chat(rng, img_dir, name, i, True)
             for i in tqdm(range(mix.easy_images), desc=f"{name}: warm-up images", disable=not progress)]
     records = [_image_chat(rng, img_dir, name, i, False)
                for i in tqdm(range(mix.images), desc=f"{name}: images", disable=not progress)]
-    warmup = easy + records[:mix.warmup_images] + [{"text": text.story(rng)} for _ in range(mix.warmup_stories)]
-    warmup += [_retrieval_chat(rng, count, mix.max_distance) for _ in range(mix.warmup_retrieval)]
+    warmup = easy + records[:mix.warmup_images] + [story() for _ in range(mix.warmup_stories)]
+    warmup += [fact() for _ in range(mix.warmup_retrieval)]
     records = records[mix.warmup_images:]
-    records += [{"text": text.story(rng)} for _ in range(mix.stories)]
+    records += [story() for _ in range(mix.stories)]
     records += [{"messages": text.story_chat(rng)} for _ in range(mix.story_chats)]
-    records += [_retrieval_chat(rng, count, mix.max_distance)
-                for _ in tqdm(range(mix.retrieval), desc=f"{name}: retrieval", disable=not progress)]
+    records += [fact() for _ in tqdm(range(mix.retrieval), desc=f"{name}: retrieval", disable=not progress)]
     records += [copy(mix.copy_tokens) for _ in tqdm(range(mix.copies), desc=f"{name}: copying", disable=not progress)]
     for block in (first, lookups, warmup, records):
         rng.shuffle(block)
