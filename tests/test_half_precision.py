@@ -21,7 +21,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert (a - b).abs().max() <= 2e-2 * b.abs().max()  # bf16 has 8 bits: one rounding step is 0.4-0.8%
 
 
-# The one-row product's kernels this CPU takes: torch's GEMV everywhere, oneDNN's where it has AMX.
+# The one-row product's kernels this CPU can take: torch's GEMV everywhere, oneDNN's where it has AMX.
 GEMV_KERNELS = ["torch"] + (["onednn"] if layers._amx_bf16() else [])
 
 
@@ -40,6 +40,23 @@ def test_one_row_is_the_float32_sum_rounded_once(shape, kernel, monkeypatch):
         # at most one bf16 step (2^-7 relative) from the exact product: the sums may round either way
         assert ((y.float() - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all()
     assert torch._C._get_mkldnn_enabled()  # the GEMV's switch is put back
+
+
+@pytest.mark.parametrize("rows", [2, 8, 128, 129])
+def test_few_rows_take_the_weight_on_the_left_only_with_amx(rows, monkeypatch):
+    """On a CPU with AMX, up to 128 bf16 rows are multiplied as w @ x.T (oneDNN reads the weight as it
+    lies): float32 sums rounded once, as the plain product's; elsewhere, and past 128 rows, never."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(300, 96, generator=g).bfloat16(), torch.randn(rows, 96, generator=g).bfloat16()
+    taken = []
+    real = layers._weight_left
+    monkeypatch.setattr(layers, "_weight_left", lambda *a: taken.append(True) or real(*a))
+    y = linear(x, w)
+    assert bool(taken) == (layers._amx_bf16() and rows <= 128) and y.shape == (rows, 300)
+    if taken:
+        exact = x.double() @ w.double().t()
+        assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-6).all()
+        assert torch.equal(y, torch.nn.functional.linear(x, w))  # the same sums as x @ w.T by oneDNN
 
 
 def test_batch_one_decode_agrees_with_the_full_forward():

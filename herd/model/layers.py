@@ -69,30 +69,52 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ b). Half precision on a CPU takes one of three ways, whichever is fastest there:
+    """x @ w.T (+ b). Half precision on a CPU takes one of four ways, whichever is fastest there:
 
-    - one row (batch-1 decode), on any CPU: a matrix-vector product (see `_half_gemv`), float32
-      sums rounded once: oneDNN's on CPUs with AMX, torch's own GEMV on the others.
-    - 16 or more rows on a CPU without them (AVX2, AVX-512 without BF16): in float32. Such CPUs run
-      half-precision GEMMs 3-7x slower than float32 ones, and upcasting the weight for the call costs
-      one pass over it (measured on AVX2: a 4096 x 1024 weight breaks even at 8-16 rows). Very tall
-      weights (the output head) are upcast in blocks of rows, so no float32 copy of the whole matrix
-      is ever made.
+    - up to 128 rows (decode, small batches) in bf16 on a CPU with AMX: w @ x.T by oneDNN (see
+      `_weight_left`).
+    - one row (batch-1 decode) on any other CPU: torch's own GEMV (see `_half_gemv`), float32 sums
+      rounded once.
+    - 16 or more rows on a CPU without native half-precision dot products (AVX2, AVX-512 without
+      BF16): in float32. Such CPUs run half-precision GEMMs 3-7x slower than float32 ones, and
+      upcasting the weight for the call costs one pass over it (measured on AVX2: a 4096 x 1024 weight
+      breaks even at 8-16 rows). Very tall weights (the output head) are upcast in blocks of rows, so
+      no float32 copy of the whole matrix is ever made.
     - otherwise the plain call: 2-15 rows on CPUs without native dot products, many rows on CPUs
       with them (oneDNN's native bf16 GEMM, 2.4-2.9x faster than the upcast: 512 x 1024 x 4096, AVX512-BF16 EPYC).
     """
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     half_cpu = x.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
-    native = half_cpu and native_half_gemm(w.dtype)
+    if half_cpu and 0 < rows <= _WEIGHT_LEFT_ROWS and w.dtype == torch.bfloat16 and _amx_bf16():
+        return _weight_left(x, w, b)
     if half_cpu and rows == 1:
         return _half_gemv(x, w, b)
-    if not half_cpu or rows < 16 or native:
+    if not half_cpu or rows < 16 or native_half_gemm(w.dtype):
         return F.linear(x, w, b)
     xf, bf = x.float(), None if b is None else b.float()
     if w.shape[0] <= _UPCAST_BLOCK * 8:
         return F.linear(xf, w.float(), bf).to(x.dtype)
     out = torch.cat([F.linear(xf, w[i:i + _UPCAST_BLOCK].float()) for i in range(0, w.shape[0], _UPCAST_BLOCK)], -1)
     return (out if bf is None else out + bf).to(x.dtype)
+
+
+_WEIGHT_LEFT_ROWS = 128
+
+
+def _weight_left(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T computed as (w @ x.T).T, for a few rows on a CPU with AMX: oneDNN then runs a brgemm
+    with the weight as the tall left operand, read as it lies, where x @ w.T first reorders the
+    weight into its blocked layout. Same sums (bitwise equal here). Measured on a Xeon with AMX, 2
+    threads, bf16: the 202,048 x 1024 output head 15.4-16.0 ms for one row against 26.9-27.2 by
+    torch's GEMV (`_half_gemv`), 16.7 ms for 8 rows and 22.2 for 64 against 25.0 and 46.6 by
+    F.linear; a cold 1024 x 1024 weight 116-136 us against 160-180 for 8-32 rows; at 512 rows
+    F.linear wins (1.08 ms against 1.36). A batch-1 decode step of the benchmark model: 29.3-31.1 ms
+    against 41.1-41.5 by torch's GEMV."""
+    x2 = x.reshape(-1, x.shape[-1])
+    # one row as a matrix-vector product: as a 1-column mm oneDNN takes another kernel (21 ms for the head)
+    y = torch.mv(w, x2[0]) if x2.shape[0] == 1 else torch.mm(w, x2.t()).t().contiguous()
+    y = y.view(*x.shape[:-1], w.shape[0])
+    return y if b is None else y + b
 
 
 # oneDNN's on/off switch is process-wide, and torch has no per-call way around it (every product
@@ -104,29 +126,20 @@ ONEDNN_SWITCH = threading.RLock()
 
 
 def _half_gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """One row x [..., D] times a half-precision (out, in) matrix on the CPU as torch.mv(w, x): float32
-    dot products over the rows of w, rounded once. Which kernel runs it depends on the CPU:
-
-    - with AMX (bf16): oneDNN's, as torch configures it (a brgemm with w as the tall left operand, no
-      reorder). Measured on a Xeon with AMX, 2 threads: the 202,048 x 1024 output head 15.4-16.0 ms
-      against 26.9-27.2 by torch's GEMV; a whole batch-1 decode step of the benchmark model 29.3-31.1 ms
-      against 41.1-41.5.
-    - otherwise torch's GEMV, with oneDNN switched off for the call (under `ONEDNN_SWITCH`): oneDNN
-      reorders w into its blocked layout first on such CPUs. Measured on an AVX512-BF16 EPYC (no
-      AMX), 2 threads: the head 14-16 ms (29 GB/s) against 33 ms, a cold 1024 x 1024 expert matrix
-      0.085 ms against 0.19 (and 0.13 even with w stored pre-blocked); on AVX2 oneDNN's call also
-      rounds the sums more than once (tests/test_half_precision.py).
-    """
-    if w.dtype == torch.bfloat16 and _amx_bf16():
-        y = torch.mv(w, x.reshape(-1))
-    else:
-        with ONEDNN_SWITCH:
-            enabled = torch._C._get_mkldnn_enabled()
-            torch._C._set_mkldnn_enabled(False)
-            try:
-                y = torch.mv(w, x.reshape(-1))
-            finally:
-                torch._C._set_mkldnn_enabled(enabled)
+    """One row x [..., D] times a half-precision (out, in) matrix on the CPU by torch's GEMV kernel:
+    float32 dot products over the rows of w, rounded once. oneDNN is switched off for the call (under
+    `ONEDNN_SWITCH`): on CPUs without AMX its product reorders w into its blocked layout first.
+    Measured on an AVX512-BF16 EPYC (no AMX), 2 threads: the 202,048 x 1024 head 14-16 ms (29 GB/s)
+    against 33 ms, a cold 1024 x 1024 expert matrix 0.085 ms against 0.19 (and 0.13 even with w
+    stored pre-blocked); on AVX2 oneDNN's call also rounds the sums more than once
+    (tests/test_half_precision.py)."""
+    with ONEDNN_SWITCH:
+        enabled = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            y = torch.mv(w, x.reshape(-1))
+        finally:
+            torch._C._set_mkldnn_enabled(enabled)
     y = y.view(*x.shape[:-1], w.shape[0])
     return y if b is None else y + b
 
