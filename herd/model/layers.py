@@ -147,7 +147,7 @@ def _half_gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
 @functools.cache
 def _amx_bf16() -> bool:
     """Whether this CPU has AMX tiles (Xeon Sapphire Rapids and later), on which oneDNN runs bf16
-    matrix-vector products fastest."""
+    products of a few rows fastest with the weight on the left (see `_weight_left`)."""
     return torch.cpu._is_amx_tile_supported()
 
 
