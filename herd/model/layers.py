@@ -71,8 +71,8 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ b). Half precision on a CPU takes one of four ways, whichever is fastest there:
 
-    - up to 128 rows (decode, small batches) in bf16 on a CPU with AMX: w @ x.T by oneDNN (see
-      `_weight_left`).
+    - up to 128 rows (decode steps, short prompts, an expert's rows) in bf16 on a CPU with AMX:
+      w @ x.T by oneDNN (see `_weight_left`).
     - one row (batch-1 decode) on any other CPU: torch's own GEMV (see `_half_gemv`), float32 sums
       rounded once.
     - 16 or more rows on a CPU without native half-precision dot products (AVX2, AVX-512 without
