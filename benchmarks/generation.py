@@ -13,7 +13,9 @@ vocabulary, chunk 8192 and a NoPE layer every 4th. It is written once as a Huggi
            transformers: one forward with its cache, logits for the last position only);
   decode:  tokens/s over ``--steps`` greedy steps after a 64-token prompt, for B sequences at once
            (B x steps / time), both with their KV caches; in bf16 at batch 1 also with
-           herd.load(..., compile=True) ("decode b1 compile": the output product compiled).
+           herd.load(..., compile=True) ("decode b1 compile": the output product compiled);
+  b1 products only: steps/s of nothing but a batch-1 step's weight products by herd's kernels (see
+           `products_alone`): the ceiling of herd's batch-1 decode on this machine with those kernels.
 
 Then, without transformers: KV-cache bytes of the Scout config at 8K / 128K / 1M tokens against a
 cache that keeps every layer's entries; decode step time of 2-layer models with 16 vs 128 experts
@@ -123,6 +125,40 @@ def herd_decode(model: TextModel, batch: int, steps: int, repeat: int = 1) -> fl
 
 
 @torch.inference_mode()
+def products_alone(model: TextModel, steps: int, repeat: int = 1) -> float:
+    """Steps/s of nothing but the weight products of batch-1 decode steps: each layer's projections,
+    router, one routed expert (another one each step, as real tokens pick) and shared expert, then the
+    output head, through herd's `linear` (the same kernels on the same weights). What herd's decode would
+    reach if attention, norms, routing, the cache and Python cost nothing."""
+    from herd.model.layers import linear
+    from herd.model.moe import MoE
+
+    def weights(step: int) -> list[torch.Tensor]:
+        ws = []
+        for i, block in enumerate(model.layers):
+            a, f = block.attention, block.feed_forward
+            ws += [a.wq.weight, a.wk.weight, a.wv.weight, a.wo.weight]
+            if isinstance(f, MoE):
+                e = (step + i) % f.experts.w1.shape[0]
+                ws += [f.router.weight, f.experts.w1[e], f.experts.w3[e], f.experts.w2[e]]
+                f = f.shared_expert
+            ws += [f.w1.weight, f.w3.weight, f.w2.weight]
+        return ws + [model.output.weight]
+
+    w0 = model.output.weight
+    inputs = {n: torch.randn(1, n, dtype=w0.dtype, device=w0.device) for n in {w.shape[1] for w in weights(0)}}
+    plan = [weights(s) for s in range(steps)]
+    linear(inputs[w0.shape[1]], w0)  # warm-up
+
+    def run():
+        for ws in plan:
+            for w in ws:
+                linear(inputs[w.shape[1]], w)
+
+    return steps / timed(run, repeat)
+
+
+@torch.inference_mode()
 def hf_prefill(model, n: int, repeat: int = 1) -> float:
     ids = _random_ids((1, n), model.device)
     model(ids[:, :4], use_cache=True, logits_to_keep=1)  # warm-up
@@ -190,6 +226,8 @@ def main(argv=None) -> int:
                 row["transformers"] = theirs()
                 row["transformers_capped"] = cap is not None
             rows.append(row)
+        if 1 in args.batches:  # the ceiling of herd's batch-1 decode with its kernels
+            rows.append({"dtype": dtype, "case": "b1 products only", "herd": products_alone(llm.model, args.steps)})
         del llm, hf
     if "bfloat16" in args.dtypes and 1 in args.batches:  # herd.load(..., compile=True): the compiled output product
         llm = herd.load(folder, dtype="bfloat16", progress=False, compile=True)
@@ -204,7 +242,7 @@ def main(argv=None) -> int:
                              text=True, env=env)
         for line in out.stdout.splitlines():  # "llama.cpp pp512: 2020.0 tokens/s"
             kind, rate = line.split()[1].rstrip(":"), float(line.split()[2])
-            cases = ("prefill 512",) if kind == "pp512" else ("decode batch 1", "decode b1 compile")
+            cases = ("prefill 512",) if kind == "pp512" else ("decode batch 1", "decode b1 compile", "b1 products only")
             for row in rows:
                 if row["dtype"] == "bfloat16" and row["case"] in cases:
                     row["llama.cpp"] = rate

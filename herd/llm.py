@@ -231,10 +231,14 @@ class LLM:
             raise ValueError(f"input_ids hold {n_patch_tokens} <|patch|> tokens but pixel_values has "
                              f"{pixel_values.shape[0]} tiles × {per_tile} = {pixel_values.shape[0] * per_tile}")
         # ONEDNN_SWITCH: the server encodes images on a worker thread while its engine thread decodes;
-        # the encoder's products must not run while a decode GEMV has oneDNN switched off.
-        with torch.inference_mode(), ONEDNN_SWITCH:
+        # the encoder's products must not run while a decode GEMV has oneDNN switched off. Taken per
+        # group of tiles, so decode steps go on between groups.
+        with torch.inference_mode():
             pixels = pixel_values.to(self.device)
-            feats = [self.vision(pixels[i:i + _ENCODE_TILES]) for i in range(0, pixels.shape[0], _ENCODE_TILES)]
+            feats = []
+            for i in range(0, pixels.shape[0], _ENCODE_TILES):
+                with ONEDNN_SWITCH:
+                    feats.append(self.vision(pixels[i:i + _ENCODE_TILES]))
         return torch.cat(feats).flatten(0, 1)
 
     def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:

@@ -29,6 +29,7 @@ GEMV_KERNELS = ["torch"] + (["onednn"] if layers._amx_bf16() else [])
 @pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96), (96,)])
 def test_one_row_is_the_float32_sum_rounded_once(shape, kernel, monkeypatch):
     monkeypatch.setattr(layers, "_amx_bf16", lambda: kernel == "onednn")
+    monkeypatch.setattr(layers, "_ONEDNN_GEMV_MIN", 0)  # this small weight takes oneDNN too
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 96, generator=g).bfloat16()
     b = torch.randn(300, generator=g).bfloat16()
@@ -40,6 +41,21 @@ def test_one_row_is_the_float32_sum_rounded_once(shape, kernel, monkeypatch):
         # at most one bf16 step (2^-7 relative) from the exact product: the sums may round either way
         assert ((y.float() - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all()
     assert torch._C._get_mkldnn_enabled()  # the GEMV's switch is put back
+
+
+def test_one_row_by_a_small_weight_takes_torchs_gemv_even_with_amx(monkeypatch):
+    """With AMX, oneDNN's one-row product costs ~20 us per call before it reads anything: weights
+    below _ONEDNN_GEMV_MIN elements (routers, narrow K/V projections) take torch's GEMV, larger ones oneDNN's."""
+    monkeypatch.setattr(layers, "_amx_bf16", lambda: True)
+    taken = []
+    real = layers._half_gemv
+    monkeypatch.setattr(layers, "_half_gemv", lambda *a: taken.append(a[1].shape) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 96, generator=g).bfloat16()
+    small = torch.randn(16, 96, generator=g).bfloat16()
+    large = torch.randn(layers._ONEDNN_GEMV_MIN // 96 + 1, 96, generator=g).bfloat16()
+    assert linear(x, small).shape == (1, 16) and linear(x, large).shape == (1, large.shape[0])
+    assert taken == [small.shape]
 
 
 @pytest.mark.parametrize("rows", [2, 8, 128, 129])

@@ -72,7 +72,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """x @ w.T (+ b). Half precision on a CPU takes one of four ways, whichever is fastest there:
 
     - up to 128 rows (decode steps, short prompts, an expert's rows) in bf16 on a CPU with AMX:
-      w @ x.T by oneDNN (see `_weight_left`).
+      w @ x.T by oneDNN (see `_weight_left`), except one row by a small weight (below
+      `_ONEDNN_GEMV_MIN` elements: a router, Llama 4's narrow K/V projections), which takes torch's GEMV.
     - one row (batch-1 decode) on any other CPU: torch's own GEMV (see `_half_gemv`), float32 sums
       rounded once.
     - 16 or more rows on a CPU without native half-precision dot products (AVX2, AVX-512 without
@@ -85,10 +86,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     half_cpu = x.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
-    if half_cpu and 0 < rows <= _WEIGHT_LEFT_ROWS and w.dtype == torch.bfloat16 and _amx_bf16():
-        return _weight_left(x, w, b)
-    if half_cpu and rows == 1:
+    amx = half_cpu and w.dtype == torch.bfloat16 and _amx_bf16()
+    if half_cpu and rows == 1 and not (amx and w.numel() >= _ONEDNN_GEMV_MIN):
         return _half_gemv(x, w, b)
+    if amx and 0 < rows <= _WEIGHT_LEFT_ROWS:
+        return _weight_left(x, w, b)
     if not half_cpu or rows < 16 or native_half_gemm(w.dtype):
         return F.linear(x, w, b)
     xf, bf = x.float(), None if b is None else b.float()
@@ -99,6 +101,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 
 
 _WEIGHT_LEFT_ROWS = 128
+# Below this many weight elements a one-row product on an AMX CPU takes torch's GEMV: oneDNN's call
+# costs ~20 us before it reads anything (measured on a Xeon with AMX, 2 threads, cold bf16 weights:
+# 16 x 1024 4.1 us against 24.7, 256 x 1024 20.9 against 36.7, even at 512 x 1024, 1024 x 1024 123.7
+# against 100.2; a batch-1 decode step of the benchmark model 29.6 ms against 30.4).
+_ONEDNN_GEMV_MIN = 512 * 1024
 
 
 def _weight_left(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
