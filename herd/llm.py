@@ -128,7 +128,7 @@ class LLM:
         self.tokenizer = copy.copy(tokenizer)
         self.tiler = ImageTiler(config.vision, max_tiles, max_pixels) if vision is not None else None
         self.tokenizer.image_processor, self.tokenizer.max_images = self.tiler, max_images
-        # The KV cache's dtype (settable): float32 on a CPU for half-precision weights, see cache_dtype.
+        # The KV cache's dtype (settable): float32 on a CPU without AMX for half-precision weights, see cache_dtype.
         self.kv_dtype = cache_dtype(self.dtype, self.device)
 
     @property

@@ -22,13 +22,13 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 # The one-row product's kernels this CPU can take: torch's GEMV everywhere, oneDNN's where it has AMX.
-GEMV_KERNELS = ["torch"] + (["onednn"] if layers._amx_bf16() else [])
+GEMV_KERNELS = ["torch"] + (["onednn"] if layers.amx_bf16() else [])
 
 
 @pytest.mark.parametrize("kernel", GEMV_KERNELS)
 @pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96), (96,)])
 def test_one_row_is_the_float32_sum_rounded_once(shape, kernel, monkeypatch):
-    monkeypatch.setattr(layers, "_amx_bf16", lambda: kernel == "onednn")
+    monkeypatch.setattr(layers, "amx_bf16", lambda: kernel == "onednn")
     monkeypatch.setattr(layers, "_ONEDNN_GEMV_MIN", 0)  # this small weight takes oneDNN too
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 96, generator=g).bfloat16()
@@ -46,7 +46,7 @@ def test_one_row_is_the_float32_sum_rounded_once(shape, kernel, monkeypatch):
 def test_one_row_by_a_small_weight_takes_torchs_gemv_even_with_amx(monkeypatch):
     """With AMX, oneDNN's one-row product costs ~20 us per call before it reads anything: weights
     below _ONEDNN_GEMV_MIN elements (routers, narrow K/V projections) take torch's GEMV, larger ones oneDNN's."""
-    monkeypatch.setattr(layers, "_amx_bf16", lambda: True)
+    monkeypatch.setattr(layers, "amx_bf16", lambda: True)
     taken = []
     real = layers._half_gemv
     monkeypatch.setattr(layers, "_half_gemv", lambda *a: taken.append(a[1].shape) or real(*a))
@@ -68,7 +68,7 @@ def test_few_rows_take_the_weight_on_the_left_only_with_amx(rows, monkeypatch):
     real = layers._weight_left
     monkeypatch.setattr(layers, "_weight_left", lambda *a: taken.append(True) or real(*a))
     y = linear(x, w)
-    assert bool(taken) == (layers._amx_bf16() and rows <= 128) and y.shape == (rows, 300)
+    assert bool(taken) == (layers.amx_bf16() and rows <= 128) and y.shape == (rows, 300)
     if taken:
         exact = x.double() @ w.double().t()
         assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-6).all()
@@ -120,7 +120,7 @@ def test_gemv_switch_does_not_reach_products_on_other_threads(monkeypatch):
 
     from herd.model.layers import ONEDNN_SWITCH, _half_gemv
 
-    monkeypatch.setattr(layers, "_amx_bf16", lambda: False)  # the switching kernel, whatever this CPU has
+    monkeypatch.setattr(layers, "amx_bf16", lambda: False)  # the switching kernel, whatever this CPU has
 
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(2048, 512, generator=g).bfloat16(), torch.randn(512, generator=g).bfloat16()

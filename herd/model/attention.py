@@ -208,7 +208,10 @@ class Attention(nn.Module):
         v_cache.transpose(1, 2).index_put_((at.row_ids, at.slots), v)
         q = q.transpose(1, 2)  # (B, H, T, Dh)
         keys, values = k_cache[at.rows, :, :at.length], v_cache[at.rows, :, :at.length]
-        if T == 1 and (q.device.type != "cpu" or B * at.length > 1024):  # CPU: the fused kernel wins below that
+        # One query per row: `_attend_one` where it beats the fused kernel (a GPU; a CPU past 1024 keys in
+        # all), but not over a half-precision cache on a CPU: its scores would be rounded to bf16, where the
+        # fused kernel keeps them in float32 as transformers' attention does (and is as fast there).
+        if T == 1 and (q.device.type != "cpu" or (B * at.length > 1024 and k_cache.dtype == torch.float32)):
             out = _attend_one(q, keys, values, at.mask)
         elif q.device.type == "cuda":
             # Not cuDNN's kernel: it builds a plan for every new shape (~6 ms on an H100), and a

@@ -86,7 +86,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     half_cpu = x.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
-    amx = half_cpu and w.dtype == torch.bfloat16 and _amx_bf16()
+    amx = half_cpu and w.dtype == torch.bfloat16 and amx_bf16()
     if half_cpu and rows == 1 and not (amx and w.numel() >= _ONEDNN_GEMV_MIN):
         return _half_gemv(x, w, b)
     if amx and 0 < rows <= _WEIGHT_LEFT_ROWS:
@@ -152,9 +152,10 @@ def _half_gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
 
 
 @functools.cache
-def _amx_bf16() -> bool:
+def amx_bf16() -> bool:
     """Whether this CPU has AMX tiles (Xeon Sapphire Rapids and later), on which oneDNN runs bf16
-    products of a few rows fastest with the weight on the left (see `_weight_left`)."""
+    products of a few rows fastest with the weight on the left (see `_weight_left`), and a bf16 KV
+    cache is faster than a float32 one (see herd.engine.cache.cache_dtype)."""
     return torch.cpu._is_amx_tile_supported()
 
 
