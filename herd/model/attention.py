@@ -210,7 +210,8 @@ class Attention(nn.Module):
         keys, values = k_cache[at.rows, :, :at.length], v_cache[at.rows, :, :at.length]
         # One query per row: `_attend_one` where it beats the fused kernel (a GPU; a CPU past 1024 keys in
         # all), but not over a half-precision cache on a CPU: its scores would be rounded to bf16, where the
-        # fused kernel keeps them in float32 as transformers' attention does (and is as fast there).
+        # fused kernel keeps them in float32 as transformers' attention does (and is as fast on a CPU with
+        # AMX, where such caches are the default).
         if T == 1 and (q.device.type != "cpu" or (B * at.length > 1024 and k_cache.dtype == torch.float32)):
             out = _attend_one(q, keys, values, at.mask)
         elif q.device.type == "cuda":
