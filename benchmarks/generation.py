@@ -146,8 +146,8 @@ def products_alone(model: TextModel, steps: int, repeat: int = 1) -> float:
         return ws + [model.output.weight]
 
     w0 = model.output.weight
-    inputs = {n: torch.randn(1, n, dtype=w0.dtype, device=w0.device) for n in {w.shape[1] for w in weights(0)}}
     plan = [weights(s) for s in range(steps)]
+    inputs = {n: torch.randn(1, n, dtype=w0.dtype, device=w0.device) for n in {w.shape[1] for w in plan[0]}}
     linear(inputs[w0.shape[1]], w0)  # warm-up
 
     def run():

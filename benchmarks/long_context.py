@@ -49,7 +49,8 @@ def main(argv=None) -> int:
                      attention_chunk_size=8192, max_seq_len=args.tokens + args.decode + 1)
     base = status("VmRSS")
     model = init_weights(TextModel(cfg)).eval().to(dtype)
-    # bf16 weights are made in float32 first: the peak counts from here, with the weights resident
+    # bf16 weights are made in float32 first: reset the high-water mark here so that float32 copy is not
+    # counted (growth is still measured from `base`, before the model)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident size
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
