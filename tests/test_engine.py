@@ -98,6 +98,55 @@ def test_seeded_sampling_is_reproducible(moe):
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-38, 1e-7])
+def test_vanishing_temperatures_are_greedy(moe, temperature):
+    """Near 0 (subnormal in float32, or 0 once cast) logits / temperature used to overflow into NaN
+    and torch.multinomial raised."""
+    greedy = moe.generate(PROMPT, max_new_tokens=8)
+    assert moe.generate(PROMPT, max_new_tokens=8, temperature=temperature, seed=1).token_ids == greedy.token_ids
+
+
+def test_vanishing_top_p_keeps_the_most_likely_token(moe):
+    greedy = moe.generate(PROMPT, max_new_tokens=8)
+    assert moe.generate(PROMPT, max_new_tokens=8, temperature=1.0, top_p=1e-300, seed=1).token_ids == greedy.token_ids
+
+
+def test_one_rows_failure_ends_that_row_only(moe, monkeypatch):
+    """Six sequences decode together; one of them fails while its 4th token is sampled. It ends with
+    an error; the other five produce exactly what they produce when nothing fails."""
+    from herd.engine import batch
+    from herd.engine.batch import Batcher, Job
+    from herd.engine.generate import Sampling
+
+    ids = moe.tokenizer.encode(PROMPT, bos=True)
+
+    def run() -> list[Job]:
+        engine = Engine(moe.model, rows=6, max_len=len(ids) + 12)
+        batcher = Batcher(engine, moe.tokenizer)
+        jobs = [Job(ids, 12, Sampling(temperature=0.8, seed=i)) for i in range(6)]
+        batcher.add(*jobs)
+        while batcher.seats:
+            batcher.step()
+        return jobs
+
+    clean = run()
+    real, calls = batch.sample, {}
+
+    def failing(logits, s, gen):
+        calls[s.seed] = calls.get(s.seed, 0) + 1
+        if s.seed == 3 and calls[s.seed] == 4:
+            raise RuntimeError("injected")
+        return real(logits, s, gen)
+
+    monkeypatch.setattr(batch, "sample", failing)
+    hurt = run()
+    assert hurt[3].stop_reason == "error" and "injected" in hurt[3].error and len(hurt[3].token_ids) == 3
+    for i in (0, 1, 2, 4, 5):
+        assert hurt[i].stop_reason == "length" and hurt[i].token_ids == clean[i].token_ids
+        assert hurt[i].text == clean[i].text
+    assert len({tuple(j.token_ids) for j in clean}) > 1  # the rows differ: each really ran its own
+
+
 def test_stream_equals_generate_and_stop_strings(moe):
     full = moe.generate(PROMPT, max_new_tokens=24, temperature=0.7, seed=5)
     pieces = list(moe.stream(PROMPT, max_new_tokens=24, temperature=0.7, seed=5))

@@ -149,6 +149,15 @@ class Batcher:
         self._leave_finished()
 
     def _choose(self, seat: _Seat, logits_V: torch.Tensor) -> None:
+        """Pick ``seat``'s next token. A failure here (sampling, stop strings, detokenizing, the
+        job's own callback) ends this job with an error and never its batch neighbours."""
+        try:
+            self._pick(seat, logits_V)
+        except Exception as e:
+            if seat.job.stop_reason is None:
+                self._end(seat.job, None, "error", f"{type(e).__name__}: {e}")
+
+    def _pick(self, seat: _Seat, logits_V: torch.Tensor) -> None:
         job = seat.job
         token = sample(logits_V, job.sampling, seat.gen)
         seat.last = token

@@ -13,6 +13,7 @@ engine must reproduce it token for token (tests/test_engine.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,9 +23,15 @@ from herd.engine.cache import KVCache, cache_dtype
 from herd.model.transformer import TextModel
 
 
+# Temperatures below this pick the most likely token: dividing logits by a float32 temperature near
+# 0 (or subnormal) overflows to inf and the softmax to NaN. vLLM uses the same threshold.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How to pick each token: greedy at temperature 0, else temperature + top-k / top-p / min-p."""
+    """How to pick each token: greedy at temperature 0 (or below GREEDY_BELOW), else temperature +
+    top-k / top-p / min-p."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0: off
@@ -33,8 +40,8 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
@@ -45,7 +52,7 @@ class Sampling:
 
 def sample(logits_V: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
     """One token id from float32 logits [V] (filters applied in the order top-k, top-p, min-p)."""
-    if s.temperature == 0:
+    if s.temperature < GREEDY_BELOW:
         return int(logits_V.argmax())
     probs = torch.softmax(logits_V.float() / s.temperature, dim=-1)
     if s.top_k and s.top_k < probs.numel():
@@ -53,7 +60,8 @@ def sample(logits_V: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> 
         probs = torch.where(probs < kth, 0.0, probs)
     if s.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < s.top_p * sorted_p.sum()  # always keeps the most likely token
+        keep = sorted_p.cumsum(0) - sorted_p < s.top_p * sorted_p.sum()
+        keep[0] = True  # the most likely token stays, even where top_p * sum rounds to 0 in float32
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
     if s.min_p > 0:
         probs = torch.where(probs < s.min_p * probs.max(), 0.0, probs)

@@ -124,6 +124,9 @@ def stream(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, sampling: S
            stop: Sequence[str] | None) -> Iterator[tuple[int, str]]:
     """Yield (row, text piece) as text becomes final; returns the Generations (StopIteration.value)."""
     jobs = yield from run(llm, prompts, max_new_tokens, sampling, stop)
+    for i, job in enumerate(jobs):
+        if job.stop_reason == "error":  # the other prompts ran to their end; this one cannot be returned
+            raise RuntimeError(f"prompt {i}: generation failed: {job.error}")
     return [Generation(j.token_ids, j.text, j.stop_reason, len(p.ids), j.prefill_s, j.decode_s)
             for j, p in zip(jobs, prompts)]
 
