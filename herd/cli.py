@@ -147,7 +147,8 @@ def cmd_serve(args) -> int:
     key = args.api_key or os.environ.get("HERD_API_KEY") or None
     name = args.served_model_name or Path(args.model).name  # a preset's name, or the folder's
     options = ServeOptions(name, key, args.max_batch, args.max_queue, args.max_context, args.max_body_mb << 20,
-                           args.allow_images_from, engine_process_threads=threads if on_cpu else 0)
+                           args.allow_images_from, args.metrics_key or os.environ.get("HERD_METRICS_KEY") or None,
+                           args.image_megapixels, engine_process_threads=threads if on_cpu else 0)
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"herd: WARNING: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -217,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-mb", type=int, default=32, help="largest request body (413 beyond)")
     s.add_argument("--allow-images-from", default=None, metavar="DIR",
                    help="let file:// image URLs read images below DIR (off by default)")
+    s.add_argument("--metrics-key", default=None,
+                   help="key for GET /metrics (or set HERD_METRICS_KEY); without it /metrics takes the API key")
+    s.add_argument("--image-megapixels", type=float, default=64.0, metavar="MP",
+                   help="pixels decoded at once over all requests (a 49 MP image holds ~300 MB while decoded); "
+                        "an image waits for room up to 10 s, then its request gets a 503")
     s.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: the usable cores but one, which is left to the HTTP side)")
     s.add_argument("--log-level", default="warning")

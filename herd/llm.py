@@ -21,7 +21,8 @@ from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 from herd.tokenizer.tokenizer import Tokenizer, TokenizerError
 
-from herd.vision.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TILES, best_grid, load_image, preprocess_image
+from herd.vision.preprocess import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_TILES, PixelBudget, best_grid, load_image,
+                                   preprocess_image)
 
 DEFAULT_MAX_IMAGES = 64  # images per prompt
 # Trained models shipped inside the package, loadable by name (herd.load("herd-tiny")).
@@ -100,13 +101,14 @@ class ImageTiler:
         self.tokens_per_tile = round(side * side * vision.pixel_shuffle_ratio ** 2)
 
         self.pixels = True  # False: layout only (see `layout_only`)
+        self.budget: PixelBudget | None = None  # bounds pixels decoded at once across threads (herd serve)
 
     def __call__(self, image, index: int = 0) -> tuple[torch.Tensor | None, tuple[int, int]]:
         if not self.pixels:
-            rgb = load_image(image, index=index, max_pixels=self.max_pixels)
+            rgb = load_image(image, index=index, max_pixels=self.max_pixels, budget=self.budget)
             return None, best_grid(rgb.height, rgb.width, self.tile_size, self.max_tiles)
         return preprocess_image(image, index=index, tile_size=self.tile_size, max_tiles=self.max_tiles,
-                                max_pixels=self.max_pixels)
+                                max_pixels=self.max_pixels, budget=self.budget)
 
     def layout_only(self) -> ImageTiler:
         """A copy that decodes and checks each image and plans its tiles but makes no pixels:

@@ -199,3 +199,51 @@ def test_bad_images_raise_image_error_quickly(image, kwargs, words):
         message = str(info.value)
         assert message.startswith("image 2: ") and all(w in message for w in words), message
     assert time.perf_counter() - start < 1.0  # nothing was decoded or allocated at full size
+
+
+def test_pixel_budget_bounds_the_pixels_decoded_at_once(monkeypatch):
+    """Eight threads tile 3-megapixel images under a 7-megapixel budget: never more than two decode
+    at once, every one gets its tiles, and the tiles equal those made without a budget."""
+    import concurrent.futures
+    import threading
+
+    from herd.vision import preprocess
+    from herd.vision.preprocess import ImageBusy, PixelBudget
+
+    image = Image.new("RGB", (2000, 1500), (10, 200, 30))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    png = buf.getvalue()
+    budget, lock, now, most = PixelBudget(7_000_000), threading.Lock(), [0], [0]
+    real = preprocess._to_tensor
+
+    def counted(rgb):  # runs while an image's pixels are decoded
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.05)
+        try:
+            return real(rgb)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(preprocess, "_to_tensor", counted)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: preprocess_image(png, budget=budget), range(8)))
+    assert most[0] == 2 and budget.used == 0
+    alone, _ = preprocess_image(png)
+    assert all(torch.equal(tiles, alone) for tiles, _ in results)
+
+    # No room within the wait: a refusal that is not the image's fault; one image over the budget runs alone.
+    small = PixelBudget(1_000_000, wait_s=0.2)
+    with small.hold(600_000):
+        with pytest.raises(ImageBusy, match="image 0: 600,000 pixels are being decoded"):
+            preprocess_image(png, budget=small)
+    assert preprocess_image(png, budget=small)[0].shape == alone.shape and small.used == 0
+
+
+def test_image_errors_show_no_object_addresses():
+    with pytest.raises(ImageError) as e:
+        preprocess_image(b"just some text, not an image")
+    assert " at 0x" not in str(e.value) and "image 0" in str(e.value)

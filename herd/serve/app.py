@@ -30,12 +30,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from herd.engine.batch import Job
 from herd.engine.generate import Sampling
 from herd.engine.requests import Prompt, chat_prompt, prepare
 from herd.llm import LLM
 from herd.serve.scheduler import EngineGone, EngineProcess, QueueFull, Scheduler
+from herd.vision.preprocess import ImageBusy, PixelBudget, map_large_buffers
 
 log = logging.getLogger("herd.serve")
 PAGE = Path(__file__).with_name("page.html")  # the web chat at /: plain HTML + JS, no build step
@@ -66,15 +68,21 @@ class ServeOptions:
     max_context: int | None = None
     max_body_bytes: int = 32 << 20
     allowed_image_dir: str | None = None  # file:// image URLs are read only below this folder
+    metrics_key: str | None = None  # /metrics needs this key if set, else the API key (if set)
+    # Pixels decoded at once over all requests (a 49-megapixel image costs ~300 MB while decoded);
+    # beyond it an image waits up to image_wait_s, then its request gets a 503.
+    image_megapixels: float = 64.0
+    image_wait_s: float = 10.0
     # > 0: the engine loop runs in a forked child process with this many torch threads (CPU only:
     # CUDA does not survive a fork; see EngineProcess); 0: on a thread of this process.
     engine_process_threads: int = 0
 
 
 class Guard:
-    """ASGI middleware: the API key on /v1/ routes (compared in constant time), requests counted by
-    endpoint and status for /metrics, and an OpenAI-shaped 500 instead of a stack trace (the one
-    place that catches a route's unexpected exception).
+    """ASGI middleware: the API key on /v1/ routes and /metrics (compared in constant time; /metrics
+    takes its own key where one is set), requests counted by endpoint and status for /metrics, and an
+    OpenAI-shaped 500 instead of a stack trace (the one place that catches a route's unexpected
+    exception). A client that hangs up while sending its body is counted as 499, not as an error.
 
     Plain ASGI rather than Starlette's ``@app.middleware("http")``, which re-streams every body
     chunk of a streaming response through a memory channel and a task switch.
@@ -82,8 +90,8 @@ class Guard:
 
     COUNTED = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
-    def __init__(self, app, api_key: str | None, counts: dict[tuple[str, int], int]):
-        self.app, self.api_key, self.counts = app, api_key, counts
+    def __init__(self, app, api_key: str | None, counts: dict[tuple[str, int], int], metrics_key: str | None = None):
+        self.app, self.api_key, self.metrics_key, self.counts = app, api_key, metrics_key, counts
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -96,26 +104,42 @@ class Guard:
                 status = message["status"]
             await send(message)
 
+        key = None
+        if path == "/metrics":
+            key = self.metrics_key or self.api_key
+        elif path.startswith("/v1/"):
+            key = self.api_key
         try:
-            if self.api_key is not None and path.startswith("/v1/"):
+            if key is not None:
                 auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
                 given = auth[7:] if auth.lower().startswith("bearer ") else ""
-                if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                if not hmac.compare_digest(given.encode(), key.encode()):
                     raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                                    kind="authentication_error", code="invalid_api_key")
             await self.app(scope, receive, sending)
         except ApiError as e:
             await e.response()(scope, receive, sending)
+        except ClientDisconnect:  # nobody is left to answer
+            log.info("client left during its request body on %s %s", scope.get("method"), path)
+            status = status or 499
         except Exception:  # never a stack trace on the wire; the operator's log gets it
             log.exception("internal error on %s %s", scope.get("method"), path)
             if status is None:  # nothing sent yet
                 await ApiError(500, "internal error", kind="server_error").response()(scope, receive, sending)
         finally:
-            key = (path if path in self.COUNTED else "other", status or 500)
-            self.counts[key] = self.counts.get(key, 0) + 1
+            counted = (path if path in self.COUNTED else "other", status or 500)
+            self.counts[counted] = self.counts.get(counted, 0) + 1
 
 
 # ---- request checking -----------------------------------------------------------------------------
+
+
+def _brief(v: Any) -> str:
+    """A client's value for an error message: its JSON, cut short (and never failing on odd values)."""
+    try:
+        return json.dumps(v)[:40]
+    except (ValueError, TypeError, RecursionError):
+        return type(v).__name__
 
 
 def _int(body: Mapping, name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
@@ -123,7 +147,7 @@ def _int(body: Mapping, name: str, default: int | None, lo: int, hi: int | None 
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ApiError(400, f"'{name}' must be an integer, got {json.dumps(v)[:40]}", name)
+        raise ApiError(400, f"'{name}' must be an integer, got {_brief(v)}", name)
     if v < lo or (hi is not None and v > hi):
         raise ApiError(400, f"'{name}' must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}", name)
     return v
@@ -134,7 +158,7 @@ def _num(body: Mapping, name: str, default: float, lo: float, hi: float, lo_open
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ApiError(400, f"'{name}' must be a number, got {json.dumps(v)[:40]}", name)
+        raise ApiError(400, f"'{name}' must be a number, got {_brief(v)}", name)
     if v < lo or v > hi or (lo_open and v == lo):
         raise ApiError(400, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name)
     return float(v)
@@ -145,7 +169,7 @@ def _bool(body: Mapping, name: str) -> bool:
     if v is None:
         return False
     if not isinstance(v, bool):
-        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(v)[:40]}", name)
+        raise ApiError(400, f"'{name}' must be true or false, got {_brief(v)}", name)
     return v
 
 
@@ -167,7 +191,7 @@ def _sampling(body: Mapping) -> Sampling:
         raise ApiError(400, "'logit_bias' is not supported", "logit_bias")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
-        raise ApiError(400, f"'seed' must be an integer, got {json.dumps(seed)[:40]}", "seed")
+        raise ApiError(400, f"'seed' must be an integer, got {_brief(seed)}", "seed")
     return Sampling(temperature=_num(body, "temperature", 1.0, 0.0, 2.0), top_p=_num(body, "top_p", 1.0, 0.0, 1.0, True),
                     top_k=_int(body, "top_k", 0, 0), min_p=_num(body, "min_p", 0.0, 0.0, 0.999),
                     seed=None if seed is None else seed % 2**63)
@@ -175,13 +199,18 @@ def _sampling(body: Mapping) -> Sampling:
 
 async def _read_json(request: Request, limit: int) -> dict:
     declared = request.headers.get("content-length")
-    chunks, size, too_big = [], 0, declared is not None and declared.isdigit() and int(declared) > limit
+    too_big = declared is not None and declared.isdigit() and int(declared) > limit
+    if too_big and (request.headers.get("expect", "").lower() == "100-continue" or int(declared) > 4 * limit):
+        # Refused before a byte is read: the server never says '100 Continue' to such a body.
+        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                       code="body_too_large", headers={"Connection": "close"})
+    chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         too_big = too_big or size > limit
         if too_big:
-            # Drain (up to 4x the limit) instead of reading on: a client still sending gets a clean
-            # 413 rather than a connection reset.
+            # A client already sending (no 'Expect: 100-continue') is drained, up to 4x the limit,
+            # instead of cut off: it gets a clean 413 rather than a connection reset.
             if size > 4 * limit:
                 break
             chunks.clear()
@@ -191,14 +220,18 @@ async def _read_json(request: Request, limit: int) -> dict:
         raise ApiError(413, f"request body of {declared or f'over {size}'} bytes exceeds the limit of {limit} bytes",
                        code="body_too_large")
     try:
-        body = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = json.loads(b"".join(chunks), parse_constant=_not_json)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, Python's limit on an integer's digits
         raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
     except RecursionError:
         raise ApiError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _image_parts(messages: Any, allowed_dir: str | None) -> Any:
@@ -229,12 +262,24 @@ def _allowed_file(path: str, allowed_dir: str | None, where: str) -> str:
         raise ApiError(400, f"{where}: file:// image URLs are not allowed on this server (no --allow-images-from)",
                        "messages")
     root = Path(allowed_dir).resolve()
-    target = Path(path).resolve()
-    if not target.is_relative_to(root):
+    try:
+        target = Path(path).resolve()
+        inside = target.is_relative_to(root)
+    except (ValueError, OSError) as e:  # a NUL byte, a name the file system refuses
+        raise ApiError(400, f"{where}: not a usable file path: {_plain_os_error(e)}", "messages") from None
+    if not inside:
         raise ApiError(400, f"{where}: {path!r} is outside the folder images may be read from", "messages")
-    if not target.is_file():
-        raise ApiError(400, f"{where}: no image file at {path!r}", "messages")
+    try:
+        found = target.is_file()
+    except (ValueError, OSError):
+        found = False
+    if not found:
+        raise ApiError(400, f"{where}: no image file at {path[:200]!r}", "messages")
     return str(target)
+
+
+def _plain_os_error(e: Exception) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
 
 
 # ---- the app ----------------------------------------------------------------------------------------
@@ -296,6 +341,8 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
                                       threads=options.engine_process_threads)
         else:
             scheduler = Scheduler(llm, options.max_batch, options.max_queue, options.max_context, after_step)
+        if llm.tiler is not None:  # after the fork: the engine process keeps glibc's defaults
+            map_large_buffers()
         try:
             yield
         finally:
@@ -303,7 +350,9 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
 
     app = FastAPI(title="herd", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
-    app.add_middleware(Guard, api_key=options.api_key, counts=requests_total)
+    app.add_middleware(Guard, api_key=options.api_key, metrics_key=options.metrics_key, counts=requests_total)
+    if llm.tiler is not None:  # memory for images follows this budget, not the number of threads
+        llm.tiler.budget = PixelBudget(int(options.image_megapixels * 1e6), options.image_wait_s)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -395,15 +444,20 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
                            "prompt")
         top = _int(body, "logprobs", None, 0, 5)
         prompt = await _prepare(lambda: prepare(llm, raw))
-        return await _complete(request, body, prompt, chat=False, logprobs=top, tools=False)
+        return await _complete(request, body, prompt, chat=False, logprobs=top, tools=None)
 
     async def _prepare(fn) -> Prompt:
         try:
             return await run_in_threadpool(fn)
         except ApiError:
             raise
+        except ImageBusy as e:
+            raise ApiError(503, f"{e}; retry later", kind="server_error", code="images_busy",
+                           headers={"Retry-After": "2"}) from None
         except (ValueError, TypeError, KeyError, OverflowError) as e:
-            raise ApiError(400, str(e) or type(e).__name__, "messages") from None
+            raise ApiError(400, str(e)[:2000] or type(e).__name__, "messages") from None
+        except RecursionError:
+            raise ApiError(400, "the request nests values too deeply", "messages") from None
 
     async def _complete(request: Request, body: dict, prompt: Prompt, chat: bool, logprobs: int | None,
                         tools: str | None):
@@ -512,8 +566,8 @@ def _check_model(body: Mapping, name: str) -> None:
     if model is None:
         raise ApiError(400, "'model' is required", "model")
     if model != name:
-        raise ApiError(404, f"model {model!r} does not exist; this server has {name!r}", "model", "model_not_found",
-                       kind="not_found_error")
+        raise ApiError(404, f"model {_brief(model)} does not exist; this server has {name!r}", "model",
+                       "model_not_found", kind="not_found_error")
 
 
 def _model_card(name: str, created: int) -> dict:
@@ -521,12 +575,23 @@ def _model_card(name: str, created: int) -> dict:
 
 
 async def _wait_all(request: Request, jobs: list[Job], events: Inbox) -> None:
-    while any(job.stop_reason is None for job in jobs):
-        try:
-            await asyncio.wait_for(events.get(), timeout=1.0)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
+    """Until every job has ended, or at once when the client hangs up (its body is read, so the
+    next ASGI message is the disconnect)."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        while any(job.stop_reason is None for job in jobs):
+            event = asyncio.ensure_future(events.get())
+            await asyncio.wait((event, gone), return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():
+                event.cancel()
                 return
+    finally:
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _raise_job_error(jobs: list[Job]) -> None:
@@ -549,7 +614,7 @@ def _forced_call_prefix(choice: Any, tools: Any) -> str:
         return ""
     if choice == "required" or isinstance(choice, Mapping):
         if not tools:
-            raise ApiError(400, f"tool_choice {json.dumps(choice)[:60]} needs 'tools'", "tool_choice")
+            raise ApiError(400, f"tool_choice {_brief(choice)} needs 'tools'", "tool_choice")
         if choice == "required":
             return "["
         name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), Mapping) else None
@@ -569,7 +634,10 @@ def _choice(llm: LLM, job: Job, index: int, chat: bool, tools: str | None) -> di
     message: dict[str, Any] = {"role": "assistant", "content": (tools or "") + job.text}
     calls = ()
     if tools is not None:  # a forced start is part of the reply
-        calls = llm.tokenizer.parse_assistant(llm.tokenizer.encode(tools) + job.token_ids).tool_calls
+        try:
+            calls = llm.tokenizer.parse_assistant(llm.tokenizer.encode(tools) + job.token_ids).tool_calls
+        except Exception:  # a parser failure on one reply leaves it as text, never fails its neighbours
+            log.warning("tool-call parsing failed on a reply; returned as text", exc_info=True)
     if calls:
         message["content"] = None
         message["tool_calls"] = [{"id": c.call_id or "call_" + uuid.uuid4().hex[:24], "type": "function",

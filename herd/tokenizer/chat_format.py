@@ -187,8 +187,10 @@ def _parse_tool_calls(calls: Any, where: str) -> tuple[ToolCall, ...]:
         if isinstance(args, str):  # OpenAI's wire form: a JSON string
             try:
                 args = json.loads(args or "{}")
-            except json.JSONDecodeError as e:
+            except ValueError as e:  # JSONDecodeError, or an integer past Python's digit limit
                 raise ValueError(f"{at}.function.arguments: not valid JSON ({e})") from None
+            except RecursionError:
+                raise ValueError(f"{at}.function.arguments: JSON nested too deeply") from None
         if not isinstance(args, dict):
             raise ValueError(f"{at}.function.arguments: expected a JSON object, got {type(args).__name__}")
         out.append(ToolCall(fn["name"], args, str(call.get("id") or "")))
@@ -373,13 +375,18 @@ def _new_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+def _json_or_none(text: str) -> Any:
+    """Generated text as JSON, or None where it is not (bad syntax, too deep, digits past Python's limit)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def _function_tag_calls(body: str) -> list[tuple[str, dict]]:
     calls = []
     for name, args in _FUNCTION_TAG.findall(body):
-        try:
-            parsed = json.loads(args)
-        except json.JSONDecodeError:
-            return []
+        parsed = _json_or_none(args)
         if not isinstance(parsed, dict):
             return []
         calls.append((name.strip(), parsed))
@@ -389,9 +396,8 @@ def _function_tag_calls(body: str) -> list[tuple[str, dict]]:
 def _json_calls(body: str) -> list[tuple[str, dict]]:
     if not body.startswith(("{", "[")):
         return []
-    try:
-        value = json.loads(body)
-    except json.JSONDecodeError:
+    value = _json_or_none(body)
+    if value is None:
         return []
     items = value if isinstance(value, list) else [value]
     calls = []
@@ -402,10 +408,7 @@ def _json_calls(body: str) -> list[tuple[str, dict]]:
             item = item["function"]
         args = item.get("parameters", item.get("arguments"))
         if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                return []
+            args = _json_or_none(args)
         if not isinstance(item.get("name"), str) or not isinstance(args, dict):
             return []
         calls.append((item["name"], args))
@@ -416,7 +419,7 @@ def _python_list_calls(body: str) -> list[tuple[str, dict]]:
     # ast only reads the syntax tree and literal_eval only builds literals: nothing is executed.
     try:
         tree = ast.parse(body, mode="eval").body
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, MemoryError, RecursionError):  # nesting past the parser's limits too
         return []
     if not isinstance(tree, ast.List) or not tree.elts:
         return []

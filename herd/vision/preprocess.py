@@ -22,15 +22,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import ctypes
+import ctypes.util
+import functools
 import io
 import math
 import os
+import re
+import threading
+import time
 import warnings
 from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_TILES = 16
@@ -44,15 +51,68 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the image's index in the prompt."""
 
 
-def load_image(image: _ImageLike, *, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(image: _ImageLike, *, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+               budget: PixelBudget | None = None) -> Image.Image:
     """Decode `image` (PIL image, path, bytes or data: URL) into an upright RGB image.
 
     The pixel count is checked on the header before any pixel is decoded (decompression bombs).
     """
-    if isinstance(image, Image.Image):
-        return _decode(image, index, max_pixels)
-    with _open(image, index) as opened:
-        return _decode(opened, index, max_pixels)
+    with _decoded(image, index, max_pixels, budget) as rgb:
+        return rgb
+
+
+class ImageBusy(RuntimeError):
+    """Pixels being decoded at once reached the budget and did not free up in time (not the image's fault)."""
+
+
+class PixelBudget:
+    """Bounds the pixels that threads decode at once: an image takes its share (width x height) before
+    its pixels are decoded and gives it back once its tiles exist, so memory for images follows this
+    budget rather than the number of threads. An image larger than the whole budget runs alone."""
+
+    def __init__(self, pixels: int, wait_s: float = 10.0):
+        if pixels < 1 or wait_s < 0:
+            raise ValueError(f"a pixel budget needs pixels >= 1 and wait_s >= 0, got {pixels} and {wait_s}")
+        self.limit, self.wait_s, self.used = pixels, wait_s, 0
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int, index: int = 0):
+        deadline = time.monotonic() + self.wait_s
+        with self.cond:
+            while self.used and self.used + pixels > self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ImageBusy(f"image {index}: {self.used:,} pixels are being decoded (budget {self.limit:,}); "
+                                    f"no room for its {pixels:,} within {self.wait_s:g} s")
+                self.cond.wait(left)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= pixels
+                self.cond.notify_all()
+
+
+def map_large_buffers(threshold: int = 1 << 20) -> None:
+    """Have glibc serve every allocation of ``threshold`` bytes or more with its own mmap, which goes
+    back to the system when freed. By default glibc raises that threshold (up to 32 MB) after the
+    first large free; an image's temporaries (tens of MB) then land in per-thread heaps, whose free
+    tops stay resident and which malloc_trim does not shrink: 28 MB per worker thread measured,
+    1 GB+ over a server's thread pool. Process-wide; a no-op where libc is not glibc."""
+    try:
+        _libc().mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def best_grid(height: int, width: int, tile_size: int = 336, max_tiles: int = DEFAULT_MAX_TILES) -> tuple[int, int]:
@@ -83,31 +143,51 @@ def preprocess_image(
     tile_size: int = 336,
     max_tiles: int = DEFAULT_MAX_TILES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    budget: PixelBudget | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Image -> (pixel_values float32 (N, C, T, T) in [-1, 1], (rows, cols)).
 
-    N = rows * cols, plus one global thumbnail as the last tile when rows * cols > 1.
+    N = rows * cols, plus one global thumbnail as the last tile when rows * cols > 1. ``budget``
+    bounds the pixels decoded at once across threads (see PixelBudget).
     """
-    rgb = load_image(image, index=index, max_pixels=max_pixels)
-    width, height = rgb.size
-    rows, cols = best_grid(height, width, tile_size, max_tiles)
-    image_CHW = _to_tensor(rgb)
-    del rgb  # the tensor holds the pixels now; do not keep two copies of a large image
+    with _decoded(image, index, max_pixels, budget) as rgb:
+        width, height = rgb.size
+        rows, cols = best_grid(height, width, tile_size, max_tiles)
+        image_CHW = _to_tensor(rgb)
+        rgb.close()  # the tensor holds the pixels now; do not keep two copies of a large image
+        del rgb
 
-    new_h, new_w = _resized_size(height, width, rows, cols, tile_size)
-    canvas_CHW = torch.zeros(3, rows * tile_size, cols * tile_size, dtype=torch.uint8)
-    canvas_CHW[:, :new_h, :new_w] = _resize(image_CHW, new_h, new_w)
-    # (C, rows*T, cols*T) -> (rows, cols, C, T, T) -> (rows*cols, C, T, T), row-major tiles
-    tiles_NCHW = (
-        canvas_CHW.view(3, rows, tile_size, cols, tile_size)
-        .permute(1, 3, 0, 2, 4)
-        .reshape(rows * cols, 3, tile_size, tile_size)
-    )
-    if rows * cols > 1:
-        thumbnail_CHW = _resize(image_CHW, tile_size, tile_size)
-        tiles_NCHW = torch.cat([tiles_NCHW, thumbnail_CHW[None]])
+        new_h, new_w = _resized_size(height, width, rows, cols, tile_size)
+        canvas_CHW = torch.zeros(3, rows * tile_size, cols * tile_size, dtype=torch.uint8)
+        canvas_CHW[:, :new_h, :new_w] = _resize(image_CHW, new_h, new_w)
+        # (C, rows*T, cols*T) -> (rows, cols, C, T, T) -> (rows*cols, C, T, T), row-major tiles
+        tiles_NCHW = (
+            canvas_CHW.view(3, rows, tile_size, cols, tile_size)
+            .permute(1, 3, 0, 2, 4)
+            .reshape(rows * cols, 3, tile_size, tile_size)
+        )
+        if rows * cols > 1:
+            thumbnail_CHW = _resize(image_CHW, tile_size, tile_size)
+            tiles_NCHW = torch.cat([tiles_NCHW, thumbnail_CHW[None]])
+        del image_CHW
     # The same float32 ops as torchvision's ToTensor + Normalize(0.5, 0.5) in Meta's reference.
     return (tiles_NCHW.float() / 255 - 0.5) / 0.5, (rows, cols)
+
+
+@contextlib.contextmanager
+def _decoded(image: _ImageLike, index: int, max_pixels: int, budget: PixelBudget | None):
+    """The image decoded to an upright RGB image, its pixels held in ``budget`` while inside."""
+    with contextlib.ExitStack() as stack:
+        opened = image if isinstance(image, Image.Image) else stack.enter_context(_open(image, index))
+        width, height = opened.size
+        if width == 0 or height == 0:
+            raise ImageError(f"image {index}: zero-sized image ({width}x{height})")
+        if width * height > max_pixels:
+            raise ImageError(f"image {index}: {width}x{height} = {width * height} pixels exceeds "
+                             f"max_pixels={max_pixels}")
+        if budget is not None:
+            stack.enter_context(budget.hold(width * height, index))
+        yield _decode(opened, index, owned=opened is not image)
 
 
 def _open(image: str | os.PathLike | bytes | bytearray | memoryview, index: int) -> Image.Image:
@@ -136,8 +216,16 @@ def _open(image: str | os.PathLike | bytes | bytearray | memoryview, index: int)
             f"image {index}: refused as a decompression bomb (Pillow's Image.MAX_IMAGE_PIXELS="
             f"{Image.MAX_IMAGE_PIXELS}): {exc}"
         ) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"image {index}: not a readable image (no image format Pillow knows)") from exc
     except Exception as exc:  # any failure to parse untrusted bytes is a bad image
-        raise ImageError(f"image {index}: not a readable image: {exc}") from exc
+        raise ImageError(f"image {index}: not a readable image: {_plain(exc)}") from exc
+
+
+def _plain(exc: Exception) -> str:
+    """An exception's message without object reprs (``<_io.BytesIO object at 0x7f...>``): addresses
+    help an attacker, not a user."""
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the image", str(exc))
 
 
 def _data_url_bytes(url: str, index: int) -> bytes:
@@ -152,19 +240,16 @@ def _data_url_bytes(url: str, index: int) -> bytes:
         raise ImageError(f"image {index}: bad base64 in data URL: {exc}") from exc
 
 
-def _decode(image: Image.Image, index: int, max_pixels: int) -> Image.Image:
-    """Check the size, decode every pixel, apply EXIF orientation, convert to a fresh RGB image."""
-    width, height = image.size
-    if width == 0 or height == 0:
-        raise ImageError(f"image {index}: zero-sized image ({width}x{height})")
-    if width * height > max_pixels:
-        raise ImageError(f"image {index}: {width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}")
+def _decode(image: Image.Image, index: int, owned: bool) -> Image.Image:
+    """Decode every pixel, apply EXIF orientation, convert to RGB. An image this module opened
+    (``owned``) is turned in place where Pillow allows: each copy of a 49-megapixel image is 147 MB."""
     try:
         # A full decode: truncated data raises here (LOAD_TRUNCATED_IMAGES stays off).
         image.load()
-        return _to_rgb(ImageOps.exif_transpose(image))
+        upright = ImageOps.exif_transpose(image, in_place=owned) if owned else ImageOps.exif_transpose(image)
+        return _to_rgb(image if upright is None else upright)
     except Exception as exc:  # decoder and conversion failures on untrusted data
-        raise ImageError(f"image {index}: cannot decode image data: {exc}") from exc
+        raise ImageError(f"image {index}: cannot decode image data: {_plain(exc)}") from exc
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -176,13 +261,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> uint8 (C, H, W) (a channels-last view, which the resize kernel prefers)."""
     width, height = image.size
-    image_HWC = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    image_HWC = torch.empty(height, width, 3, dtype=torch.uint8)
+    step = max(1, (1 << 22) // (3 * width))  # rows per strip: ~4 MB of bytes at a time, not a whole copy
+    for top in range(0, height, step):
+        strip = image.crop((0, top, width, min(height, top + step))).tobytes()
+        image_HWC[top:top + step] = torch.frombuffer(bytearray(strip), dtype=torch.uint8).view(-1, width, 3)
     return image_HWC.permute(2, 0, 1)
 
 
