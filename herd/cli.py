@@ -130,6 +130,14 @@ def serve_threads(requested: int | None) -> int:
     return max(1, cores - 1)
 
 
+def served_name(model: str, given: str | None) -> str:
+    """The model id clients send: --served-model-name, else a preset's name or the folder's own name
+    (resolved: `--model .` or `--model ckpt/` would otherwise serve '' )."""
+    from pathlib import Path
+
+    return given or (Path(model).resolve().name if Path(model).exists() else Path(model).name)
+
+
 def cmd_serve(args) -> int:
     from pathlib import Path
 
@@ -145,7 +153,7 @@ def cmd_serve(args) -> int:
     torch.set_num_threads(1 if on_cpu else threads)
     llm = _load(args)
     key = args.api_key or os.environ.get("HERD_API_KEY") or None
-    name = args.served_model_name or Path(args.model).name  # a preset's name, or the folder's
+    name = served_name(args.model, args.served_model_name)
     options = ServeOptions(name, key, args.max_batch, args.max_queue, args.max_context, args.max_body_mb << 20,
                            args.allow_images_from, args.metrics_key or os.environ.get("HERD_METRICS_KEY") or None,
                            args.image_megapixels, engine_process_threads=threads if on_cpu else 0)

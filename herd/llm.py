@@ -269,6 +269,7 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
     Raises CheckpointError (a ValueError) naming the file, tensor or field at fault; nothing is
     returned half-loaded.
     """
+    check_device(device)
     llm = _load(path_or_preset, dtype, device, seed=seed, progress=progress, vision=vision, max_images=max_images,
                 max_tiles=max_tiles, max_pixels=max_pixels)
     if adapters is not None:
@@ -279,6 +280,24 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
     if compile:
         llm.model.compile_head()
     return llm
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, or a ValueError in one line saying what is missing (not torch's assertion deep in a copy)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device torch knows ({e}); use 'cpu' or 'cuda'") from None
+    if d.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ValueError(f"device {device!r}: this torch ({torch.__version__}) is a CPU-only build; use 'cpu', "
+                             "or install a CUDA build of torch")
+        if not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} GPU(s) here; use 'cpu' "
+                             "or another index")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: this machine or torch build has no Apple GPU (MPS); use 'cpu'")
+    return d
 
 
 def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, max_tiles, max_pixels) -> LLM:

@@ -243,3 +243,29 @@ def test_loading_peak_memory_stays_within_1_2x(tmp_path):
     assert len(rows) == 4
     for r in rows:
         assert r["ratio"] <= 1.2, r
+
+
+@pytest.mark.parametrize("device, words", [("cuda", "CPU-only build"), ("cuda:0", "CPU-only build"),
+                                           ("mps", "no Apple GPU"), ("tpu", "not a device torch knows")])
+def test_a_device_this_torch_lacks_is_one_clear_line(device, words, capsys):
+    """--device cuda on a CPU-only torch once ended in torch's AssertionError deep in a copy."""
+    if torch.version.cuda is not None and device.startswith("cuda"):
+        pytest.skip("this torch has CUDA")
+    with pytest.raises(ValueError, match=words):
+        herd.load("tiny-dense", device=device)
+    from herd.cli import main
+
+    assert main(["generate", "hi", "--model", "tiny-dense", "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("herd: error: device") and words in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_served_name_of_a_folder_given_as_dot(tmp_path, monkeypatch):
+    from herd.cli import served_name
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    assert served_name(".", None) == "my-model" and served_name("./", None) == "my-model"
+    assert served_name(str(folder) + "/", None) == "my-model" and served_name(".", "chosen") == "chosen"
+    assert served_name("tiny-moe", None) == "tiny-moe"
