@@ -238,6 +238,75 @@ def test_tool_call_round_trip(script):
     assert plain.choices[0].message.content == TOOL_TEXT and plain.choices[0].finish_reason == "stop"
 
 
+def test_a_text_reply_with_tools_offered_streams_token_by_token(tiny):
+    """Agent clients always send tools: a reply that cannot be a tool call once came as one chunk at
+    its end. Now only a reply that may be a call ([f(...)], JSON, <function=...>) is held back."""
+    from herd.serve.app import may_be_tool_call
+
+    c = tiny.client()
+    args = dict(model="tiny-moe", messages=[{"role": "user", "content": "Hi"}], tools=TOOLS, max_tokens=12,
+                temperature=0)
+    whole = c.chat.completions.create(**args).choices[0].message
+    assert whole.tool_calls is None and may_be_tool_call(whole.content) is False  # the case this test is about
+    pieces = [ch.choices[0].delta.content for ch in c.chat.completions.create(stream=True, **args)
+              if ch.choices and ch.choices[0].delta.content]
+    assert len(pieces) >= 4 and "".join(pieces) == whole.content
+    assert [may_be_tool_call(t) for t in ("", "  ", "[", " [get(", "{", "<fun", "<function=f>", "Hello", "<b>")] == \
+        [None, None, True, True, True, None, True, False, False]
+
+
+def test_a_forced_tool_call_that_does_not_parse_is_an_error(tiny):
+    """tool_choice 'required' on a model that does not write a call: a 422 (an error event when
+    streamed), never finish_reason 'stop' with the forced '[' leaking into content."""
+    c = tiny.client()
+    args = dict(model="tiny-moe", messages=[{"role": "user", "content": "Hi"}], tools=TOOLS, max_tokens=6,
+                temperature=0)
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        with pytest.raises(openai.UnprocessableEntityError, match="does not parse") as e:
+            c.chat.completions.create(tool_choice=choice, **args)
+        assert e.value.body["code"] == "tool_call_not_parsed"
+        with pytest.raises(openai.APIError, match="does not parse"):
+            list(c.chat.completions.create(tool_choice=choice, stream=True, **args))
+
+
+def test_unsupported_fields_are_refused_by_name_and_developer_is_system(tiny):
+    c = tiny.client()
+    msgs = [{"role": "user", "content": "Hi"}]
+    for extra, name in (({"response_format": {"type": "json_object"}}, "response_format"),
+                        ({"presence_penalty": 0.5}, "presence_penalty"), ({"frobnicate": 1}, "frobnicate"),
+                        ({"parallel_tool_calls": False}, "parallel_tool_calls")):
+        with pytest.raises(openai.BadRequestError, match=name) as e:
+            c.chat.completions.create(model="tiny-moe", messages=msgs, max_tokens=2, extra_body=extra)
+        assert e.value.body["param"] == name
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        c.completions.create(model="tiny-moe", prompt="x", max_tokens=2, best_of=3)
+    args = dict(model="tiny-moe", max_tokens=4, temperature=0, user="someone")
+    dev = c.chat.completions.create(messages=[{"role": "developer", "content": "Be brief."}, *msgs], **args)
+    system = c.chat.completions.create(messages=[{"role": "system", "content": "Be brief."}, *msgs], **args)
+    assert dev.choices[0].message.content == system.choices[0].message.content
+    assert dev.usage.prompt_tokens == system.usage.prompt_tokens
+
+
+def test_logprobs_cover_the_reply_and_completions_give_text_offsets(tiny, script):
+    """Chat logprobs once listed the <|eot|> / <|eom|> that ended the reply; completions' text_offset was empty."""
+    out = script.client().chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=30, temperature=0, logprobs=True)
+    assert out.choices[0].finish_reason == "stop" and out.choices[0].message.content == TOOL_TEXT
+    assert "".join(e.token for e in out.choices[0].logprobs.content) == TOOL_TEXT  # no stop token
+    c = tiny.client()
+    for stream in (False, True):
+        out = c.completions.create(model="tiny-moe", prompt="Once upon a time", max_tokens=8, temperature=0,
+                                   logprobs=1, stream=stream)
+        lp_tokens, offsets = [], []
+        for chunk in (out if stream else [out]):
+            for ch in chunk.choices:
+                if ch.logprobs:
+                    lp_tokens += ch.logprobs.tokens
+                    offsets += ch.logprobs.text_offset
+        assert len(offsets) == len(lp_tokens) == 8
+        assert offsets == [sum(len(t) for t in lp_tokens[:k]) for k in range(8)]
+
+
 def test_concurrent_streams_share_the_batch(tiny):
     import concurrent.futures
 
@@ -824,6 +893,13 @@ def test_web_page_streams_a_reply_in_headless_chromium(tiny):
         key.send_keys(KEY)
         driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").text == "tiny-moe")
+        # The page's controls start at the server's defaults (tiny-moe has no generation_config.json:
+        # OpenAI's temperature 1); set greedy and a short reply.
+        assert driver.find_element(By.ID, "temperature").get_attribute("value") == "1"
+        for field, value in (("temperature", "0"), ("max_tokens", "12")):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
         box = driver.find_element(By.ID, "text")
         box.send_keys("Hello from the browser!")
         box.send_keys(Keys.ENTER)
@@ -835,6 +911,7 @@ def test_web_page_streams_a_reply_in_headless_chromium(tiny):
             return d.find_element(By.ID, "send").is_enabled() and replies and replies[0].text
         WebDriverWait(driver, 120, poll_frequency=0.02).until(finished)
         user = driver.find_element(By.CSS_SELECTOR, ".msg.user").text
+        reply = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant > div:first-child")[0].text
         stats = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .stats").text
         out = Path(__file__).parent / "artifacts"
         out.mkdir(exist_ok=True)
@@ -843,7 +920,22 @@ def test_web_page_streams_a_reply_in_headless_chromium(tiny):
         driver.quit()
     assert "Hello from the browser!" in user
     assert "tokens/s" in stats  # usage arrived at the end of the stream
+    greedy = tiny.client().chat.completions.create(model="tiny-moe", max_tokens=12, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Hello from the browser!"}]}])
+    assert reply.strip() == greedy.choices[0].message.content.strip()  # the page sent its temperature and max tokens
     assert len(set(lengths)) > 2, lengths  # the text grew in several steps: it streamed
+
+
+def test_requests_without_sampling_fields_take_the_checkpoints_defaults(tmp_path):
+    """The web page sent no temperature and got OpenAI's 1.0: herd-tiny then answered nonsense where
+    greedy is right. A checkpoint's generation_config.json now sets the server's defaults."""
+    from herd.serve.app import generation_defaults
+
+    assert generation_defaults(herd.load("herd-tiny", progress=False).source) == {"temperature": 0.0}
+    (tmp_path / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.9}')
+    assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9, "top_k": 0}
+    (tmp_path / "generation_config.json").write_text("not json")
+    assert generation_defaults(tmp_path) == {"temperature": 1.0} == generation_defaults(tmp_path / "missing")
 
 
 def test_serve_leaves_a_core_to_the_http_side(capsys):

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -54,9 +55,11 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = dict(headers or {})
 
+    def body(self) -> dict:
+        return {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse({"error": self.body()}, status_code=self.status, headers=self.headers)
 
 
 @dataclass
@@ -183,7 +186,24 @@ def _stop(body: Mapping) -> list[str]:
     return stop
 
 
-def _sampling(body: Mapping) -> Sampling:
+def generation_defaults(folder: str | Path) -> dict[str, float]:
+    """Sampling defaults for requests that leave them out, from the checkpoint's generation_config.json
+    (as vLLM does): temperature 0 where it says do_sample false; else its temperature, top_p and top_k;
+    OpenAI's temperature 1 where it has none. A file that is not readable JSON is ignored."""
+    try:
+        config = json.loads((Path(folder) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        return {"temperature": 1.0}
+    if config.get("do_sample") is False:
+        return {"temperature": 0.0}
+    out = {"temperature": config.get("temperature", 1.0), "top_p": config.get("top_p", 1.0),
+           "top_k": config.get("top_k", 0)}
+    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _sampling(body: Mapping, defaults: Mapping[str, float]) -> Sampling:
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise ApiError(400, f"'{name}' is not supported (only 0)", name)
@@ -192,8 +212,10 @@ def _sampling(body: Mapping) -> Sampling:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
         raise ApiError(400, f"'seed' must be an integer, got {_brief(seed)}", "seed")
-    return Sampling(temperature=_num(body, "temperature", 1.0, 0.0, 2.0), top_p=_num(body, "top_p", 1.0, 0.0, 1.0, True),
-                    top_k=_int(body, "top_k", 0, 0), min_p=_num(body, "min_p", 0.0, 0.0, 0.999),
+    return Sampling(temperature=_num(body, "temperature", defaults.get("temperature", 1.0), 0.0, 2.0),
+                    top_p=_num(body, "top_p", defaults.get("top_p", 1.0), 0.0, 1.0, True),
+                    top_k=_int(body, "top_k", int(defaults.get("top_k", 0)), 0),
+                    min_p=_num(body, "min_p", 0.0, 0.0, 0.999),
                     seed=None if seed is None else seed % 2**63)
 
 
@@ -348,6 +370,7 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
         finally:
             scheduler.close()
 
+    defaults = generation_defaults(llm.source)
     app = FastAPI(title="herd", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     app.add_middleware(Guard, api_key=options.api_key, metrics_key=options.metrics_key, counts=requests_total)
@@ -370,7 +393,9 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def page():
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        # The page's own controls start at the server's defaults.
+        settings = json.dumps({"temperature": defaults.get("temperature", 1.0), "max_tokens": 256})
+        return HTMLResponse(PAGE.read_text(encoding="utf-8").replace("{/*HERD_DEFAULTS*/}", settings))
 
     @app.get("/health")
     async def health():
@@ -398,6 +423,7 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
     async def chat(request: Request):
         body = await _read_json(request, options.max_body_bytes)
         _check_model(body, options.model_name)
+        _check_fields(body, "chat")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list of messages", "messages")
@@ -431,6 +457,7 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
     async def completions(request: Request):
         body = await _read_json(request, options.max_body_bytes)
         _check_model(body, options.model_name)
+        _check_fields(body, "completions")
         if _bool(body, "echo"):
             raise ApiError(400, "'echo' is not supported", "echo")
         if body.get("suffix") is not None:
@@ -463,7 +490,7 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
                         tools: str | None):
         """``tools``: None without tools, else the text the reply was forced to start with ("" if none)."""
         assert scheduler is not None
-        sampling = _sampling(body)
+        sampling = _sampling(body, defaults)
         n = _int(body, "n", 1, 1, MAX_N)
         stream = _bool(body, "stream")
         opts = body.get("stream_options")
@@ -508,6 +535,9 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
                 queues.pop(id(job), None)
         _raise_job_error(jobs)
         choices = [_choice(llm, job, i, chat, tools) for i, job in enumerate(jobs)]
+        for job, choice in zip(jobs, choices):
+            if tools and not choice["message"].get("tool_calls"):
+                raise _no_forced_call(tools, job)
         return {"object": "chat.completion" if chat else "text_completion", **meta, "choices": choices,
                 "usage": _usage(len(prompt.ids), jobs)}
 
@@ -518,7 +548,19 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
         def chunk(choices: list, **extra) -> bytes:
             return b"data: " + json.dumps({"object": kind, **meta, "choices": choices, **extra}).encode() + b"\n\n"
 
-        sent_logprobs = [0] * len(jobs)
+        def piece(i: int, text: str, entries: list) -> bytes:
+            lp = None
+            if entries and jobs[i].logprobs is not None:
+                lp = _logprobs(llm, entries, chat, offset[i])
+                offset[i] += sum(len(t) for t in lp.get("tokens", ()))
+            return chunk([{"index": i, **({"delta": {"content": text}} if chat else {"text": text}), "logprobs": lp,
+                           "finish_reason": None}])
+
+        # With tools, a reply streams as text once it cannot be a tool call any more; until then (and
+        # to its end if it may be one) its text and log-probabilities are held back.
+        streaming = [tools is None] * len(jobs)
+        held, held_lp, sent_logprobs, offset = [""] * len(jobs), [[] for _ in jobs], [0] * len(jobs), [0] * len(jobs)
+        python_start = llm.tokenizer.token_id("<|python_start|>")
         try:
             if chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -527,25 +569,30 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
             while done < len(jobs):
                 job, text, final = await events.get()
                 i = jobs.index(job)
-                lp = None
-                if job.logprobs is not None:
-                    new = job.token_logprobs[sent_logprobs[i]:]
-                    sent_logprobs[i] = len(job.token_logprobs)
-                    lp = _logprobs(llm, new, chat) if new else None
+                new = [e for e in job.token_logprobs[sent_logprobs[i]:] if e.token_id not in llm.tokenizer.stop_ids]
+                sent_logprobs[i] = len(job.token_logprobs)
                 if final and job.stop_reason == "error":
                     yield chunk([], error={"message": job.error, "type": "server_error"})
                     return
-                if text and tools is None:
-                    delta = {"content": text} if chat else None
-                    yield chunk([{"index": i, **({"delta": delta} if chat else {"text": text}), "logprobs": lp,
-                                  "finish_reason": None}])
+                if not streaming[i]:
+                    held[i] += text
+                    held_lp[i] += new
+                    if not tools and job.token_ids[:1] != [python_start] and may_be_tool_call(held[i]) is False:
+                        streaming[i], text, new = True, held[i], held_lp[i]
+                        held[i], held_lp[i] = "", []
+                if streaming[i] and (text or new):
+                    yield piece(i, text, new)
                 if final:
                     done += 1
                     choice = _choice(llm, job, i, chat, tools)
                     delta: dict = {}
                     if tools is not None:
                         message = choice["message"]
-                        delta = {"content": message["content"]} if message["content"] else {}
+                        if tools and not message.get("tool_calls"):
+                            yield chunk([], error=_no_forced_call(tools, job).body())
+                            return
+                        if not streaming[i] and message["content"]:
+                            yield piece(i, message["content"], held_lp[i])
                         if message.get("tool_calls"):
                             delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
                     yield chunk([{"index": i, **({"delta": delta} if chat else {"text": ""}), "logprobs": None,
@@ -559,6 +606,29 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
                 queues.pop(id(job), None)
 
     return app
+
+
+# Fields each route reads; any other is refused by name rather than silently ignored ('user' is
+# OpenAI's end-user id, accepted and unused). Some are refused for values other than their default.
+_SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream", "stream_options",
+                    "stop", "seed", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user"}
+_FIELDS = {"chat": _SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                                      "parallel_tool_calls"},
+           "completions": _SAMPLING_FIELDS | {"prompt", "echo", "suffix", "best_of"}}
+_NOT_YET = {"response_format": "structured outputs are not supported yet: the reply is not constrained to JSON"}
+
+
+def _check_fields(body: Mapping, route: str) -> None:
+    unknown = sorted(str(k) for k in body if k not in _FIELDS[route])
+    if unknown:
+        name = unknown[0][:60]
+        raise ApiError(400, f"'{name}' is not supported" + (f" ({_NOT_YET[name]})" if name in _NOT_YET else "")
+                       + (f"; nor {len(unknown) - 1} more field(s)" if len(unknown) > 1 else ""), name)
+    if body.get("parallel_tool_calls") not in (None, True):
+        raise ApiError(400, "'parallel_tool_calls' false is not supported (a reply may call several tools)",
+                       "parallel_tool_calls")
+    if body.get("best_of") not in (None, 1):
+        raise ApiError(400, "'best_of' is not supported (only 1)", "best_of")
 
 
 def _check_model(body: Mapping, name: str) -> None:
@@ -599,6 +669,28 @@ def _raise_job_error(jobs: list[Job]) -> None:
     for job in jobs:
         if job.stop_reason == "error":
             raise ApiError(500, job.error or "generation failed", kind="server_error")
+
+
+def may_be_tool_call(text: str) -> bool | None:
+    """Whether a reply that starts with ``text`` may be a tool call in one of the forms Llama 4 writes
+    and parse_assistant reads ([f(a=1)], a JSON object or list, <function=f>{...}): True, False, or
+    None while too little has come to tell. (A reply that starts with <|python_start|> is one too.)"""
+    start = text.lstrip()
+    if not start:
+        return None
+    if start.startswith(_CALL_OPENERS):
+        return True
+    return None if any(opener.startswith(start) for opener in _CALL_OPENERS) else False
+
+
+_CALL_OPENERS = ("[", "{", "<function=")
+
+
+def _no_forced_call(forced: str, job: Job) -> ApiError:
+    """tool_choice forced a call, and the reply is not one that parses: the client is told (422),
+    never handed the forced start as content."""
+    return ApiError(422, f"tool_choice forced a tool call, but the model's reply does not parse as one: "
+                    f"{(forced + job.text)[:200]!r}", "tool_choice", "tool_call_not_parsed", kind="server_error")
 
 
 def _finish_reason(job: Job, tool_calls: bool) -> str:
@@ -655,7 +747,10 @@ def _token(llm: LLM, token_id: int) -> tuple[str, list[int]]:
     return raw.decode("utf-8", errors="replace"), list(raw)
 
 
-def _logprobs(llm: LLM, entries, chat: bool) -> dict:
+def _logprobs(llm: LLM, entries, chat: bool, offset: int = 0) -> dict:
+    """OpenAI's logprobs of the reply's tokens (the stop token that ended it is no part of the reply);
+    completions' text_offset counts characters from ``offset``, the reply's text before these tokens."""
+    entries = [e for e in entries if e.token_id not in llm.tokenizer.stop_ids]
     if chat:
         content = []
         for e in entries:
@@ -665,8 +760,9 @@ def _logprobs(llm: LLM, entries, chat: bool) -> dict:
             content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
         return {"content": content}
     tokens = [_token(llm, e.token_id)[0] for e in entries]
+    starts = list(itertools.accumulate((len(t) for t in tokens), initial=offset))[:-1]
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{_token(llm, t)[0]: lp for t, lp in e.top} for e in entries], "text_offset": []}
+            "top_logprobs": [{_token(llm, t)[0]: lp for t, lp in e.top} for e in entries], "text_offset": starts}
 
 
 def _metrics(scheduler: Scheduler | EngineProcess | None, requests_total: dict[tuple[str, int], int]) -> str:

@@ -253,6 +253,11 @@ def package(final: str | Path, dest: str | Path, runs: list[str | Path] = ()) ->
         if (run / "loss.png").is_file():
             shutil.copy(run / "loss.png", tmp / ("loss.png" if i == 0 else f"loss-{run.name}.png"))
     (tmp / "README.md").write_text(model_card(llm, runs))
+    # herd-tiny answers best greedily: servers that read this (herd serve, vLLM) default to it.
+    tok = llm.tokenizer
+    (tmp / "generation_config.json").write_text(json.dumps({
+        "do_sample": False, "bos_token_id": tok.token_id("<|begin_of_text|>"),
+        "eos_token_id": sorted(tok.stop_ids)}, indent=2) + "\n")
     if (dest / "EVAL.md").is_file():  # rewritten by `python -m herd.tiny eval` afterwards
         shutil.copy(dest / "EVAL.md", tmp / "EVAL.md")
     old = dest.with_name(dest.name + ".old")

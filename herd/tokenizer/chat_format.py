@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 StopReason = Literal["end_of_turn", "end_of_message", "out_of_tokens"]
 ToolFormat = Literal["json", "python_list"]
 
-_HEADER_ROLE = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython", "ipython": "ipython"}
+_HEADER_ROLE = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython", "ipython": "ipython",
+                "developer": "system"}
+_SAME_ROLE = {"ipython": "tool", "developer": "system"}  # other names for a role: Meta's, OpenAI's newer one
 # Meta renders these tool names in its builtin syntax (llama3/tool_utils.py ToolUtils.encode_tool_call),
 # keyed by the argument the syntax carries.
 _BUILTIN_QUERY_TOOLS = ("brave_search", "wolfram_alpha", "photogen")
@@ -116,9 +118,10 @@ def parse_messages(messages: Sequence[Mapping[str, Any]]) -> list[ChatMessage]:
         if not isinstance(m, Mapping):
             raise ValueError(f"{where}: expected a dict with 'role' and 'content', got {type(m).__name__}")
         role = m.get("role")
-        if role not in _HEADER_ROLE:
-            raise ValueError(f"{where}.role: unknown role {role!r}; expected system, user, assistant or tool")
-        role = "tool" if role == "ipython" else role
+        if not isinstance(role, str) or role not in _HEADER_ROLE:
+            raise ValueError(f"{where}.role: unknown role {str(role)[:40]!r}; expected system (or developer), user, "
+                             "assistant or tool")
+        role = _SAME_ROLE.get(role, role)
         calls = _parse_tool_calls(m.get("tool_calls"), where) if role == "assistant" else ()
         # OpenAI sends content null on assistant turns that only call tools.
         parts = _parse_content(m.get("content"), f"{where}.content", allow_none=role == "assistant",
