@@ -18,15 +18,22 @@ def _warn_if_random(model: str) -> None:
 
 
 def _stream_reply(llm, prompt, args) -> str:
-    """Print a reply as it is decoded; then its speed on stderr. Returns the text."""
+    """Print a reply as it is decoded; then its speed on stderr. Returns the text. Ctrl-C stops the
+    reply and returns what came so far."""
     pieces = llm.stream(prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, min_p=args.min_p, seed=args.seed)
+    text = []
     while True:
         try:
-            print(next(pieces), end="", flush=True)
+            text.append(next(pieces))
+            print(text[-1], end="", flush=True)
         except StopIteration as done:
             result = done.value
             break
+        except KeyboardInterrupt:
+            pieces.close()
+            print("\nherd: (stopped)", file=sys.stderr)
+            return "".join(text)
     print()
     print(f"herd: {len(result.token_ids)} tokens, prompt {result.prompt_tokens} tokens: prefill {result.prefill_s:.2f} s, "
           f"decode {result.decode_tokens_per_s:.1f} tokens/s ({result.stop_reason})", file=sys.stderr)
@@ -50,38 +57,94 @@ def cmd_generate(args) -> int:
     return 0
 
 
+CHAT_HELP = ("commands: /image PATH attaches an image to the next message, /reset clears the history, "
+             "/quit (or Ctrl-D) leaves; \"\"\" on a line of its own starts and ends a message of several lines; "
+             "Ctrl-C stops a reply; // starts a message that begins with /")
+TTY_LINE = 4095  # a terminal in canonical mode cuts a typed or pasted line here (Linux's N_TTY buffer)
+
+
 def cmd_chat(args) -> int:
-    """An interactive chat with history; '/image PATH' attaches an image to the next message."""
+    """An interactive chat with history and line editing (readline); see CHAT_HELP."""
+    try:
+        import readline  # noqa: F401  (input() then edits lines, keeps history, and takes long pastes)
+    except ImportError:  # not on every platform
+        pass
     llm = _load(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     images: list[str] = []
-    print("herd chat: type a message; '/image PATH' attaches an image, '/reset' clears the history, "
-          "'/quit' or Ctrl-D leaves.", file=sys.stderr)
+    print(f"herd chat: type a message. {CHAT_HELP}.", file=sys.stderr)
     while True:
         try:
-            line = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
+            line = _read_message()
+        except EOFError:
             print(file=sys.stderr)
             return 0
-        if not line:
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as shells do
+            print("\nherd: (Ctrl-D or /quit leaves)", file=sys.stderr)
             continue
-        if line in ("/quit", "/exit"):
-            return 0
-        if line == "/reset":
-            history, images = history[:1] if args.system else [], []
+        if line is None:
             continue
-        if line.startswith("/image "):
-            images.append(line[7:].strip())
+        if line.startswith("/") and not line.startswith("//"):
+            command, _, rest = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                history, images = history[:1] if args.system else [], []
+                print("herd: history cleared", file=sys.stderr)
+            elif command == "/image" and rest.strip():
+                problem = _image_problem(llm, rest.strip())
+                if problem:
+                    print(f"herd: {problem}; nothing attached", file=sys.stderr)
+                else:
+                    images.append(rest.strip())
+                    print(f"herd: {len(images)} image(s) attached to the next message", file=sys.stderr)
+            elif command == "/image":
+                print("herd: /image needs a path: /image PATH", file=sys.stderr)
+            else:
+                print(f"herd: unknown command {command}; {CHAT_HELP}", file=sys.stderr)
             continue
-        content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": line}]
+        text = line[1:] if line.startswith("//") else line
+        content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]
         turn = history + [{"role": "user", "content": content}]
+        images = []  # attached to this message, whatever becomes of it
         print("herd> ", end="", flush=True)
         try:
             reply = _stream_reply(llm, turn, args)
         except ValueError as e:  # a bad image or an over-long history: say so and keep chatting
-            print(f"\nherd: error: {e}", file=sys.stderr)
+            print(f"\nherd: error: {e}\nherd: the message was not sent (its images are dropped; /reset clears "
+                  "the history)", file=sys.stderr)
             continue
-        history, images = turn + [{"role": "assistant", "content": reply}], []
+        except KeyboardInterrupt:  # Ctrl-C before the reply's first piece: as if it was not sent
+            print("\nherd: (stopped)", file=sys.stderr)
+            continue
+        history = turn + [{"role": "assistant", "content": reply}]
+
+
+def _read_message() -> str | None:
+    """One message from the prompt: a line, or the lines between two lines of \"\"\". None: nothing to send."""
+    line = input("you> ")
+    if line.strip() == '"""':
+        lines = []
+        while (more := input("... ")).strip() != '"""':
+            lines.append(more)
+        return "\n".join(lines).strip() or None
+    if len(line) == TTY_LINE:
+        print(f"herd: warning: the line has {len(line)} characters; a terminal without line editing cuts "
+              f"lines at {TTY_LINE}: paste long text between two lines of \"\"\"", file=sys.stderr)
+    return line.strip() or None
+
+
+def _image_problem(llm, path: str) -> str | None:
+    """Why ``path`` cannot be attached, checked when /image is typed rather than at the next message."""
+    from herd.vision.preprocess import ImageError, load_image
+
+    if llm.vision is None:
+        return f"{llm.source} takes no images (no vision encoder)"
+    try:
+        load_image(path, max_pixels=llm.tiler.max_pixels)
+    except ImageError as e:
+        return str(e)
+    return None
 
 
 def cmd_info(args) -> int:
