@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 DEFAULT_MODEL = "herd-tiny"  # the small Llama 4 herd trained itself (herd/models/herd-tiny)
 
@@ -48,11 +49,15 @@ def _load(args):
 
 
 def cmd_generate(args) -> int:
+    from herd.vision.preprocess import load_image
+
+    if args.raw and args.image:
+        raise ValueError("--image needs the chat format (drop --raw)")
+    for i, path in enumerate(args.image):  # before loading the model, not after
+        load_image(path, index=i)
     llm = _load(args)
     content = [{"type": "image", "image": path} for path in args.image] + [{"type": "text", "text": args.prompt}]
     prompt = args.prompt if args.raw else [{"role": "user", "content": content}]
-    if args.raw and args.image:
-        raise ValueError("--image needs the chat format (drop --raw)")
     _stream_reply(llm, prompt, args)
     return 0
 
@@ -150,13 +155,18 @@ def _image_problem(llm, path: str) -> str | None:
 def cmd_info(args) -> int:
     from herd.checkpoint.load import read_config
     from herd.config import PRESETS, preset
+    from herd.llm import model_folder
 
-    cfg = preset(args.model) if args.model in PRESETS else read_config(args.model)[0]
-    t = cfg.text
+    is_preset = args.model in PRESETS and not Path(args.model).exists()
+    cfg = preset(args.model) if is_preset else read_config(model_folder(args.model))[0]
+    t, v = cfg.text, cfg.vision
     print(f"model: {args.model} ({cfg.note or cfg.name})")
-    print(f"params: {cfg.param_count() / 1e9:.2f}B total, {cfg.param_count(active=True) / 1e9:.2f}B active per token")
+    text_total = t.param_count()
+    print(f"params: {_count(cfg.param_count())} total ({_count(text_total)} text"
+          + (f", {_count(cfg.param_count() - text_total)} vision" if v else "")
+          + f"), {_count(cfg.param_count(active=True))} active per token")
     print(f"text: {t.n_layers} layers, width {t.dim}, heads {t.n_heads}/{t.n_kv_heads} x {t.head_dim}, "
-          f"vocab {t.vocab_size}")
+          f"vocab {t.vocab_size}, context {t.max_seq_len}")
     nope = [i for i, r in enumerate(t.uses_rope) if not r]
     moe = [i for i, m in enumerate(t.is_moe) if m]
     print(f"NoPE layers: {nope}")
@@ -164,15 +174,30 @@ def cmd_info(args) -> int:
         print(f"MoE layers: {moe} ({t.moe.num_experts} experts of width {t.moe.expert_dim}, top-{t.moe.top_k}, "
               f"+ shared expert); dense FFN width {t.ffn_dim}")
     print(f"attention chunk: {t.attention_chunk_size}, rope theta {t.rope_theta}, scaling {t.rope_scaling}")
+    if v:
+        print(f"vision: {v.n_layers} layers, width {v.dim}, heads {v.n_heads}; tiles of {v.image_size}x{v.image_size} "
+              f"pixels in patches of {v.patch_size}, pixel shuffle {v.pixel_shuffle_ratio}")
+    else:
+        print("vision: none (text only)")
     return 0
+
+
+def _count(n: int) -> str:
+    """A parameter count people read: 109.0B, 5.12M, 37.9K."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}" if n < 100 * size else f"{n / size:.1f}{unit}"
+    return str(n)
 
 
 def cmd_convert(args) -> int:
     import herd
+    from herd.checkpoint.load import check_new_folder
 
+    check_new_folder(args.dst)  # before minutes of loading, not after
     llm = herd.load(args.src, dtype=args.dtype)
     out = llm.save_pretrained(args.dst)
-    print(f"herd: wrote Hugging Face checkpoint {out}", file=sys.stderr)
+    print(f"herd: wrote Hugging Face checkpoint {out} ({args.dtype} weights)", file=sys.stderr)
     return 0
 
 
@@ -316,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="load any supported checkpoint and write it in Hugging Face format")
     c.add_argument("src")
     c.add_argument("dst")
-    c.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default bfloat16, the dtype Llama 4 is released in, "
+                        "whatever the source's)")
     c.set_defaults(func=cmd_convert)
     return p
 

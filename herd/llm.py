@@ -282,6 +282,17 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
     return llm
 
 
+def model_folder(name: str) -> str:
+    """The folder behind a name: an embedded model's ("herd-tiny") where no such path exists, else ``name``."""
+    if name in MODELS and not Path(name).exists():
+        folder = os.fspath(MODELS_DIR / name)
+        if not (Path(folder) / "config.json").is_file():
+            raise CheckpointError(f"{folder}: the embedded model '{name}' is missing from this installation "
+                                  f"(rebuild it with scripts/train-herd-tiny)")
+        return folder
+    return name
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """The device, or a ValueError in one line saying what is missing (not torch's assertion deep in a copy)."""
     try:
@@ -323,11 +334,7 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
             encoder = init_weights(VisionModel(cfg.vision, cfg.text.dim), seed=seed + 1).to(device=device, dtype=dt)
             encoder.eval().requires_grad_(False)
         return LLM(cfg, tok, model.eval().requires_grad_(False), name, encoder, **limits)
-    if name in MODELS and not Path(name).exists():
-        name = os.fspath(MODELS_DIR / name)
-        if not (Path(name) / "config.json").is_file():
-            raise CheckpointError(f"{name}: the embedded model '{os.fspath(path_or_preset)}' is missing from this "
-                                  f"installation (rebuild it with scripts/train-herd-tiny)")
+    name = model_folder(name)
     cfg, fmt = read_config(name)
     if max_tiles is None:
         limits["max_tiles"] = folder_max_tiles(name) or DEFAULT_MAX_TILES

@@ -269,3 +269,37 @@ def test_served_name_of_a_folder_given_as_dot(tmp_path, monkeypatch):
     assert served_name(".", None) == "my-model" and served_name("./", None) == "my-model"
     assert served_name(str(folder) + "/", None) == "my-model" and served_name(".", "chosen") == "chosen"
     assert served_name("tiny-moe", None) == "tiny-moe"
+
+
+def test_info_on_the_default_model_in_readable_units(capsys):
+    """`herd info herd-tiny` once failed (not a directory), small models read '0.00B active', and the
+    vision encoder went unmentioned."""
+    from herd.cli import _count, main
+
+    assert main(["info", "herd-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "M total" in out and "M active per token" in out and "0.00B" not in out
+    assert "vision: 3 layers" in out and "K vision" in out
+    assert main(["info", "tiny-dense"]) == 0 and "vision: none" in capsys.readouterr().out
+    assert [_count(n) for n in (108_641_000_000, 17_170_000_000, 5_120_000, 965_800, 37_900, 12)] == \
+        ["108.6B", "17.2B", "5.12M", "965.8K", "37.9K", "12"]
+
+
+def test_checks_that_need_no_model_come_before_loading(tmp_path, monkeypatch, capsys):
+    """`herd convert MODEL out` into a non-empty `out`, `herd generate --image missing.png`: refused
+    before the model loads (they once loaded to 100% first)."""
+    from herd.cli import build_parser, main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded the model before checking")
+
+    monkeypatch.setattr(herd, "load", no_load)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(["convert", "tiny-dense", str(tmp_path / "out")]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert main(["generate", "hi", "--image", str(tmp_path / "missing.png")]) == 2
+    assert "file not found" in capsys.readouterr().err
+    convert = next(a for a in build_parser()._subparsers._group_actions[0].choices["convert"]._actions
+                   if a.dest == "dtype")
+    assert "bfloat16" in convert.help and "source" in convert.help

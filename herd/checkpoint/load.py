@@ -410,6 +410,14 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
     return text.eval().requires_grad_(False), encoder
 
 
+def check_new_folder(folder: str | os.PathLike) -> Path:
+    """``folder`` as a Path, if a checkpoint may be written there (absent, or an empty folder)."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise CheckpointError(f"{folder}: exists and is not an empty folder; refusing to overwrite")
+    return folder
+
+
 def save_hf(model: TextModel, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
             max_shard_bytes: int = 5 << 30, extra_files: Mapping[str, Path] | None = None,
             vision: VisionModel | None = None, special_tokens: Mapping[str, int] | None = None) -> Path:
@@ -421,9 +429,7 @@ def save_hf(model: TextModel, folder: str | os.PathLike, *, dtype: torch.dtype |
     Written into a temporary sibling folder and renamed at the end, so an interrupted save never
     leaves a half-written checkpoint under ``folder``.
     """
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise CheckpointError(f"{folder}: exists and is not empty; refusing to overwrite")
+    folder = check_new_folder(folder)
     tmp = folder.with_name(folder.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
