@@ -578,3 +578,39 @@ def test_one_document_file_larger_than_a_read_block(tmp_path):
     ids = [int(i) for i in docs.tokens]
     assert ids[0] == tok.bos_id and ids[-1] == tok.token_id("<|end_of_text|>")
     assert tok.decode(ids[1:-1]) == text
+
+
+def test_fine_tuning_the_default_model_by_name_exports_what_transformers_needs(tmp_path):
+    """sft from "herd-tiny" (a name, not a path): final/ once lacked tokenizer_config.json and
+    preprocessor_config.json, so AutoTokenizer had no BOS, EOS or chat template."""
+    from transformers import AutoTokenizer
+
+    with open(tmp_path / "chat.jsonl", "w") as f:
+        for _ in range(8):
+            f.write(json.dumps({"messages": [{"role": "user", "content": "Say hi."},
+                                             {"role": "assistant", "content": "Hi."}]}) + "\n")
+    (tmp_path / "c.toml").write_text(textwrap.dedent(f"""
+        job = "sft"
+        out_dir = "{tmp_path / 'run'}"
+        [model]
+        checkpoint = "herd-tiny"
+        [data]
+        train = ["chat.jsonl"]
+        val_fraction = 0
+        seq_len = 64
+        [train]
+        steps = 1
+        micro_batch = 2
+        eval_every = 0
+        save_every = 0
+        progress = false
+    """))
+    final = Trainer(load_config(tmp_path / "c.toml")).run()
+    assert (final / "tokenizer_config.json").is_file() and (final / "preprocessor_config.json").is_file()
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok.bos_token == "<|begin_of_text|>" and tok.eos_token == "<|eot|>" and tok.chat_template
+    text = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
+                                   tokenize=False)
+    ids = tok(text, add_special_tokens=False).input_ids
+    llm = herd.load(final, progress=False)
+    assert list(ids) == list(llm.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}]))

@@ -135,7 +135,9 @@ def build(cfg: TrainConfig) -> Built:
         except CheckpointError as e:
             raise CheckpointError(f"model.checkpoint: {e}") from None
         model, vision, tok, mcfg, base = llm.model, llm.vision, llm.tokenizer, llm.config, m.checkpoint
-        folder, max_tiles = Path(m.checkpoint), llm.tiler.max_tiles if llm.tiler is not None else DEFAULT_MAX_TILES
+        # llm.source: the folder itself, also for a name herd.load knows ("herd-tiny"), whose tokenizer
+        # and processor configs the export carries along.
+        folder, max_tiles = Path(llm.source), llm.tiler.max_tiles if llm.tiler is not None else DEFAULT_MAX_TILES
         model.output.weight.data = model.output.weight.data.contiguous()  # inference may keep it column-major
     device = torch.device(cfg.device)
     model.to(device).train().requires_grad_(cfg.job != "lora")
