@@ -129,7 +129,7 @@ class LLM:
         # Our own tokenizer object (the bundled one is shared), told how to tile images for this model.
         self.tokenizer = copy.copy(tokenizer)
         self.tiler = ImageTiler(config.vision, max_tiles, max_pixels) if vision is not None else None
-        self.tokenizer.image_processor, self.tokenizer.max_images = self.tiler, max_images
+        self.tokenizer.image_processor, self.tokenizer.max_images = self.tiler or self._no_images(), max_images
         # The KV cache's dtype (settable): float32 on a CPU without AMX for half-precision weights, see cache_dtype.
         self.kv_dtype = cache_dtype(self.dtype, self.device)
 
@@ -168,28 +168,32 @@ class LLM:
         return kv_cache_bytes(self.config.text, context_len, batch, self.kv_dtype)
 
     def generate(self, prompt, max_new_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: list[str] | None = None):
-        """Generate from a string (raw text), token ids, or chat messages (images allowed) — or a list
-        of those, batched — and return a Generation (a list of them for a batch).
+                 top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: str | list[str] | None = None,
+                 tools: list[dict] | None = None):
+        """Generate from a string (raw text), token ids (apply_chat_template's, images included), or
+        chat messages (images allowed) — or a list of those, batched — and return a Generation (a
+        list of them for a batch).
 
         Greedy at temperature 0; otherwise sampling with top-k / top-p / min-p, reproducible with
-        ``seed``. A row ends at a stop token (<|eot|>, <|eom|>, <|end_of_text|>), a ``stop`` string,
-        or ``max_new_tokens``.
+        ``seed``. A row ends at a stop token (<|eot|>, <|eom|>, <|end_of_text|>), a ``stop`` string
+        (one, or a list), or ``max_new_tokens``. ``tools``: OpenAI-style tool definitions offered to
+        chat messages; read the calls with ``llm.tokenizer.parse_assistant(generation.token_ids)``.
         """
         sampling = Sampling(temperature, top_k, top_p, min_p, seed)
         batch = requests.is_batch(prompt)
-        prompts = [requests.prepare(self, p) for p in (prompt if batch else [prompt])]
+        prompts = [requests.prepare(self, p, tools) for p in (prompt if batch else [prompt])]
         out = requests.generate(self, prompts, max_new_tokens, sampling, stop)
         return out if batch else out[0]
 
     def stream(self, prompt, max_new_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: list[str] | None = None):
+               top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: str | list[str] | None = None,
+               tools: list[dict] | None = None):
         """Like generate for one prompt, but yields the text as it is decoded (whole characters only);
         the generator's return value (StopIteration.value) is the finished Generation."""
         sampling = Sampling(temperature, top_k, top_p, min_p, seed)
         if requests.is_batch(prompt):
             raise ValueError("stream takes one prompt; use generate for a batch")
-        prompts = [requests.prepare(self, prompt)]
+        prompts = [requests.prepare(self, prompt, tools)]
         pieces = requests.stream(self, prompts, max_new_tokens, sampling, stop)
         while True:
             try:
@@ -200,9 +204,16 @@ class LLM:
 
     def preprocess_image(self, image, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
         """An image (PIL image, path, bytes or data: URL) -> (float32 tiles [n, 3, S, S], (rows, cols))."""
-        if self.tiler is None:
-            raise ValueError(f"image {index}: {self.source} has no vision encoder (a text-only checkpoint)")
-        return self.tiler(image, index)
+        return (self.tiler or self._no_images())(image, index)
+
+    def _no_images(self):
+        """The image processor of a model without its vision encoder: refuses every image, saying why."""
+        why = (f"{self.source} was loaded with vision=False; load it with vision=True to use images"
+               if self.config.vision is not None else f"{self.source} has no vision encoder (a text-only checkpoint)")
+
+        def refuse(image, index: int = 0):
+            raise ValueError(f"image {index}: {why}")
+        return refuse
 
     @torch.inference_mode()
     def logits(self, input_ids, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,7 +233,7 @@ class LLM:
     def image_features(self, pixel_values: torch.Tensor, n_patch_tokens: int | None = None) -> torch.Tensor:
         """Tiles [n, 3, S, S] -> image features [n * tokens per tile, D] in the text width."""
         if self.vision is None:
-            raise ValueError(f"pixel_values given, but {self.source} has no vision encoder (a text-only checkpoint)")
+            self._no_images()(None)
         S = self.config.vision.image_size
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or \
                 tuple(pixel_values.shape[1:]) != (3, S, S) or not pixel_values.is_floating_point():

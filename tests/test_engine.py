@@ -157,6 +157,37 @@ def test_stream_equals_generate_and_stop_strings(moe):
     assert "".join(moe.stream(PROMPT, max_new_tokens=24, temperature=0.7, seed=5, stop=[stop])) == cut.text
 
 
+def test_stop_takes_one_string_as_openai_does_and_token_ids_keep_what_was_generated(moe):
+    full = moe.generate(PROMPT, max_new_tokens=24, temperature=0.7, seed=5)
+    stop = full.text[5:8]
+    one = moe.generate(PROMPT, max_new_tokens=24, temperature=0.7, seed=5, stop=stop)
+    listed = moe.generate(PROMPT, max_new_tokens=24, temperature=0.7, seed=5, stop=[stop])
+    assert (one.text, one.token_ids, one.stop_reason) == (listed.text, listed.token_ids, "stop")
+    # text ends before the stop string; token_ids hold every token generated, the stop string's too.
+    assert one.text == full.text[:full.text.index(stop)]
+    assert stop in moe.tokenizer.decode(one.token_ids) and one.token_ids == full.token_ids[:len(one.token_ids)]
+
+
+def test_tools_and_chat_ids_with_images_from_python(moe):
+    """llm.generate had no tools=, and refused the image-carrying ids apply_chat_template returns."""
+    from PIL import Image
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (40, 30), (200, 0, 0))},
+                                             {"type": "text", "text": "Weather where this was taken?"}]}]
+    ids = moe.tokenizer.apply_chat_template(messages, tools=tools)
+    assert ids.pixel_values is not None
+    by_ids = moe.generate(ids, max_new_tokens=6)
+    by_messages = moe.generate(messages, max_new_tokens=6, tools=tools)
+    assert by_ids.token_ids == by_messages.token_ids and by_ids.prompt_tokens == len(ids)
+    assert by_messages.token_ids != moe.generate(messages, max_new_tokens=6).token_ids or \
+        len(moe.tokenizer.apply_chat_template(messages)) < len(ids)  # the tools were offered
+    with pytest.raises(ValueError, match="tools are offered in chat messages"):
+        moe.generate("plain text", tools=tools)
+    with pytest.raises(ValueError, match="remote URLs are not fetched"):
+        moe.generate([{"role": "user", "content": [{"type": "image", "image": "http://example.com/a.png"}]}])
+
+
 def test_stop_token_ends_generation(moe):
     """Force <|eot|> to be the greedy choice: generation stops on it and leaves it out of the text."""
     eot = moe.tokenizer.eot_id
@@ -244,7 +275,8 @@ def test_one_query_attention_over_a_half_precision_cache_keeps_float32_scores(kv
     (dict(temperature=-1), "temperature must be"),
     (dict(top_k=-2), "top_k must be"),
     (dict(min_p=1.0), "min_p must be"),
-    (dict(stop="x"), "stop must be a list"),
+    (dict(stop=[""]), "stop must be a non-empty string or a list of them"),
+    (dict(stop=5), "stop must be a non-empty string or a list of them"),
 ])
 def test_bad_options(moe, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -165,5 +165,14 @@ def test_unreadable_shard_and_gap_in_numbering(tmp_path):
     with pytest.raises(CheckpointError, match="consolidated.00.pth: not a readable torch checkpoint"):
         herd.load(folder)
     (folder / "consolidated.00.pth").rename(folder / "consolidated.01.pth")
-    with pytest.raises(CheckpointError, match="are not consolidated.00.pth"):
+    with pytest.raises(CheckpointError, match=r"consolidated.00.pth missing \(found consolidated.01.pth\)"):
         herd.load(folder)
+    # A missing shard is named as the missing file.
+    llm = herd.load("tiny-moe", seed=0)
+    two = write_meta(tmp_path / "d", cfg, to_meta(llm.model.state_dict(), cfg, mp=2))
+    (two / "consolidated.01.pth").rename(two / "consolidated.02.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated.01.pth missing"):
+        herd.load(two)
+    (two / "consolidated.02.pth").rename(two / "consolidated.x.pth")
+    with pytest.raises(CheckpointError, match="are not consolidated.00.pth"):
+        herd.load(two)

@@ -239,6 +239,12 @@ class MetaSource(Mapping):
             raise CheckpointError(f"{folder}: params.json but no consolidated.NN.pth shard")
         numbers = [p.name.split(".")[1] for p in paths]
         expected = [f"{i:02d}" for i in range(len(paths))]
+        if all(n.isdigit() for n in numbers):  # a gap: name the files that are missing
+            missing = [f"consolidated.{i:02d}.pth" for i in range(max(map(int, numbers)) + 1)
+                       if f"{i:02d}" not in numbers]
+            if missing:
+                raise CheckpointError(f"{folder}: {', '.join(missing)} missing (found "
+                                      f"{', '.join(p.name for p in paths)})")
         if numbers != expected:
             raise CheckpointError(f"{folder}: shards {[p.name for p in paths]} are not consolidated.00.pth "
                                   f".. consolidated.{len(paths) - 1:02d}.pth")

@@ -21,8 +21,11 @@ if TYPE_CHECKING:
 class Generation:
     """One finished generation: new tokens, their text, why it stopped, timings."""
 
-    token_ids: list[int]  # new tokens; a stop token that ended it is included
-    text: str  # the new text, without the stop token or stop string
+    # Every token generated, the way the model produced them: the stop token that ended it and the
+    # tokens that spelled a stop string included (a token can straddle the string's start), so the
+    # ids continue a conversation or parse as a reply (tokenizer.parse_assistant) exactly.
+    token_ids: list[int]
+    text: str  # the reply as a user reads it: cut before the stop string, without the stop token
     stop_reason: str  # "stop" (stop token or stop string) or "length"
     prompt_tokens: int
     prefill_s: float
@@ -49,10 +52,15 @@ def is_batch(prompt: Any) -> bool:
     return not all(isinstance(p, int) for p in prompt) and not all(isinstance(p, Mapping) for p in prompt)
 
 
-def prepare(llm: LLM, prompt: Any) -> Prompt:
-    """A string (raw text: <|begin_of_text|> + its tokens), token ids, or chat messages (with the
-    generation prompt, images included) -> Prompt; every check happens here, before model work."""
+def prepare(llm: LLM, prompt: Any, tools: Sequence[Mapping] | None = None) -> Prompt:
+    """A string (raw text: <|begin_of_text|> + its tokens), token ids (those apply_chat_template
+    returns, images included), or chat messages (with the generation prompt, images included,
+    ``tools`` offered) -> Prompt; every check happens here, before model work."""
     tok = llm.tokenizer
+    if tools is not None and not (isinstance(prompt, Sequence) and prompt and
+                                  all(isinstance(p, Mapping) for p in prompt)):
+        raise ValueError("tools are offered in chat messages: pass a list of messages with tools=, or ids from "
+                         "llm.tokenizer.apply_chat_template(messages, tools=...)")
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -62,14 +70,17 @@ def prepare(llm: LLM, prompt: Any) -> Prompt:
                          f"got {type(prompt).__name__ if prompt is not None else None!r}"
                          + (" (empty)" if isinstance(prompt, Sequence) else ""))
     if all(isinstance(p, Mapping) for p in prompt):
-        return chat_prompt(llm, tok.apply_chat_template(prompt, add_generation_prompt=True))
+        return chat_prompt(llm, tok.apply_chat_template(prompt, add_generation_prompt=True, tools=tools))
     if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
         V = llm.config.text.vocab_size
         bad = [p for p in prompt if not 0 <= p < V]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {V})")
+        if getattr(prompt, "pixel_values", None) is not None:  # apply_chat_template's ids, with their images
+            return chat_prompt(llm, prompt)
         if tok.token_id("<|patch|>") in prompt:
-            raise ValueError("token ids hold <|patch|> tokens: pass chat messages with the images instead")
+            raise ValueError("token ids hold <|patch|> tokens but carry no images: pass chat messages, or the ids "
+                             "apply_chat_template returned for them")
         return Prompt(list(prompt))
     raise ValueError("prompt must be a string, a list of token ids, or a list of chat message dicts")
 
@@ -82,11 +93,20 @@ def chat_prompt(llm: LLM, ids) -> Prompt:
     return Prompt(list(ids), mask, llm.image_features(ids.pixel_values, int(mask.sum())))
 
 
-def check_request(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, stop: Sequence[str] | None) -> None:
+def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
+    """``stop`` as a list: one string or a list of them (as OpenAI takes it), each non-empty."""
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is None:
+        return []
+    if isinstance(stop, (bytes, Mapping)) or not isinstance(stop, Sequence) or \
+            not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return list(stop)
+
+
+def check_request(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
-        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
     limit = llm.config.text.max_seq_len
     for i, p in enumerate(prompts):
         if len(p.ids) + max_new_tokens > limit:
@@ -94,11 +114,12 @@ def check_request(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, stop
                              f"model's context of {limit} tokens")
 
 
-def run(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling, stop: Sequence[str] | None,
-        ) -> Iterator[tuple[int, str]]:
+def run(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling,
+        stop: str | Sequence[str] | None) -> Iterator[tuple[int, str]]:
     """Yield (prompt index, newly final text) as tokens come; returns the finished Jobs
     (StopIteration.value). All prompts join one batch; each leaves it when it ends."""
-    check_request(llm, prompts, max_new_tokens, stop)
+    stop = stop_strings(stop)
+    check_request(llm, prompts, max_new_tokens)
     engine = Engine(llm.model, rows=len(prompts), max_len=max(len(p.ids) for p in prompts) + max_new_tokens,
                     prefill_chunk=llm.prefill_chunk, kv_dtype=llm.kv_dtype)
     batcher = Batcher(engine, llm.tokenizer)

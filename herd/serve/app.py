@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from herd.engine.batch import Job
 from herd.engine.generate import Sampling
-from herd.engine.requests import Prompt, chat_prompt, prepare
+from herd.engine.requests import Prompt, chat_prompt, prepare, stop_strings
 from herd.llm import LLM
 from herd.serve.scheduler import EngineGone, EngineProcess, QueueFull, Scheduler
 from herd.vision.preprocess import ImageBusy, PixelBudget, map_large_buffers
@@ -177,11 +177,11 @@ def _bool(body: Mapping, name: str) -> bool:
 
 
 def _stop(body: Mapping) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
+    try:
+        stop = stop_strings(body.get("stop"))
+    except ValueError:
+        stop = None
+    if stop is None or len(stop) > MAX_STOP:
         raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
     return stop
 

@@ -210,8 +210,8 @@ def tools_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
         functions.append(dict(fn))
     # Llama 4 was post-trained to answer with a Python list of calls (Meta's llama-stack asks for that
     # form), so the instructions ask for it; parse_assistant also accepts the JSON forms.
-    return ("You may call the functions described below in JSON. To call any of them, answer with nothing but "
-            "a Python list of calls that use keyword arguments, for example "
+    return ("You may call the functions whose definitions follow (as JSON). To call any of them, answer with "
+            "nothing but a Python list of calls that use keyword arguments, for example "
             "[func_a(x=1, y=\"two\"), func_b(z=[3])]. Otherwise answer in plain text.\n\n"
             + json.dumps(functions, indent=2, ensure_ascii=False))
 

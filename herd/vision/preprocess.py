@@ -192,6 +192,9 @@ def _decoded(image: _ImageLike, index: int, max_pixels: int, budget: PixelBudget
 
 def _open(image: str | os.PathLike | bytes | bytearray | memoryview, index: int) -> Image.Image:
     """Open lazily (header only), mapping every failure and Pillow's bomb guard to ImageError."""
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        raise ImageError(f"image {index}: remote URLs are not fetched ({image[:60]}); pass the image's bytes, a "
+                         "path or a data: URL")
     if isinstance(image, str) and image.startswith("data:"):
         source: str | os.PathLike | io.BytesIO = io.BytesIO(_data_url_bytes(image, index))
     elif isinstance(image, (str, os.PathLike)):
