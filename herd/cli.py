@@ -227,14 +227,25 @@ def served_name(model: str, given: str | None) -> str:
 
 
 def cmd_serve(args) -> int:
-    from pathlib import Path
+    import socket
 
     import torch
     import uvicorn
 
     from herd.serve.app import ServeOptions, create_app
 
+    # What can be checked without the model is checked before minutes of loading.
     threads = serve_threads(args.threads)
+    if args.allow_images_from is not None and not Path(args.allow_images_from).is_dir():
+        raise ValueError(f"--allow-images-from {args.allow_images_from}: not a folder")
+    if args.image_megapixels <= 0:
+        raise ValueError(f"--image-megapixels must be > 0, got {args.image_megapixels}")
+    try:
+        with socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); is another server "
+                         "there? Choose another --port") from None
     # On a CPU the engine runs in a forked process (EngineProcess), and OpenMP's thread pool does
     # not survive a fork: load on one thread, and let the child and this process take `threads` after.
     on_cpu = torch.device(args.device).type == "cpu"

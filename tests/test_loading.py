@@ -303,3 +303,21 @@ def test_checks_that_need_no_model_come_before_loading(tmp_path, monkeypatch, ca
     convert = next(a for a in build_parser()._subparsers._group_actions[0].choices["convert"]._actions
                    if a.dest == "dtype")
     assert "bfloat16" in convert.help and "source" in convert.help
+
+
+def test_serve_checks_its_options_before_loading(tmp_path, monkeypatch, capsys):
+    """Siblings of convert's late check: a port already taken, a missing image folder."""
+    import socket
+
+    from herd.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded the model before checking")
+
+    monkeypatch.setattr(herd, "load", no_load)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["serve", "--port", "0", "--allow-images-from", str(tmp_path / "nope")]) == 2
+    assert "not a folder" in capsys.readouterr().err
