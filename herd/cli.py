@@ -241,7 +241,8 @@ def cmd_serve(args) -> int:
     if args.image_megapixels <= 0:
         raise ValueError(f"--image-megapixels must be > 0, got {args.image_megapixels}")
     try:
-        with socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET):
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.create_server((args.host, args.port), family=family):
             pass
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); is another server "
