@@ -140,7 +140,7 @@ class Guard:
 def _brief(v: Any) -> str:
     """A client's value for an error message: its JSON, cut short (and never failing on odd values)."""
     try:
-        return json.dumps(v)[:40]
+        return json.dumps(v[:40] if isinstance(v, str) else v)[:40]  # a 30 MB string is not written whole
     except (ValueError, TypeError, RecursionError):
         return type(v).__name__
 
