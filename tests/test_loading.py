@@ -321,3 +321,16 @@ def test_serve_checks_its_options_before_loading(tmp_path, monkeypatch, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert main(["serve", "--port", "0", "--allow-images-from", str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_experts_that_disagree_with_the_config_are_counted_in_the_error(tmp_path):
+    llm = herd.load("tiny-moe", progress=False)
+    folder = llm.save_pretrained(tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    assert text["num_local_experts"] == 4
+    text["num_local_experts"] = 6
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: .*router.weight.*\(config: 6 experts; "
+                                              r"the file's router has 4 rows\)"):
+        herd.load(folder)

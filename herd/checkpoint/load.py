@@ -355,8 +355,23 @@ def check_plan(plan: dict[str, hf.Recipe], source, expected: Mapping[str, torch.
                                   f"floating weight (float32, bfloat16 or float16)")
         if t.shape != expected[key].shape:
             raise CheckpointError(f"{source.where(src)}: tensor '{src}' gives shape {tuple(t.shape)} for "
-                                  f"{key}; the config expects {tuple(expected[key].shape)}")
+                                  f"{key}; the config expects {tuple(expected[key].shape)}"
+                                  + _counts_at_fault(key, tuple(t.shape), tuple(expected[key].shape)))
     return sum(shapes[s].numel() * shapes[s].element_size() for s in needed)
+
+
+# Tensors whose first dimension is a count the config states: say the two counts in its words.
+_COUNTED = (("feed_forward.router.weight", "experts", "router has {} rows"),
+            ("feed_forward.experts.", "experts", "expert stack holds {}"),
+            ("tok_embeddings.weight", "vocab_size", "embedding has {} rows"),
+            ("output.weight", "vocab_size", "output head has {} rows"))
+
+
+def _counts_at_fault(key: str, got: tuple, want: tuple) -> str:
+    for part, what, file_says in _COUNTED:
+        if part in key and got and want and got[0] != want[0]:
+            return f" (config: {want[0]} {what}; the file's {file_says.format(got[0])})"
+    return ""
 
 
 class _Progress:
