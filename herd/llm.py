@@ -129,7 +129,9 @@ class LLM:
         # Our own tokenizer object (the bundled one is shared), told how to tile images for this model.
         self.tokenizer = copy.copy(tokenizer)
         self.tiler = ImageTiler(config.vision, max_tiles, max_pixels) if vision is not None else None
-        self.tokenizer.image_processor, self.tokenizer.max_images = self.tiler or self._no_images(), max_images
+        self.tokenizer.image_processor, self.tokenizer.max_images = self.tiler, max_images
+        if vision is None:
+            self.tokenizer.no_images_reason = self._no_images_reason()
         # The KV cache's dtype (settable): float32 on a CPU without AMX for half-precision weights, see cache_dtype.
         self.kv_dtype = cache_dtype(self.dtype, self.device)
 
@@ -204,16 +206,14 @@ class LLM:
 
     def preprocess_image(self, image, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
         """An image (PIL image, path, bytes or data: URL) -> (float32 tiles [n, 3, S, S], (rows, cols))."""
-        return (self.tiler or self._no_images())(image, index)
+        if self.tiler is None:
+            raise ValueError(f"image {index}: {self._no_images_reason()}")
+        return self.tiler(image, index)
 
-    def _no_images(self):
-        """The image processor of a model without its vision encoder: refuses every image, saying why."""
-        why = (f"{self.source} was loaded with vision=False; load it with vision=True to use images"
-               if self.config.vision is not None else f"{self.source} has no vision encoder (a text-only checkpoint)")
-
-        def refuse(image, index: int = 0):
-            raise ValueError(f"image {index}: {why}")
-        return refuse
+    def _no_images_reason(self) -> str:
+        if self.config.vision is not None:
+            return f"{self.source} was loaded with vision=False; load it with vision=True to use images"
+        return f"{self.source} has no vision encoder (a text-only checkpoint)"
 
     @torch.inference_mode()
     def logits(self, input_ids, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,7 +233,7 @@ class LLM:
     def image_features(self, pixel_values: torch.Tensor, n_patch_tokens: int | None = None) -> torch.Tensor:
         """Tiles [n, 3, S, S] -> image features [n * tokens per tile, D] in the text width."""
         if self.vision is None:
-            self._no_images()(None)
+            raise ValueError(f"pixel_values given, but {self._no_images_reason()}")
         S = self.config.vision.image_size
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or \
                 tuple(pixel_values.shape[1:]) != (3, S, S) or not pixel_values.is_floating_point():

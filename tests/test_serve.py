@@ -894,9 +894,9 @@ def test_web_page_streams_a_reply_in_headless_chromium(tiny):
         driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").text == "tiny-moe")
         # The page's controls start at the server's defaults (tiny-moe has no generation_config.json:
-        # OpenAI's temperature 1); set greedy and a short reply.
+        # OpenAI's temperature 1); set greedy and a reply long enough to watch it stream.
         assert driver.find_element(By.ID, "temperature").get_attribute("value") == "1"
-        for field, value in (("temperature", "0"), ("max_tokens", "12")):
+        for field, value in (("temperature", "0"), ("max_tokens", "64")):
             box = driver.find_element(By.ID, field)
             box.clear()
             box.send_keys(value)
@@ -920,7 +920,7 @@ def test_web_page_streams_a_reply_in_headless_chromium(tiny):
         driver.quit()
     assert "Hello from the browser!" in user
     assert "tokens/s" in stats  # usage arrived at the end of the stream
-    greedy = tiny.client().chat.completions.create(model="tiny-moe", max_tokens=12, temperature=0, messages=[
+    greedy = tiny.client().chat.completions.create(model="tiny-moe", max_tokens=64, temperature=0, messages=[
         {"role": "user", "content": [{"type": "text", "text": "Hello from the browser!"}]}])
     assert reply.strip() == greedy.choices[0].message.content.strip()  # the page sent its temperature and max tokens
     assert len(set(lengths)) > 2, lengths  # the text grew in several steps: it streamed

@@ -300,8 +300,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *, 
         raise ValueError(f"tool_format must be 'json' or 'python_list', got {tool_format!r}")
     parts = [p for m in parsed for p in m.parts if isinstance(p, ImagePart)]
     if parts and image_processor is None:
-        raise ValueError(f"image {parts[0].index}: this model has no vision encoder (a text-only checkpoint), "
-                         f"so the prompt cannot carry images")
+        raise ValueError(f"image {parts[0].index}: {tokenizer.no_images_reason}, so the prompt cannot carry images")
     if max_images is not None and len(parts) > max_images:
         raise ValueError(f"image {max_images}: the prompt has {len(parts)} images, more than the limit of "
                          f"{max_images} per prompt")

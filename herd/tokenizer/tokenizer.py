@@ -106,6 +106,7 @@ class Tokenizer:
         self.path = path
         # Set by herd.load for a checkpoint with a vision encoder: turns an image into tiles.
         self.image_processor = None
+        self.no_images_reason = "this model has no vision encoder (a text-only checkpoint)"  # said when it is None
         self.max_images: int | None = None
         where = path or "tokenizer"
         missing = [n for n in _REQUIRED if n not in self.special_tokens]
