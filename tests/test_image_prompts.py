@@ -70,6 +70,7 @@ def test_images_land_where_the_content_parts_put_them(llm):
     assert logits.shape == (1, len(ids), 202_048) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_a_prompt_with_48_images_runs(llm):
     sizes = [(40 + 7 * i, 30 + 11 * (i % 9)) for i in range(48)]  # aspect ratios from ~1:2 to ~3:1
     content = [{"type": "image", "image": Image.new("RGB", s, (i * 5, 100, 200 - i * 4))} for i, s in enumerate(sizes)]

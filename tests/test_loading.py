@@ -217,6 +217,7 @@ def test_tokenizer_model_file_is_used_and_checked(ckpt):
         herd.load(folder)
 
 
+@pytest.mark.slow
 def test_cli_info_and_generate_say_random(tmp_path):
     out = subprocess.run([sys.executable, "-m", "herd", "info", "scout"], capture_output=True, text=True)
     assert out.returncode == 0 and "active per token" in out.stdout
@@ -231,6 +232,7 @@ def test_cli_info_and_generate_say_random(tmp_path):
     assert bad.returncode == 2 and "not a checkpoint folder" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_loading_peak_memory_stays_within_1_2x(tmp_path):
     """Streamed loading: peak RSS growth <= 1.2x the loaded parameters (a 0.3 GB checkpoint here;
     benchmarks/load_memory.py measures >= 1 GB)."""

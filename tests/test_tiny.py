@@ -32,6 +32,7 @@ def tiny_dir(tmp_path_factory):
     return out, tok
 
 
+@pytest.mark.slow
 def test_scenes_follow_the_spec():
     rng = random.Random(0)
     for _ in range(300):
@@ -162,6 +163,7 @@ def test_training_split_starts_with_the_warm_up_block(tiny_dir, tmp_path):
         shapes.random_scene(random.Random(0), 2, build.EASY_SIZE)
 
 
+@pytest.mark.slow
 def test_encoder_pretraining_feeds_herd_train(tiny_dir, tmp_path):
     """`python -m herd.tiny encoder` writes weights that `herd train` starts its encoder from
     (model.vision_init); files that are not this encoder's are refused, naming the field and file."""
@@ -211,6 +213,7 @@ def test_encoder_pretraining_feeds_herd_train(tiny_dir, tmp_path):
         load_config(tmp_path / "c.toml", ["job=sft", "model.checkpoint=x", "model.config="])
 
 
+@pytest.mark.slow
 def test_probe_decoder_feeds_herd_train(tiny_dir, tmp_path):
     """`python -m herd.tiny probe --save` (with herd-tiny's architecture) writes a decoder `herd train`
     starts from (model.text_init), its curriculum state in the metadata; other files are refused."""
@@ -481,6 +484,7 @@ def test_probe_pictures_are_chats_with_their_tiles(tmp_path):
         ProbeConfig(images_at=-1)
 
 
+@pytest.mark.slow
 def test_probe_trains_and_reports_each_skill():
     from herd.tiny.probe import ProbeConfig, probe
     lines = []

@@ -250,6 +250,7 @@ def test_assistant_mask_marks_only_what_the_assistant_wrote():
 # ---- pretraining, resume, checkpoints ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pretraining_lowers_held_out_loss(pretrained):
     run, final = pretrained
     rows = metrics(run)
@@ -262,6 +263,7 @@ def test_pretraining_lowers_held_out_loss(pretrained):
     assert llm.generate("The old", max_new_tokens=4).token_ids
 
 
+@pytest.mark.slow
 def test_resume_from_step_100_repeats_the_run_bitwise(pretrained, workdir):
     run, _ = pretrained
     resumed = workdir / "resumed"
@@ -277,6 +279,7 @@ def test_resume_from_step_100_repeats_the_run_bitwise(pretrained, workdir):
     assert len(full) == 100 and again == full  # bitwise: the same float64 of every step
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_save_keeps_the_previous_one(workdir):
     out = workdir / "killed"
     config = write_config(workdir, PRETRAIN.format(out="killed", steps=6, save_every=2))
@@ -306,6 +309,7 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(workdir):
 # ---- LoRA --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lora_learns_merges_and_exports(pretrained, workdir):
     from transformers import Llama4ForCausalLM
 
@@ -373,6 +377,7 @@ def test_bad_adapter_folder_is_refused(tmp_path):
 # ---- scale-out ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_fsdp_and_expert_parallel_follow_one_process(workdir):
     base = PRETRAIN.format(out="{out}", steps=50, save_every=0).replace("micro_batch = 2", "micro_batch = 1")
     single = write_config(workdir, base.replace("{out}", "one"))
@@ -404,6 +409,7 @@ def _torchrun(config: Path, *overrides: str, stop_after: int | None = None) -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_tensor_parallel_follows_one_process_and_resumes_exactly(workdir):
     """2 processes, one tensor-parallel group (DTensor: heads, FFN and every expert's width split):
     the same losses as one process, and a run stopped at step 10 resumes to the same steps 11-20."""
@@ -508,6 +514,7 @@ def test_bad_training_data_is_named(tmp_path):
         Trainer(load_config(path))
 
 
+@pytest.mark.slow
 def test_sft_with_images_bf16_and_activation_checkpointing(tmp_path):
     """Chat rows with images train the vision encoder too (early fusion); bf16 autocast and activation
     checkpointing give the step the float32 run gives, to bf16 precision."""
