@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +19,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import start_server  # noqa: E402
 from tests.fuzz import hammer  # noqa: E402
 
 KEY = "fuzz"
@@ -33,21 +33,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=4)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    server = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--model", args.model, "--port", str(port),
-                               "--api-key", KEY, "--max-context", "256", "--allow-images-from", tempfile.gettempdir()],
-                              stdout=log, stderr=subprocess.STDOUT)
+    server, url = start_server(args.model, "--api-key", KEY, "--max-context", "256", "--allow-images-from",
+                               tempfile.gettempdir(), log=log)
     try:
-        for _ in range(400):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.3)
         normal = json.dumps({"model": args.model, "max_tokens": 2,
                              "messages": [{"role": "user", "content": "Hi"}]}).encode()
 

@@ -18,13 +18,15 @@ import concurrent.futures
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests/test_serve.py)
+from serve_load import start_server  # noqa: E402
 
 KEY = "bench"
 
@@ -51,23 +53,8 @@ def rss_mb(pid: int) -> float:
 
 
 def measure(model: str, requests: int, side: int, megapixels: float, log=sys.stderr) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--model", model, "--port", str(port),
-                               "--api-key", KEY, "--max-context", "4096", "--image-megapixels", str(megapixels)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, url = start_server(model, "--api-key", KEY, "--max-context", "4096", "--image-megapixels", str(megapixels))
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1).read()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("herd serve did not start")
-                time.sleep(0.3)
         image = big_png(side)
         body = json.dumps({"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "What is this?"}]}]}).encode()

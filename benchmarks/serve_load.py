@@ -44,11 +44,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, queue: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, *options: str, log=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
+    """`herd serve --model MODEL OPTIONS...` on a free loopback port, once it answers /health; its
+    output goes to ``log`` (a file, or nowhere)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--model", model, "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", str(queue)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--model", model, "--port", str(port), *options],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
-    proc, url = start_server(args.model, args.max_batch, max(64, args.requests))
+    proc, url = start_server(args.model, "--max-batch", str(args.max_batch), "--max-queue", str(max(64, args.requests)))
     rounds: list[list[dict]] = []
     try:
         for r in range(args.rounds):
