@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 DEFAULT_MODEL = "herd-tiny"  # the small Llama 4 herd trained itself (herd/models/herd-tiny)
@@ -18,23 +20,32 @@ def _warn_if_random(model: str) -> None:
               f"--model for herd-tiny (trained), or pass --model PATH to a real checkpoint.", file=sys.stderr)
 
 
-def _stream_reply(llm, prompt, args) -> str:
-    """Print a reply as it is decoded; then its speed on stderr. Returns the text. Ctrl-C stops the
-    reply and returns what came so far."""
-    pieces = llm.stream(prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        top_k=args.top_k, min_p=args.min_p, seed=args.seed)
-    text = []
-    while True:
-        try:
-            text.append(next(pieces))
+def _stream_reply(llm, prompt, args, prefix: str = "") -> str:
+    """Print ``prefix`` and a reply as it is decoded; then its speed on stderr. Returns the text.
+
+    Ctrl-C stops the reply after the token being made and returns what came so far: while it runs,
+    SIGINT only sets a flag, so no KeyboardInterrupt can land between two statements of the caller.
+    """
+    stopped = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    try:
+        print(prefix, end="", flush=True)
+        pieces = llm.stream(prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, min_p=args.min_p, seed=args.seed)
+        text = []
+        while not stopped.is_set():
+            try:
+                text.append(next(pieces))
+            except StopIteration as done:
+                result = done.value
+                break
             print(text[-1], end="", flush=True)
-        except StopIteration as done:
-            result = done.value
-            break
-        except KeyboardInterrupt:
+        else:
             pieces.close()
             print("\nherd: (stopped)", file=sys.stderr)
             return "".join(text)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     print()
     print(f"herd: {len(result.token_ids)} tokens, prompt {result.prompt_tokens} tokens: prefill {result.prefill_s:.2f} s, "
           f"decode {result.decode_tokens_per_s:.1f} tokens/s ({result.stop_reason})", file=sys.stderr)
@@ -112,15 +123,11 @@ def cmd_chat(args) -> int:
         content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]
         turn = history + [{"role": "user", "content": content}]
         images = []  # attached to this message, whatever becomes of it
-        print("herd> ", end="", flush=True)
         try:
-            reply = _stream_reply(llm, turn, args)
+            reply = _stream_reply(llm, turn, args, prefix="herd> ")
         except ValueError as e:  # a bad image or an over-long history: say so and keep chatting
             print(f"\nherd: error: {e}\nherd: the message was not sent (its images are dropped; /reset clears "
                   "the history)", file=sys.stderr)
-            continue
-        except KeyboardInterrupt:  # Ctrl-C before the reply's first piece: as if it was not sent
-            print("\nherd: (stopped)", file=sys.stderr)
             continue
         history = turn + [{"role": "assistant", "content": reply}]
 
