@@ -47,6 +47,7 @@ import herd  # noqa: E402
 from herd.checkpoint.load import save_hf  # noqa: E402
 from herd.config import MoEConfig, TextConfig, every, rope_layout  # noqa: E402
 from herd.engine.generate import Engine  # noqa: E402
+from herd import kernels  # noqa: E402
 from herd.llm import init_weights  # noqa: E402
 from herd.model.transformer import TextModel  # noqa: E402
 
@@ -93,6 +94,12 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
+def engine(model: TextModel, rows: int, max_len: int) -> Engine:
+    """An Engine with the KV cache herd.load picks (herd.kernels.cache_dtype)."""
+    w = model.output.weight
+    return Engine(model, rows=rows, max_len=max_len, kv_dtype=kernels.cache_dtype(w.dtype, w.device))
+
+
 def _random_ids(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.randint(0, 200_000, shape, device=device)
 
@@ -101,25 +108,25 @@ def _random_ids(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 def herd_prefill(model: TextModel, n: int, repeat: int = 1) -> float:
     """Tokens/s of a prefill of n tokens into herd's KV cache (default segment size)."""
     ids = _random_ids((n,), model.output.weight.device).tolist()
-    engine = Engine(model, rows=1, max_len=n + 1)
-    engine.prefill(0, ids[:64])  # warm-up
-    return n / timed(lambda: engine.prefill(0, ids), repeat)
+    eng = engine(model, rows=1, max_len=n + 1)
+    eng.prefill(0, ids[:64])  # warm-up
+    return n / timed(lambda: eng.prefill(0, ids), repeat)
 
 
 @torch.inference_mode()
 def herd_decode(model: TextModel, batch: int, steps: int, repeat: int = 1) -> float:
     """Tokens/s of greedy decode steps for ``batch`` rows after 64-token prompts."""
     device = model.output.weight.device
-    engine = Engine(model, rows=batch, max_len=64 + (repeat + 1) * steps + 2)
+    eng = engine(model, rows=batch, max_len=64 + (repeat + 1) * steps + 2)
     for r in range(batch):
-        engine.prefill(r, _random_ids((64,), device).tolist())
+        eng.prefill(r, _random_ids((64,), device).tolist())
     tokens = [1] * batch
-    engine.decode(tokens)  # warm-up
+    eng.decode(tokens)  # warm-up
 
     def run():
         nonlocal tokens
         for _ in range(steps):
-            tokens = engine.decode(tokens).argmax(-1).tolist()
+            tokens = eng.decode(tokens).argmax(-1).tolist()
 
     return batch * steps / timed(run, repeat)
 
@@ -130,7 +137,7 @@ def products_alone(model: TextModel, steps: int, repeat: int = 1) -> float:
     router, one routed expert (another one each step, as real tokens pick) and shared expert, then the
     output head, through herd's `linear` (the same kernels on the same weights). What herd's decode would
     reach if attention, norms, routing, the cache and Python cost nothing."""
-    from herd.model.layers import linear
+    from herd.kernels.cpu import linear
     from herd.model.moe import MoE
 
     def weights(step: int) -> list[torch.Tensor]:
@@ -316,10 +323,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 @torch.inference_mode()
 def decode_step_s(model: TextModel, steps: int = 32) -> float:
-    engine = Engine(model, rows=1, max_len=64 + steps + 2)
-    engine.prefill(0, list(range(64)))
-    engine.decode([1])
-    return timed(lambda: [engine.decode([1]) for _ in range(steps)]) / steps
+    eng = engine(model, rows=1, max_len=64 + steps + 2)
+    eng.prefill(0, list(range(64)))
+    eng.decode([1])
+    return timed(lambda: [eng.decode([1]) for _ in range(steps)]) / steps
 
 
 def extras(args) -> dict:
@@ -340,7 +347,7 @@ def extras(args) -> dict:
     for experts in (16, 128):
         cfg = bench_config(2, experts)
         cfg = TextConfig(**{**cfg.__dict__, "vocab_size": 256})
-        models[experts] = init_weights(TextModel(cfg)).to(torch.bfloat16).eval()
+        models[experts] = kernels.apply(init_weights(TextModel(cfg)).to(torch.bfloat16).eval())
     times: dict[int, list[float]] = {16: [], 128: []}
     for _ in range(5):  # alternating, so a slow spell of this shared machine hits both
         for experts, model in models.items():
@@ -360,12 +367,12 @@ def extras(args) -> dict:
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.02)
-        model.eval()
+        kernels.apply(model.eval())
         step = decode_step_s(model, steps=8)
         ids = [i % scout2.vocab_size for i in range(512)]
-        engine = Engine(model, rows=1, max_len=600)
-        engine.prefill(0, ids[:32])
-        prefill = 512 / timed(lambda: engine.prefill(0, ids))
+        eng = engine(model, rows=1, max_len=600)
+        eng.prefill(0, ids[:32])
+        prefill = 512 / timed(lambda: eng.prefill(0, ids))
         out["scout_slice"] = {"decode_step_s": step, "prefill_tok_s": prefill}
         print(f"Scout-shaped slice, 2 layers, bf16: decode {step * 1e3:.1f} ms/step ({step / 2 * 1e3:.1f} ms per "
               f"layer), prefill 512 tokens {prefill:.1f} tokens/s")

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import herd  # noqa: E402
 from herd.checkpoint.load import save_hf  # noqa: E402
 from herd.engine.generate import full_forward_tokens  # noqa: E402
+from herd import kernels  # noqa: E402
 from herd.llm import init_weights  # noqa: E402
 from herd.model.transformer import TextModel  # noqa: E402
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     for name, ok, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
     cfg = bench_config(args.layers, args.experts)
-    model = init_weights(TextModel(cfg)).to(device="cuda", dtype=torch.bfloat16).eval()
+    model = kernels.apply(init_weights(TextModel(cfg)).to(device="cuda", dtype=torch.bfloat16).eval())
     prompts, batches = [512, 4096], [1, 8]
     ours = speeds(partial(herd_prefill, model), partial(herd_decode, model), prompts, batches, args.steps)
     theirs = {}

@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from herd.config import MoEConfig, TextConfig, every, rope_layout  # noqa: E402
-from herd.engine.cache import cache_dtype, full_cache_bytes, kv_cache_bytes  # noqa: E402
+from herd.engine.cache import full_cache_bytes, kv_cache_bytes  # noqa: E402
+from herd import kernels  # noqa: E402
 from herd.engine.generate import Engine  # noqa: E402
 from herd.llm import init_weights  # noqa: E402
 from herd.model.transformer import TextModel  # noqa: E402
@@ -48,15 +49,15 @@ def main(argv=None) -> int:
                      uses_rope=rope_layout(4, 4), is_moe=every(4, 1), moe=MoEConfig(4, 1, 256),
                      attention_chunk_size=8192, max_seq_len=args.tokens + args.decode + 1)
     base = status("VmRSS")
-    model = init_weights(TextModel(cfg)).eval().to(dtype)
+    model = kernels.apply(init_weights(TextModel(cfg)).eval().to(dtype))
     # bf16 weights are made in float32 first: reset the high-water mark here so that float32 copy is not
     # counted (growth is still measured from `base`, before the model)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident size
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     max_len = args.tokens + args.decode + 1
-    engine = Engine(model, rows=1, max_len=max_len)
-    kv = cache_dtype(dtype, "cpu")
+    kv = kernels.cache_dtype(dtype, "cpu")
+    engine = Engine(model, rows=1, max_len=max_len, kv_dtype=kv)
     accounted = kv_cache_bytes(cfg, max_len, 1, kv)
     assert engine.cache.nbytes == accounted
     prompt = torch.randint(0, 200_000, (args.tokens,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -55,6 +55,7 @@ def run_side(args) -> dict:
     from herd.checkpoint import hf
     from herd.llm import init_weights
     from herd.model.transformer import TextModel
+    from herd.train.loss import summed_loss
     cfg = model_config(args)
     herd_model = init_weights(TextModel(cfg), seed=0, std=0.02)
     rows = token_rows(args)
@@ -63,7 +64,7 @@ def run_side(args) -> dict:
         model = herd_model.train()
 
         def loss_of(batch):
-            return model(batch[:, :-1], targets_BT=batch[:, 1:]) / batch[:, 1:].numel()
+            return summed_loss(model, batch[:, :-1], batch[:, 1:]) / batch[:, 1:].numel()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     else:
         from transformers import Llama4ForCausalLM, Llama4TextConfig

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from herd.config import PRESETS  # noqa: E402
+from herd import kernels  # noqa: E402
 from herd.llm import init_weights  # noqa: E402
 from herd.model.transformer import TextModel  # noqa: E402
 from herd.model.vision import VisionModel  # noqa: E402
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
     print(f"building Scout-width vision ({args.vision_layers} layers) and one Scout text layer ...", file=sys.stderr)
     vision = init_weights(VisionModel(vcfg, tcfg.dim)).eval()
     text = init_weights(TextModel(tcfg)).eval()
+    kernels.apply(text, vision)  # the fast paths herd.load installs
     per_tile = vision.tokens_per_tile
     n_tiles = args.images * tiles_per_image
     T = n_tiles * per_tile + args.text_tokens

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
+from herd import kernels as kernels_module
 from herd.checkpoint.adapters import load_adapters
 from herd.checkpoint.errors import CheckpointError
 from herd.checkpoint.load import load_model, read_config, save_hf
 from herd.config import PRESETS, ModelConfig, VisionConfig, preset
 from herd.engine import requests
-from herd.engine.cache import cache_dtype, kv_cache_bytes
+from herd.engine.cache import kv_cache_bytes
 from herd.engine.generate import Sampling
-from herd.model.layers import ONEDNN_SWITCH, gemv_column_major, to_column_major
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 from herd.tokenizer.tokenizer import Tokenizer, TokenizerError
@@ -132,8 +132,8 @@ class LLM:
         self.tokenizer.image_processor, self.tokenizer.max_images = self.tiler, max_images
         if vision is None:
             self.tokenizer.no_images_reason = self._no_images_reason()
-        # The KV cache's dtype (settable): float32 on a CPU without AMX for half-precision weights, see cache_dtype.
-        self.kv_dtype = cache_dtype(self.dtype, self.device)
+        # The KV cache's dtype (settable): the weights' one; herd.load sets the kernels' choice.
+        self.kv_dtype = self.dtype
 
     @property
     def device(self) -> torch.device:
@@ -243,15 +243,9 @@ class LLM:
         if n_patch_tokens is not None and n_patch_tokens != pixel_values.shape[0] * per_tile:
             raise ValueError(f"input_ids hold {n_patch_tokens} <|patch|> tokens but pixel_values has "
                              f"{pixel_values.shape[0]} tiles × {per_tile} = {pixel_values.shape[0] * per_tile}")
-        # ONEDNN_SWITCH: the server encodes images on a worker thread while its engine thread decodes;
-        # the encoder's products must not run while a decode GEMV has oneDNN switched off. Taken per
-        # group of tiles, so decode steps go on between groups.
         with torch.inference_mode():
             pixels = pixel_values.to(self.device)
-            feats = []
-            for i in range(0, pixels.shape[0], _ENCODE_TILES):
-                with ONEDNN_SWITCH:
-                    feats.append(self.vision(pixels[i:i + _ENCODE_TILES]))
+            feats = [self.vision(pixels[i:i + _ENCODE_TILES]) for i in range(0, pixels.shape[0], _ENCODE_TILES)]
         return torch.cat(feats).flatten(0, 1)
 
     def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
@@ -265,7 +259,7 @@ class LLM:
 def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
          *, seed: int = 0, progress: bool = True, vision: bool = True, max_images: int = DEFAULT_MAX_IMAGES,
          max_tiles: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-         adapters: str | os.PathLike | None = None, compile: bool = False) -> LLM:
+         adapters: str | os.PathLike | None = None, kernels: bool = True, compile: bool = False) -> LLM:
     """Load a Hugging Face folder, a Meta folder, an embedded model ("herd-tiny", trained by herd) or
     a preset name (random weights) as an LLM.
 
@@ -273,23 +267,30 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
 
     ``vision=False`` skips a checkpoint's vision encoder (less memory; text prompts only). The image
     limits apply to prompts: images per prompt, tiles per image (default: the checkpoint's
-    preprocessor_config.json ``max_patches``, else 16), pixels per image. ``compile=True``: batch-1
-    decode's output product through a kernel torch.compile makes for half-precision weights on a CPU
-    (a little faster; a compilation at the first step, see `TextModel.compile_head`).
+    preprocessor_config.json ``max_patches``, else 16), pixels per image.
+
+    ``kernels=False`` runs the reference model: no device fast paths (see herd.kernels) and a KV
+    cache in the weights' dtype. ``compile=True``: batch-1 decode's output product through a kernel
+    torch.compile makes for half-precision weights on a CPU (see `herd.kernels.compile_head`).
 
     Raises CheckpointError (a ValueError) naming the file, tensor or field at fault; nothing is
     returned half-loaded.
     """
     check_device(device)
+    if compile and not kernels:
+        raise ValueError("compile=True is a kernel; it needs kernels=True")
     llm = _load(path_or_preset, dtype, device, seed=seed, progress=progress, vision=vision, max_images=max_images,
-                max_tiles=max_tiles, max_pixels=max_pixels)
+                max_tiles=max_tiles, max_pixels=max_pixels, fast=kernels)
     if adapters is not None:
         try:
             load_adapters(llm.model, adapters)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
-    if compile:
-        llm.model.compile_head()
+    if kernels:
+        kernels_module.apply(llm.model, llm.vision)
+        llm.kv_dtype = kernels_module.cache_dtype(llm.dtype, llm.device)
+        if compile:
+            kernels_module.compile_head(llm.model)
     return llm
 
 
@@ -322,7 +323,7 @@ def check_device(device: str | torch.device) -> torch.device:
     return d
 
 
-def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, max_tiles, max_pixels) -> LLM:
+def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, max_tiles, max_pixels, fast) -> LLM:
     limits = dict(max_images=max_images, max_tiles=DEFAULT_MAX_TILES if max_tiles is None else max_tiles,
                   max_pixels=max_pixels)
     dt = resolve_dtype(dtype)
@@ -338,8 +339,6 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
                 return LLM(cfg, tok, TextModel(cfg.text).to(dt), name, encoder, **limits)
         _check_fits(cfg, dt, name)
         model = init_weights(TextModel(cfg.text), seed=seed).to(device=device, dtype=dt)
-        if gemv_column_major(model.output.weight.shape, dt, device):
-            model.output.weight.data = to_column_major(model.output.weight.data)
         encoder = None
         if with_vision:
             encoder = init_weights(VisionModel(cfg.vision, cfg.text.dim), seed=seed + 1).to(device=device, dtype=dt)
@@ -354,7 +353,10 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
     except TokenizerError as e:
         raise CheckpointError(str(e)) from None
     _check_vocab(tok, cfg, name)
-    model, encoder = load_model(name, cfg, fmt, dtype=dt, device=device, progress=progress, vision=vision)
+    head = (cfg.text.vocab_size, cfg.text.dim)
+    column_major = ("output.weight",) if fast and kernels_module.cpu.head_column_major(head, dt, device) else ()
+    model, encoder = load_model(name, cfg, fmt, dtype=dt, device=device, progress=progress, vision=vision,
+                                column_major=column_major)
     return LLM(cfg, tok, model, name, encoder, **limits)
 
 

@@ -9,10 +9,10 @@ import torch
 
 import herd
 from herd.config import PRESETS
-from herd.engine.cache import cache_dtype, full_cache_bytes, kv_cache_bytes
+from herd import kernels
+from herd.engine.cache import full_cache_bytes, kv_cache_bytes
 from herd.engine.generate import Engine, full_forward_tokens
 from herd.llm import init_weights
-from herd.model import attention, layers
 from herd.model.transformer import TextModel
 from tests.conftest import tiny_text
 
@@ -224,13 +224,12 @@ def test_kv_cache_accounting():
     assert KVCache(llm.config.text, 2, 100, torch.float32, "cpu").nbytes == llm.kv_cache_bytes(100, batch=2)
 
 
-def test_half_precision_cache_dtype_on_cpu():
-    """bf16 weights on a CPU keep a float32 cache by default (fast attention), a bf16 one on a CPU with
-    AMX (as fast there, half the bytes); either on request."""
+def test_half_precision_cache(monkeypatch):
+    """herd.load's KV cache dtype follows herd.kernels.cache_dtype (float32 for bf16 weights on a CPU
+    without AMX, bf16 with it), either on request; both agree with the full forward."""
     llm = herd.load("tiny-moe", dtype="bfloat16")
-    default = torch.bfloat16 if layers.amx_bf16() else torch.float32
-    assert llm.kv_dtype == default and cache_dtype(torch.bfloat16, "cpu") == default
-    assert cache_dtype(torch.float16, "cpu") == torch.float32 and cache_dtype(torch.float32, "cpu") == torch.float32
+    default = kernels.cache_dtype(torch.bfloat16, "cpu")
+    assert llm.kv_dtype == default
     # Rotary tables stay exact whatever dtype the weights are cast to.
     assert llm.model.inv_freq.dtype == torch.float32 and llm.vision.rope.dtype == torch.complex64
     assert llm.kv_cache_bytes(100) == kv_cache_bytes(llm.config.text, 100, 1, default)
@@ -245,27 +244,6 @@ def test_half_precision_cache_dtype_on_cpu():
     llm.kv_dtype = torch.bfloat16
     assert llm.kv_cache_bytes(100) * 2 == kv_cache_bytes(llm.config.text, 100, 1, torch.float32)
     assert len(llm.generate(ids, max_new_tokens=4).token_ids) == 4
-
-
-@pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
-def test_one_query_attention_over_a_half_precision_cache_keeps_float32_scores(kv, monkeypatch):
-    """Decode past 1024 keys in all takes `_attend_one` over a float32 cache on a CPU, but never over a
-    bf16 one, whose scores it would round to bf16 before the softmax: there torch's fused kernel runs
-    (float32 scores, as transformers' attention). Both agree with the full forward."""
-    model = init_weights(TextModel(tiny_text(vocab_size=256)), seed=5).eval().to(torch.bfloat16)
-    ids = [(7 * i) % 256 for i in range(600)]
-    taken = []
-    real = attention._attend_one
-    monkeypatch.setattr(attention, "_attend_one", lambda *a: taken.append(True) or real(*a))
-    with torch.inference_mode():
-        full = model(torch.tensor([ids]))[0]
-        engine = Engine(model, rows=2, max_len=len(ids), kv_dtype=kv)
-        engine.prefill_rows(0, [(ids[:-3], None, None)] * 2)
-        for pos in range(len(ids) - 3, len(ids) - 1):
-            pair = engine.decode([ids[pos]] * 2)  # 2 rows x ~600 keys in the global layers
-            for row in pair:
-                assert (row - full[pos]).abs().max() <= 2e-2 * full[pos].abs().max()
-    assert bool(taken) == (kv == torch.float32)
 
 
 @pytest.mark.parametrize("kwargs, message", [

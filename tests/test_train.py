@@ -21,7 +21,8 @@ import herd
 from herd.config import PRESETS
 from herd.llm import init_weights
 from herd.model.lora import add_adapters
-from herd.model.transformer import LinearCrossEntropy, TextModel
+from herd.model.transformer import TextModel
+from herd.train.loss import LinearCrossEntropy, summed_loss
 from herd.train.config import TrainConfigError, describe_fields, load_config
 from herd.train.data import DataError, pack
 from herd.train.trainer import Trainer
@@ -128,11 +129,11 @@ def test_packed_rows_train_as_each_document_alone():
     positions = torch.stack([row([torch.arange(len(d)) for d in r], 0) for r in docs])
     targets = torch.stack([row([torch.cat([d[1:], torch.tensor([-100])]) for d in r], -100) for r in docs])
     model.zero_grad()
-    model(tokens, segments_BT=segments, positions_BT=positions, targets_BT=targets).backward()
+    summed_loss(model, tokens, targets, segments_BT=segments, positions_BT=positions).backward()
     packed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     for d in (d for r in docs for d in r if len(d) > 1):
-        model(d[None], targets_BT=torch.cat([d[1:], torch.tensor([-100])])[None]).backward()
+        summed_loss(model, d[None], torch.cat([d[1:], torch.tensor([-100])])[None]).backward()
     for n, p in model.named_parameters():  # float32 sums in another order: 1e-5 of the tensor's largest
         if n in packed:
             gap = float((packed[n] - p.grad).abs().max() / p.grad.abs().max())

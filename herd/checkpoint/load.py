@@ -15,7 +15,7 @@ import math
 import mmap
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -24,7 +24,6 @@ from safetensors.torch import save_file
 from herd.checkpoint import hf, meta
 from herd.checkpoint.errors import CheckpointError
 from herd.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, to_hf_config
-from herd.model.layers import gemv_column_major
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 
@@ -96,7 +95,7 @@ class MappedFiles:
              column_major: bool = False) -> torch.Tensor:
         """A new tensor (own memory, given dtype and device) equal to ``t``, copied piece by piece with
         each piece's source pages dropped as the copy goes: a conversion never holds a second full copy.
-        ``column_major`` (a matrix): the result has strides (1, rows), see gemv_column_major."""
+        ``column_major`` (a matrix): the result has strides (1, rows), see herd.kernels.cpu.head_column_major."""
         if column_major:
             out = torch.empty_strided(t.shape, (1, t.shape[0]), dtype=dtype, device=device)
             step = max(1, _CHUNK_BYTES // max(1, t[0].numel() * t.element_size()))
@@ -395,9 +394,10 @@ class _Progress:
 
 def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: str | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress: bool = True,
-               vision: bool = True) -> tuple[TextModel, VisionModel | None]:
+               vision: bool = True, column_major: Collection[str] = ()) -> tuple[TextModel, VisionModel | None]:
     """Stream a checkpoint into a TextModel (and a VisionModel when the config has one and ``vision``)
-    built on the meta device; every name, shape and dtype is checked before any weight is read."""
+    built on the meta device; every name, shape and dtype is checked before any weight is read.
+    ``column_major``: names of matrices to store with strides (1, rows) (a kernel's layout)."""
     folder = Path(folder)
     if cfg is None or fmt is None:
         cfg, fmt = read_config(folder)
@@ -416,8 +416,7 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
         parts = [source[s] for s in recipe.sources]
         # A copy in the model's own memory (never a view of the file), then the file pages are let go.
         value = recipe.combine(*parts)
-        state[key] = source.mapped.copy(value, dtype, device, column_major=key == "output.weight" and
-                                        gemv_column_major(value.shape, dtype, device))
+        state[key] = source.mapped.copy(value, dtype, device, column_major=key in column_major)
         for part in parts:
             source.mapped.drop(part)
         bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in recipe.sources

@@ -15,24 +15,6 @@ from __future__ import annotations
 import torch
 
 from herd.config import TextConfig
-from herd.model import layers
-
-
-def cache_dtype(weight_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The KV cache's default dtype: the weights' one, except float32 for half-precision weights on a
-    CPU without AMX.
-
-    CPUs without bf16/fp16 matrix instructions run half-precision attention matmuls 10-50x slower
-    than float32 ones (a 1-query x 8192-key bf16 attention: ~15 ms against ~1.5 ms in float32 on
-    an AVX2 machine), and up-casting a half-precision cache each step costs a copy of it. So the
-    cache is kept in float32 (twice the bytes; set ``llm.kv_dtype`` to halve it) on every CPU but
-    one with AMX and bf16 weights, the only kind where a bf16 cache was measured faster (benchmark
-    model, 2-core Xeon: prefill of 4096 tokens 2.1x, decode as fast at 64 to 32K tokens of context);
-    there it is bf16, as transformers keeps it.
-    """
-    if torch.device(device).type == "cpu" and weight_dtype in (torch.bfloat16, torch.float16):
-        return torch.bfloat16 if weight_dtype == torch.bfloat16 and layers.amx_bf16() else torch.float32
-    return weight_dtype
 
 
 def layer_capacity(cfg: TextConfig, layer: int, max_len: int) -> int:

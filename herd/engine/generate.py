@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from herd.engine.cache import KVCache, cache_dtype
+from herd.engine.cache import KVCache
 from herd.model.transformer import TextModel
 
 
@@ -79,15 +79,15 @@ def default_prefill_chunk(dtype: torch.dtype, device: torch.device) -> int:
 
 
 class Engine:
-    """A model plus a KV cache of ``rows`` sequences of up to ``max_len`` tokens (``kv_dtype``: see
-    `cache_dtype` for the default)."""
+    """A model plus a KV cache of ``rows`` sequences of up to ``max_len`` tokens (``kv_dtype``: the
+    weights' dtype unless given; herd.kernels.cache_dtype is the fast choice)."""
 
     def __init__(self, model: TextModel, rows: int, max_len: int, prefill_chunk: int | None = None,
                  kv_dtype: torch.dtype | None = None):
         w = model.output.weight
         self.model = model
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(w.dtype, w.device)
-        self.cache = KVCache(model.cfg, rows, max_len, kv_dtype or cache_dtype(w.dtype, w.device), w.device)
+        self.cache = KVCache(model.cfg, rows, max_len, kv_dtype or w.dtype, w.device)
         self.device = w.device
 
     def prefill(self, row: int, tokens: Sequence[int], image_mask: torch.Tensor | None = None,

@@ -14,14 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from herd.config import TextConfig
 from herd.model.layers import Linear, apply_rope, rms_norm
-
-
-_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
@@ -100,23 +96,6 @@ def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Pac
     outs = [F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=gqa).transpose(1, 2).reshape(-1, H, Dh)
             for qg, kg, vg in zip(spans(q), spans(k), spans(v))]
     return torch.cat(outs + [q.new_zeros(1, H, Dh)])[packed.slots].view(B, T, H, Dh)
-
-
-def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per row: q (B, H, 1, Dh), k/v (B, G, L, Dh), mask (B, 1, 1, L) or None -> (B, H, 1, Dh).
-
-    The same math as scaled_dot_product_attention (scale 1/sqrt(Dh), softmax in float32), written
-    out because for one query over many keys the fused CPU kernel is slower (1.4x at 8192 keys, 2x
-    at batch 8): the H query heads of each KV group become the rows of one matmul, no KV repeat.
-    """
-    B, H, _, Dh = q.shape
-    G = k.shape[1]
-    q = q.view(B, G, H // G, Dh)  # query heads grouped by their KV head
-    scores = (q @ k.transpose(2, 3)).float() * Dh ** -0.5  # (B, G, H/G, L)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, L) broadcasts over G, H/G
-    out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # (B, G, H/G, Dh)
-    return out.reshape(B, H, 1, Dh)
 
 
 @dataclass(frozen=True)
@@ -208,20 +187,14 @@ class Attention(nn.Module):
         v_cache.transpose(1, 2).index_put_((at.row_ids, at.slots), v)
         q = q.transpose(1, 2)  # (B, H, T, Dh)
         keys, values = k_cache[at.rows, :, :at.length], v_cache[at.rows, :, :at.length]
-        # One query per row: `_attend_one` where it beats the fused kernel (a GPU; a CPU past 1024 keys in
-        # all), but not over a half-precision cache on a CPU: its scores would be rounded to bf16, where the
-        # fused kernel keeps them in float32 as transformers' attention does (and is as fast on a CPU with
-        # AMX, where such caches are the default).
-        if T == 1 and (q.device.type != "cpu" or (B * at.length > 1024 and k_cache.dtype == torch.float32)):
-            out = _attend_one(q, keys, values, at.mask)
-        elif q.device.type == "cuda":
-            # Not cuDNN's kernel: it builds a plan for every new shape (~6 ms on an H100), and a
-            # cache's key length changes with every segment.
-            with sdpa_kernel(_CUDA_SDPA):
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=at.mask, enable_gqa=self.gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=at.mask, enable_gqa=self.gqa)
+        out = self.attend_cached(q, keys, values, at.mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim).to(x_BTD.dtype))
+
+    def attend_cached(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor | CausalBias | None) -> torch.Tensor:
+        """q (B, H, T, Dh) over cached keys/values (B, G, L, Dh) -> (B, H, T, Dh) (herd.kernels swaps in
+        device paths)."""
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.gqa)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         C, T = self.chunk, q.shape[2]

@@ -2,34 +2,20 @@
 
 router logits = x W_router; keep the top-K logits per token; score = sigmoid(logit) for those,
 0 for every other expert. The score scales the expert's *input*: out = shared(x) +
-sum_k expert_k(x * score_k). The fast paths run each expert on just the tokens routed to it:
-`_grouped` (CUDA, one grouped GEMM per projection), `_few` (a handful of tokens: decode on CPU),
-`dispatch` (CPU prefill, training: one GEMM chain per expert with work). `dense_reference` runs every
-token through every expert like Meta's and Hugging Face's code — slow, obviously right, used to
-test the fast ones.
+sum_k expert_k(x * score_k). `dispatch` runs each expert on just the tokens routed to it (one GEMM
+chain per expert with work; herd.kernels adds device paths); `dense_reference` runs every token
+through every expert like Meta's and Hugging Face's code — slow, obviously right, used to test the
+others.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from herd.config import MoEConfig
-from herd.model.layers import Linear, SwiGLU, linear, swiglu
-
-
-def _grouped_gemm_ok(x: torch.Tensor) -> bool:
-    """torch._grouped_mm exists for bf16 on CUDA devices of compute capability 9.0 and up."""
-    return x.is_cuda and x.dtype == torch.bfloat16 and _has_grouped_mm(x.device.index)
-
-
-@functools.lru_cache(maxsize=None)
-def _has_grouped_mm(device_index: int | None) -> bool:
-    # Asked once per device, not in every MoE layer of every step.
-    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device_index) >= (9, 0)
+from herd.model.layers import Linear, SwiGLU, swiglu
 
 
 def dispatch(one, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -70,13 +56,18 @@ class Experts(nn.Module):
 
     def one(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens [N, D] -> [N, D]; touches only expert e's weights."""
-        a = self.adapter
+        a, linear = self.adapter, self.product
         if a is None:
-            return swiglu(x_ND, self.w1[e], self.w3[e], self.w2[e])
+            return swiglu(x_ND, self.w1[e], self.w3[e], self.w2[e], linear)
         gate = linear(x_ND, self.w1[e]) + a.delta("w1", e, x_ND)
         up = linear(x_ND, self.w3[e]) + a.delta("w3", e, x_ND)
         h = F.silu(gate) * up
         return linear(h, self.w2[e]) + a.delta("w2", e, h)
+
+    @staticmethod
+    def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x @ w.T for one expert matrix (herd.kernels swaps in device kernels)."""
+        return F.linear(x, w)
 
 
 class MoE(nn.Module):
@@ -110,38 +101,13 @@ class MoE(nn.Module):
             routed = self.parallel(self, x_ND, ids_NK, scores_NK)
         elif self.dense_reference:
             routed = self._dense(x_ND, ids_NK, scores_NK)
-        elif _grouped_gemm_ok(x_ND) and self.experts.adapter is None:
-            routed = self._grouped(x_ND, ids_NK, scores_NK)
-        elif ids_NK.numel() <= 4:
-            routed = self._few(x_ND, ids_NK, scores_NK)
         else:
-            routed = dispatch(self.experts.one, x_ND, ids_NK, scores_NK, self.experts.w1.shape[0])
+            routed = self.routed(x_ND, ids_NK, scores_NK)
         return (self.shared_expert(x_ND) + routed).view_as(x_BTD)
 
-    def _grouped(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
-        # CUDA (sm90+, bf16): the same sort by expert, then one grouped GEMM per projection over
-        # all experts (torch._grouped_mm with per-expert row offsets). No host sync, so decode
-        # steps can be captured in a CUDA graph; experts with no rows cost nothing.
-        flat_ids = ids_NK.flatten()
-        order = torch.argsort(flat_ids, stable=True)
-        token_of = order // self.top_k
-        offs = torch.bincount(flat_ids, minlength=self.experts.w1.shape[0]).cumsum(0).to(torch.int32)
-        x_in = x_ND[token_of] * scores_NK.flatten()[order, None]
-        w = self.experts  # (out, in) weights; transposed views are the column-major B the kernel wants
-        gate = torch._grouped_mm(x_in, w.w1.transpose(1, 2), offs=offs)
-        up = torch._grouped_mm(x_in, w.w3.transpose(1, 2), offs=offs)
-        y = torch._grouped_mm(F.silu(gate) * up, w.w2.transpose(1, 2), offs=offs)
-        return torch.zeros_like(x_ND).index_add_(0, token_of, y)
-
-    def _few(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
-        # Decode: a handful of (token, expert) pairs. One host sync for the ids, then each pair's
-        # expert reads only its own weights; no sort, no scatter.
-        if ids_NK.numel() == 1:  # batch-1 decode with top-1: one expert on one row
-            return self.experts.one(int(ids_NK), x_ND * scores_NK)
-        x_in = x_ND[:, None] * scores_NK[:, :, None]  # (N, K, D): the score scales the expert input
-        K = ids_NK.shape[1]
-        rows = [self.experts.one(e, x_in[i // K, i % K, None]) for i, e in enumerate(ids_NK.flatten().tolist())]
-        return torch.cat(rows).view(-1, K, x_ND.shape[1]).sum(1)  # (N, D)
+    def routed(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output [N, D] (herd.kernels swaps in device paths)."""
+        return dispatch(self.experts.one, x_ND, ids_NK, scores_NK, self.experts.w1.shape[0])
 
     def _dense(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
         E = self.experts.w1.shape[0]

@@ -56,7 +56,8 @@ from typing import NamedTuple
 import torch
 
 from herd.llm import MODELS_DIR
-from herd.model.transformer import IGNORE_INDEX, TextModel
+from herd.model.transformer import TextModel
+from herd.train.loss import IGNORE_INDEX, summed_loss
 from herd.tiny import shapes, text
 from herd.tokenizer.tokenizer import Tokenizer
 
@@ -259,8 +260,10 @@ def forward(model: TextModel, r: dict, patch_id: int, vision=None, targets: bool
         with torch.no_grad():
             feats = vision(r["pixels"]).flatten(0, 1)
         mask = r["tokens"] == patch_id
-    return model(r["tokens"], mask, feats, segments_BT=r["segments"], positions_BT=r["positions"],
-                 targets_BT=r["targets"] if targets else None)
+    if targets:
+        return summed_loss(model, r["tokens"], r["targets"], mask, feats, segments_BT=r["segments"],
+                           positions_BT=r["positions"])
+    return model(r["tokens"], mask, feats, segments_BT=r["segments"], positions_BT=r["positions"])
 
 
 @torch.no_grad()

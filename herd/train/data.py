@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from herd.model.transformer import IGNORE_INDEX as IGNORE  # targets that are not learned
+from herd.train.loss import IGNORE_INDEX as IGNORE  # targets that are not learned
 
 _READ_BYTES = 1 << 20
 

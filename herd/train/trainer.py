@@ -29,6 +29,7 @@ from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 from herd.train import checkpoint as ckpt
 from herd.train.config import TrainConfig, as_dict
+from herd.train.loss import summed_loss
 from herd.train.data import Batch, DataError, Documents, Encoder, PackedData, expand_sources, split_documents, tokenise
 from herd.train.metrics import Metrics
 from herd.train.parallel import World, apply_fsdp, apply_tensor_parallel, gather_state, init_world, shard_experts
@@ -310,8 +311,8 @@ class Trainer:
             # Every rank must run the (FSDP-sharded) encoder each step, or the collectives mismatch.
             S = self.vision.cfg.image_size
             unused = 0.0 * self.vision(torch.zeros(1, 3, S, S, device=dev)).sum()
-        return self.model(tokens, mask, feats, segments_BT=batch.segments.to(dev),
-                          positions_BT=batch.positions.to(dev), targets_BT=batch.targets.to(dev)) + unused
+        return summed_loss(self.model, tokens, batch.targets.to(dev), mask, feats, segments_BT=batch.segments.to(dev),
+                           positions_BT=batch.positions.to(dev)) + unused
 
     def _autocast(self):
         """bf16 autocast when train.dtype says so (float32 master weights), else a no-op context."""
