@@ -48,7 +48,7 @@ from herd.checkpoint.load import save_hf  # noqa: E402
 from herd.config import MoEConfig, TextConfig, every, rope_layout  # noqa: E402
 from herd.engine.generate import Engine  # noqa: E402
 from herd import kernels  # noqa: E402
-from herd.llm import init_weights  # noqa: E402
+from herd.model.init import init_weights  # noqa: E402
 from herd.model.transformer import TextModel  # noqa: E402
 
 

@@ -29,7 +29,7 @@ import herd  # noqa: E402
 from herd.checkpoint.load import save_hf  # noqa: E402
 from herd.engine.generate import full_forward_tokens  # noqa: E402
 from herd import kernels  # noqa: E402
-from herd.llm import init_weights  # noqa: E402
+from herd.model.init import init_weights  # noqa: E402
 from herd.model.transformer import TextModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

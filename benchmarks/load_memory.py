@@ -40,7 +40,7 @@ def bench_config(gb: float) -> TextConfig:
 def write_checkpoints(cfg: TextConfig, root: Path, formats: list[str]) -> dict[str, Path]:
     from herd.checkpoint.load import save_hf
     from herd.config import to_meta_params
-    from herd.llm import init_weights
+    from herd.model.init import init_weights
     from herd.model.transformer import TextModel
 
     print(f"writing a {cfg.param_count() / 1e9:.2f}B-parameter checkpoint ...", file=sys.stderr)

@@ -26,7 +26,7 @@ from herd.config import MoEConfig, TextConfig, every, rope_layout  # noqa: E402
 from herd.engine.cache import full_cache_bytes, kv_cache_bytes  # noqa: E402
 from herd import kernels  # noqa: E402
 from herd.engine.generate import Engine  # noqa: E402
-from herd.llm import init_weights  # noqa: E402
+from herd.model.init import init_weights  # noqa: E402
 from herd.model.transformer import TextModel  # noqa: E402
 
 

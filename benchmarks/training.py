@@ -53,7 +53,7 @@ def token_rows(args) -> torch.Tensor:
 def run_side(args) -> dict:
     torch.set_num_threads(args.threads)
     from herd.checkpoint import hf
-    from herd.llm import init_weights
+    from herd.model.init import init_weights
     from herd.model.transformer import TextModel
     from herd.train.loss import summed_loss
     cfg = model_config(args)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from herd.config import PRESETS  # noqa: E402
 from herd import kernels  # noqa: E402
-from herd.llm import init_weights  # noqa: E402
+from herd.model.init import init_weights  # noqa: E402
 from herd.model.transformer import TextModel  # noqa: E402
 from herd.model.vision import VisionModel  # noqa: E402
 

@@ -162,7 +162,7 @@ def _image_problem(llm, path: str) -> str | None:
 def cmd_info(args) -> int:
     from herd.checkpoint.load import read_config
     from herd.config import PRESETS, preset
-    from herd.llm import model_folder
+    from herd.models import model_folder
 
     is_preset = args.model in PRESETS and not Path(args.model).exists()
     cfg = preset(args.model) if is_preset else read_config(model_folder(args.model))[0]

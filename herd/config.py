@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from herd.vocab import NUM_SPECIAL, llama4_special_tokens
+
 LLAMA4_VOCAB = 202_048  # 200,000 BPE ranks + 2,048 special tokens
 
 
@@ -443,7 +445,6 @@ def to_hf_text_config(t: TextConfig, special_tokens: Mapping[str, int] | None = 
 def llama4_special_ids(vocab_size: int) -> dict[str, int]:
     """Special token name -> id in Llama 4's layout: its 2,048 special tokens, in Meta's order, are
     the last ids of the vocabulary (a tokenizer file, when there is one, is the authority)."""
-    from herd.tokenizer.tokenizer import NUM_SPECIAL, llama4_special_tokens
     return {name: vocab_size - NUM_SPECIAL + i for i, name in enumerate(llama4_special_tokens())}
 
 

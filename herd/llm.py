@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 from pathlib import Path
 
@@ -12,22 +10,21 @@ import torch
 from herd import kernels as kernels_module
 from herd.checkpoint.adapters import load_adapters
 from herd.checkpoint.errors import CheckpointError
+from herd.checkpoint.folder import carried_files, folder_max_tiles
 from herd.checkpoint.load import load_model, read_config, save_hf
-from herd.config import PRESETS, ModelConfig, VisionConfig, preset
-from herd.engine import requests
+from herd.config import PRESETS, ModelConfig, preset
+from herd.engine import prompts as prompting
 from herd.engine.cache import kv_cache_bytes
 from herd.engine.generate import Sampling
+from herd.model.init import init_weights
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
+from herd.models import model_folder
+from herd.tokenizer.chat_format import ChatTokenizer
 from herd.tokenizer.tokenizer import Tokenizer, TokenizerError
-
-from herd.vision.preprocess import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_TILES, PixelBudget, best_grid, load_image,
-                                   preprocess_image)
+from herd.vision.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TILES, ImageTiler
 
 DEFAULT_MAX_IMAGES = 64  # images per prompt
-# Trained models shipped inside the package, loadable by name (herd.load("herd-tiny")).
-MODELS_DIR = Path(__file__).parent / "models"
-MODELS = ("herd-tiny",)
 _ENCODE_TILES = 16  # tiles per vision-encoder batch: bounds activation memory for many-image prompts
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -43,82 +40,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
 
 
-@torch.no_grad()
-def init_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
-    """Random init for presets: N(0, std) for every matrix, ones for norm weights, zeros for biases
-    (herd's documented scheme)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for name, p in model.named_parameters():
-        module = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if isinstance(module, (torch.nn.LayerNorm,)) or name.endswith("norm.weight"):
-            p.fill_(1.0 if name.endswith("weight") else 0.0)
-        elif name.endswith("bias"):
-            p.zero_()
-        else:
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
-    return model
-
-
-# Files a checkpoint folder may carry beside its weights that herd reads or passes on when saving.
-PROCESSOR_FILES = ("preprocessor_config.json", "tokenizer_config.json")
-
-
-def carried_files(folder: str | os.PathLike | None, tokenizer: Tokenizer) -> dict[str, Path]:
-    """name -> path of the files a saved model takes along: the tokenizer's file and the
-    PROCESSOR_FILES found in ``folder`` (where the model came from)."""
-    out = {f: Path(folder) / f for f in PROCESSOR_FILES if folder is not None and (Path(folder) / f).is_file()}
-    if tokenizer.path is not None:
-        out[tokenizer.path.name] = tokenizer.path
-    return out
-
-
-def folder_max_tiles(folder: str | os.PathLike) -> int | None:
-    """Tiles per image a checkpoint was trained with: ``max_patches`` of its preprocessor_config.json
-    (transformers' Llama4ImageProcessor name), or None when the folder does not say."""
-    path = Path(folder) / "preprocessor_config.json"
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text()).get("max_patches")
-    except (ValueError, AttributeError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON object ({e})") from None
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CheckpointError(f"{path}: max_patches must be a positive integer, got {value!r}")
-    return value
-
-
-class ImageTiler:
-    """Turns one image (PIL, path, bytes or data: URL) into tiles for a vision config, with limits."""
-
-    def __init__(self, vision: VisionConfig, max_tiles: int = DEFAULT_MAX_TILES,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
-        if max_tiles < 1 or max_pixels < 1:
-            raise ValueError(f"max_tiles and max_pixels must be >= 1, got {max_tiles} and {max_pixels}")
-        self.tile_size, self.max_tiles, self.max_pixels = vision.image_size, max_tiles, max_pixels
-        side = vision.image_size // vision.patch_size
-        self.tokens_per_tile = round(side * side * vision.pixel_shuffle_ratio ** 2)
-
-        self.pixels = True  # False: layout only (see `layout_only`)
-        self.budget: PixelBudget | None = None  # bounds pixels decoded at once across threads (herd serve)
-
-    def __call__(self, image, index: int = 0) -> tuple[torch.Tensor | None, tuple[int, int]]:
-        if not self.pixels:
-            rgb = load_image(image, index=index, max_pixels=self.max_pixels, budget=self.budget)
-            return None, best_grid(rgb.height, rgb.width, self.tile_size, self.max_tiles)
-        return preprocess_image(image, index=index, tile_size=self.tile_size, max_tiles=self.max_tiles,
-                                max_pixels=self.max_pixels, budget=self.budget)
-
-    def layout_only(self) -> ImageTiler:
-        """A copy that decodes and checks each image and plans its tiles but makes no pixels:
-        (None, (rows, cols)). Enough to lay out a prompt's image tokens (tokenising training data,
-        where the batches tile the images again), at a fraction of the cost."""
-        tiler = copy.copy(self)
-        tiler.pixels = False
-        return tiler
-
-
 class LLM:
     """A loaded Llama 4 model: ``llm.config``, ``llm.tokenizer``, ``llm.logits(ids)``."""
 
@@ -126,12 +47,10 @@ class LLM:
                  vision: VisionModel | None = None, *, max_images: int = DEFAULT_MAX_IMAGES,
                  max_tiles: int = DEFAULT_MAX_TILES, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.config, self.model, self.source, self.vision = config, model, source, vision
-        # Our own tokenizer object (the bundled one is shared), told how to tile images for this model.
-        self.tokenizer = copy.copy(tokenizer)
         self.tiler = ImageTiler(config.vision, max_tiles, max_pixels) if vision is not None else None
-        self.tokenizer.image_processor, self.tokenizer.max_images = self.tiler, max_images
-        if vision is None:
-            self.tokenizer.no_images_reason = self._no_images_reason()
+        # The chat format over this model's tokenizer, told how to tile images for this model.
+        self.tokenizer = ChatTokenizer.of(tokenizer, self.tiler, max_images,
+                                          None if vision is not None else self._no_images_reason())
         # The KV cache's dtype (settable): the weights' one; herd.load sets the kernels' choice.
         self.kv_dtype = self.dtype
 
@@ -172,8 +91,8 @@ class LLM:
     def generate(self, prompt, max_new_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: str | list[str] | None = None,
                  tools: list[dict] | None = None):
-        """Generate from a string (raw text), token ids (apply_chat_template's, images included), or
-        chat messages (images allowed) — or a list of those, batched — and return a Generation (a
+        """Generate from a string (raw text), token ids, a ChatPrompt (apply_chat_template's, images
+        included), or chat messages (images allowed) — or a list of those, batched — and return a Generation (a
         list of them for a batch).
 
         Greedy at temperature 0; otherwise sampling with top-k / top-p / min-p, reproducible with
@@ -182,9 +101,9 @@ class LLM:
         chat messages; read the calls with ``llm.tokenizer.parse_assistant(generation.token_ids)``.
         """
         sampling = Sampling(temperature, top_k, top_p, min_p, seed)
-        batch = requests.is_batch(prompt)
-        prompts = [requests.prepare(self, p, tools) for p in (prompt if batch else [prompt])]
-        out = requests.generate(self, prompts, max_new_tokens, sampling, stop)
+        batch = prompting.is_batch(prompt)
+        prompts = [self.prepare(p, tools) for p in (prompt if batch else [prompt])]
+        out = prompting.generate(self._runner(), prompts, max_new_tokens, sampling, stop)
         return out if batch else out[0]
 
     def stream(self, prompt, max_new_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0,
@@ -193,16 +112,22 @@ class LLM:
         """Like generate for one prompt, but yields the text as it is decoded (whole characters only);
         the generator's return value (StopIteration.value) is the finished Generation."""
         sampling = Sampling(temperature, top_k, top_p, min_p, seed)
-        if requests.is_batch(prompt):
+        if prompting.is_batch(prompt):
             raise ValueError("stream takes one prompt; use generate for a batch")
-        prompts = [requests.prepare(self, prompt, tools)]
-        pieces = requests.stream(self, prompts, max_new_tokens, sampling, stop)
+        pieces = prompting.stream(self._runner(), [self.prepare(prompt, tools)], max_new_tokens, sampling, stop)
         while True:
             try:
                 _, piece = next(pieces)
             except StopIteration as done:
                 return done.value[0]
             yield piece
+
+    def prepare(self, prompt, tools: list[dict] | None = None) -> prompting.Prompt:
+        """A prompt as generate takes it -> the engine's Prompt (ids; image features computed)."""
+        return prompting.prepare(self.tokenizer, prompt, tools, self.image_features if self.vision is not None else None)
+
+    def _runner(self) -> prompting.Runner:
+        return prompting.Runner(self.model, self.tokenizer, self.prefill_chunk, self.kv_dtype)
 
     def preprocess_image(self, image, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
         """An image (PIL image, path, bytes or data: URL) -> (float32 tiles [n, 3, S, S], (rows, cols))."""
@@ -292,17 +217,6 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
         if compile:
             kernels_module.compile_head(llm.model)
     return llm
-
-
-def model_folder(name: str) -> str:
-    """The folder behind a name: an embedded model's ("herd-tiny") where no such path exists, else ``name``."""
-    if name in MODELS and not Path(name).exists():
-        folder = os.fspath(MODELS_DIR / name)
-        if not (Path(folder) / "config.json").is_file():
-            raise CheckpointError(f"{folder}: the embedded model '{name}' is missing from this installation "
-                                  f"(rebuild it with scripts/train-herd-tiny)")
-        return folder
-    return name
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from herd.tokenizer.chat_format import (AssistantMessage, ToolCall, encode_chat, parse_assistant, parse_tool_calls,
+from herd.tokenizer.chat_format import (AssistantMessage, ChatTokenizer, ToolCall, encode_chat, parse_assistant, parse_tool_calls,
                                         render_tool_call, tools_prompt)
 from herd.tokenizer.tokenizer import Tokenizer
 
@@ -19,7 +19,7 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.bundled()
+    return ChatTokenizer.of(Tokenizer.bundled())
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ CONVERSATIONS = {
 @pytest.mark.parametrize("name", CONVERSATIONS)
 def test_chat_ids_match_meta(tok, ref, name, add_generation_prompt):
     messages = CONVERSATIONS[name]
-    ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt).ids
     assert ours == _meta_ids(ref, messages, add_generation_prompt)
     assert ours.count(tok.bos_id) == 1 and ours[0] == tok.bos_id
     header = [200005, 140680, 200006, 368]  # <|header_start|>assistant<|header_end|>\n\n
@@ -120,22 +120,22 @@ def test_chat_ids_match_meta(tok, ref, name, add_generation_prompt):
 
 def test_python_list_tool_format_matches_meta(tok, ref):
     messages = CONVERSATIONS["tool_round_trip"]
-    ours = tok.apply_chat_template(messages, tool_format="python_list")
+    ours = tok.apply_chat_template(messages, tool_format="python_list").ids
     assert ours == _meta_ids(ref, messages, True, "python_list")
-    assert ours != tok.apply_chat_template(messages)  # the two formats really differ
+    assert ours != tok.apply_chat_template(messages).ids  # the two formats really differ
     assert '[get_weather(city="Paris", unit="celsius", days=3, hourly=False)]' in tok.decode(ours)
 
 
 def test_golden_ids(tok):
     # Frozen from Meta's reference so a change in either side is noticed.
-    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}]) == [
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}]).ids == [
         200000, 200005, 1556, 200006, 368, 25181, 200008, 200005, 140680, 200006, 368]
-    ids = tok.apply_chat_template([{"role": "tool", "content": "42"}], add_generation_prompt=False)
+    ids = tok.apply_chat_template([{"role": "tool", "content": "42"}], add_generation_prompt=False).ids
     assert tok.decode(ids) == "<|begin_of_text|><|header_start|>ipython<|header_end|>\n\n42<|eom|>"
 
 
 def test_special_lookalikes_in_user_text_stay_text(tok):
-    ids = tok.apply_chat_template(CONVERSATIONS["lookalikes"])
+    ids = tok.apply_chat_template(CONVERSATIONS["lookalikes"]).ids
     # Only the format's own specials: BOS, 3 headers (start+end), 2 eot ends.
     specials = [i for i in ids if tok.is_special(i)]
     assert specials == [200000, 200005, 200006, 200008, 200005, 200006, 200008, 200005, 200006]
@@ -150,10 +150,10 @@ def test_tools_are_offered_in_the_system_message(tok, ref):
     expected = ref.fmt.encode_dialog_prompt([
         t.RawMessage(role="system", content=[t.RawTextItem(text="Be nice."), t.RawTextItem(text="\n\n" + offer)]),
         t.RawMessage(role="user", content="Weather in Oslo?")]).tokens
-    assert tok.apply_chat_template(with_system, tools=[WEATHER_TOOL]) == list(expected)
+    assert tok.apply_chat_template(with_system, tools=[WEATHER_TOOL]).ids == list(expected)
     expected = ref.fmt.encode_dialog_prompt([t.RawMessage(role="system", content=offer),
                                              t.RawMessage(role="user", content="Weather in Oslo?")]).tokens
-    assert tok.apply_chat_template(with_system[1:], tools=[WEATHER_TOOL]) == list(expected)
+    assert tok.apply_chat_template(with_system[1:], tools=[WEATHER_TOOL]).ids == list(expected)
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -185,12 +185,12 @@ def test_tools_are_offered_in_the_system_message(tok, ref):
 ])
 def test_bad_messages_name_index_and_field(tok, messages, where):
     with pytest.raises(ValueError, match=where):
-        tok.apply_chat_template(messages)
+        tok.apply_chat_template(messages).ids
 
 
 def test_bad_tools_and_format(tok):
     with pytest.raises(ValueError, match=r"tools\[1\]"):
-        tok.apply_chat_template([{"role": "user", "content": "x"}], tools=[WEATHER_TOOL, {"type": "function"}])
+        tok.apply_chat_template([{"role": "user", "content": "x"}], tools=[WEATHER_TOOL, {"type": "function"}]).ids
     with pytest.raises(ValueError, match="tool_format"):
         encode_chat(tok, [{"role": "user", "content": "x"}], tool_format="xml")
 

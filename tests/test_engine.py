@@ -12,8 +12,7 @@ from herd.config import PRESETS
 from herd import kernels
 from herd.engine.cache import full_cache_bytes, kv_cache_bytes
 from herd.engine.generate import Engine, full_forward_tokens
-from herd.llm import init_weights
-from herd.model.transformer import TextModel
+
 from tests.conftest import tiny_text
 
 PROMPT = "The llama is a domesticated South American camelid. " * 3  # ~40 tokens: 5 chunks of 8
@@ -63,12 +62,11 @@ def test_prompts_prefilled_side_by_side_equal_one_by_one(moe, prefill_chunk):
     own prefill gives; 5: segments of 1-2 positions for 3-4 rows, ending mid-chunk."""
     from PIL import Image
 
-    from herd.engine.requests import prepare
     picture = lambda color: {"type": "image", "image": Image.new("RGB", (90, 60), color)}  # noqa: E731
     chats = [[{"role": "user", "content": [picture("red"), {"type": "text", "text": "What is this?"}]}],
              PROMPT, "Hi there",
              [{"role": "user", "content": [picture("blue"), {"type": "text", "text": "And this?"}, picture("green")]}]]
-    prompts = sorted((prepare(moe, c) for c in chats), key=lambda p: -len(p.ids))
+    prompts = sorted((moe.prepare(c) for c in chats), key=lambda p: -len(p.ids))
     assert len({len(p.ids) for p in prompts}) == 4 and len(prompts[0].ids) > 3 * 8  # 8: tiny-moe's chunk
     moe.prefill_chunk = prefill_chunk
     try:
@@ -179,9 +177,9 @@ def test_tools_and_chat_ids_with_images_from_python(moe):
     assert ids.pixel_values is not None
     by_ids = moe.generate(ids, max_new_tokens=6)
     by_messages = moe.generate(messages, max_new_tokens=6, tools=tools)
-    assert by_ids.token_ids == by_messages.token_ids and by_ids.prompt_tokens == len(ids)
+    assert by_ids.token_ids == by_messages.token_ids and by_ids.prompt_tokens == len(ids.ids)
     assert by_messages.token_ids != moe.generate(messages, max_new_tokens=6).token_ids or \
-        len(moe.tokenizer.apply_chat_template(messages)) < len(ids)  # the tools were offered
+        len(moe.tokenizer.apply_chat_template(messages).ids) < len(ids.ids)  # the tools were offered
     with pytest.raises(ValueError, match="tools are offered in chat messages"):
         moe.generate("plain text", tools=tools)
     with pytest.raises(ValueError, match="remote URLs are not fetched"):
@@ -209,7 +207,7 @@ def test_images_in_chat_prompts_reach_the_model(moe):
                                              {"type": "text", "text": "What is this?"}]}]
     out = moe.generate(messages, max_new_tokens=5)
     ids = moe.tokenizer.apply_chat_template(messages)
-    first = int(moe.logits([ids], pixel_values=ids.pixel_values)[0, -1].argmax())
+    first = int(moe.logits([ids.ids], pixel_values=ids.pixel_values)[0, -1].argmax())
     assert out.token_ids[0] == first
 
 
@@ -274,5 +272,6 @@ def test_unknown_option_and_bad_prompts(moe):
 def test_context_limit():
     short = herd.load("tiny-moe")
     short.config = dataclasses.replace(short.config, text=dataclasses.replace(short.config.text, max_seq_len=32))
+    short.model.cfg = short.config.text
     with pytest.raises(ValueError, match=r"prompt 0: \d+ tokens \+ max_new_tokens 30 exceeds the model's context of 32"):
         short.generate(PROMPT, max_new_tokens=30)

@@ -62,12 +62,12 @@ def test_images_land_where_the_content_parts_put_them(llm):
                 *head("user"), *enc("First:"), *img[0], *enc("and second:"), *img[1], tok.eot_id,
                 *head("assistant"), *enc("Noted."), tok.eot_id,
                 *head("user"), *img[2], *enc("Which is food?"), tok.eot_id, *head("assistant")]
-    assert list(ids) == expected
+    assert ids.ids == expected
     # Each image's tiles are its own preprocessing, in prompt order.
     first, grid = llm.preprocess_image(photo("dog.jpg"))
     assert grid == ids.image_grids[0] and torch.equal(ids.pixel_values[:tiles[0]], first)
-    logits = llm.logits([ids], pixel_values=ids.pixel_values)
-    assert logits.shape == (1, len(ids), 202_048) and torch.isfinite(logits).all()
+    logits = llm.logits([ids.ids], pixel_values=ids.pixel_values)
+    assert logits.shape == (1, len(ids.ids), 202_048) and torch.isfinite(logits).all()
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from herd.engine.generate import Engine, full_forward_tokens
 from herd.kernels import cpu
 from herd.kernels.attention import attend_one
 from herd.kernels.moe import few, grouped, grouped_gemm_ok
-from herd.llm import init_weights
+from herd.model.init import init_weights
 from herd.model.attention import Attention
 from herd.model.moe import MoE
 from herd.model.transformer import TextModel

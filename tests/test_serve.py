@@ -154,7 +154,7 @@ def test_chat_usage_is_exact(tiny):
     llm = herd.load("tiny-moe", device="meta")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
     out = tiny.client().chat.completions.create(model="tiny-moe", messages=messages, max_tokens=7, temperature=0)
-    prompt_ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt_ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True).ids
     assert out.usage.prompt_tokens == len(prompt_ids)
     assert out.usage.completion_tokens <= 7 and out.usage.total_tokens == len(prompt_ids) + out.usage.completion_tokens
     assert out.choices[0].finish_reason in ("stop", "length")

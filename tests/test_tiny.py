@@ -18,9 +18,11 @@ import torch
 
 import herd
 from herd.checkpoint.errors import CheckpointError
-from herd.llm import MODELS_DIR, ImageTiler
+from herd.models import MODELS_DIR
+from herd.vision.preprocess import ImageTiler
 from herd.tiny import build, shapes, text
 from herd.tiny.evaluate import named_pairs
+from herd.tokenizer.chat_format import ChatTokenizer
 from herd.tokenizer.tokenizer import NUM_SPECIAL, llama4_special_tokens
 
 
@@ -93,7 +95,7 @@ def test_tokenizer_keeps_llama4_specials_and_chat_format(tiny_dir):
     cfg = json.loads((out / "tokenizer_config.json").read_text())
     rendered = jinja2.Environment().from_string(cfg["chat_template"]).render(
         messages=messages, add_generation_prompt=True, bos_token=cfg["bos_token"])
-    assert rendered == tok.decode(tok.apply_chat_template(messages))
+    assert rendered == tok.decode(ChatTokenizer.of(tok).apply_chat_template(messages).ids)
 
 
 def test_config_names_the_tokenizers_ids(tiny_dir):
@@ -256,7 +258,7 @@ def test_probe_decoder_feeds_herd_train(tiny_dir, tmp_path):
 
 
 def test_processor_config_sets_tiles_and_bad_values_are_named(tmp_path):
-    from herd.llm import folder_max_tiles
+    from herd.checkpoint.folder import folder_max_tiles
     assert folder_max_tiles(tmp_path) is None
     (tmp_path / "preprocessor_config.json").write_text('{"max_patches": 0}')
     with pytest.raises(CheckpointError, match="preprocessor_config.json: max_patches"):
@@ -284,7 +286,8 @@ def test_mixed_jsonl_records(tiny_dir, tmp_path):
 
 
 def test_a_missing_embedded_model_is_named(monkeypatch, tmp_path):
-    monkeypatch.setattr(herd.llm, "MODELS_DIR", tmp_path)
+    import herd.models
+    monkeypatch.setattr(herd.models, "MODELS_DIR", tmp_path)
     with pytest.raises(CheckpointError, match="embedded model 'herd-tiny' is missing"):
         herd.load("herd-tiny")
 

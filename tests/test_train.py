@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import herd
 from herd.config import PRESETS
-from herd.llm import init_weights
+from herd.model.init import init_weights
 from herd.model.lora import add_adapters
 from herd.model.transformer import TextModel
 from herd.train.loss import LinearCrossEntropy, summed_loss
@@ -244,7 +244,7 @@ def test_assistant_mask_marks_only_what_the_assistant_wrote():
     tok = herd.load("tiny-dense").tokenizer
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
                                   add_generation_prompt=False)
-    learned = [i for i, m in zip(ids, ids.assistant_mask) if m]
+    learned = [i for i, m in zip(ids.ids, ids.assistant_mask) if m]
     assert tok.decode(learned) == "Hello.<|eot|>"
 
 
@@ -356,7 +356,7 @@ def test_lora_learns_merges_and_exports(pretrained, workdir):
                                    strict=False)
     merged = herd.load(merged_dir, progress=False)
     loaded = herd.load(base, progress=False, adapters=workdir / "lora" / "adapters")
-    ids = [merged.tokenizer.apply_chat_template([{"role": "user", "content": q}]) + merged.tokenizer.encode(a)
+    ids = [merged.tokenizer.apply_chat_template([{"role": "user", "content": q}]).ids + merged.tokenizer.encode(a)
            for q, a in QA[:2]]
     for row in ids:
         expected = unmerged.logits([row])
@@ -621,4 +621,4 @@ def test_fine_tuning_the_default_model_by_name_exports_what_transformers_needs(t
                                    tokenize=False)
     ids = tok(text, add_special_tokens=False).input_ids
     llm = herd.load(final, progress=False)
-    assert list(ids) == list(llm.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}]))
+    assert list(ids) == llm.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}]).ids

@@ -8,7 +8,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from herd.kernels import cpu
+from herd.kernels.cpu import linear as cpu_linear
 from herd.model.moe import Experts, MoE
 
 FEW_PAIRS = 4  # (token, expert) pairs up to which decode skips the sort by expert
@@ -60,4 +60,4 @@ class FastMoE(MoE):
 
 
 class CPUExperts(Experts):
-    product = staticmethod(cpu.linear)
+    product = staticmethod(cpu_linear)

@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from herd.engine.batch import Job
 from herd.engine.generate import Sampling
-from herd.engine.requests import Prompt, chat_prompt, prepare, stop_strings
+from herd.engine.prompts import Prompt, stop_strings
 from herd.llm import LLM
 from herd.serve.scheduler import EngineGone, EngineProcess, QueueFull, Scheduler
 from herd.vision.preprocess import ImageBusy, PixelBudget, map_large_buffers
@@ -440,8 +440,8 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
         messages = _image_parts(messages, options.allowed_image_dir)
 
         def encode() -> Prompt:
-            ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools or None)
-            prompt = chat_prompt(llm, ids)
+            prompt = llm.prepare(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                   tools=tools or None))
             if forced:  # the reply starts as a call: the model only continues it
                 extra = llm.tokenizer.encode(forced)
                 prompt.ids += extra
@@ -470,7 +470,7 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
             raise ApiError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
                            "prompt")
         top = _int(body, "logprobs", None, 0, 5)
-        prompt = await _prepare(lambda: prepare(llm, raw))
+        prompt = await _prepare(lambda: llm.prepare(raw))
         return await _complete(request, body, prompt, chat=False, logprobs=top, tools=None)
 
     async def _prepare(fn) -> Prompt:

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from herd.config import from_hf_config
-from herd.llm import ImageTiler
+from herd.vision.preprocess import ImageTiler
 from herd.model.vision import VisionModel
 from herd.tiny import shapes
 from herd.train.trainer import save_start

@@ -55,7 +55,9 @@ from typing import NamedTuple
 
 import torch
 
-from herd.llm import MODELS_DIR
+from herd.models import MODELS_DIR
+from herd.tokenizer.chat_format import ChatTokenizer
+from herd.vision.preprocess import ImageTiler
 from herd.model.transformer import TextModel
 from herd.train.loss import IGNORE_INDEX, summed_loss
 from herd.tiny import shapes, text
@@ -135,15 +137,12 @@ class Documents:
     a VisionConfig, when given)."""
 
     def __init__(self, tok: Tokenizer, chunk: int, vision=None):
-        import copy
-
-        from herd.llm import ImageTiler
         from herd.tiny.build import MAX_TILES
         from herd.tiny.evaluate import vocabulary
-        self.tok, self.chunk = copy.copy(tok), chunk
+        self.chunk = chunk
+        # herd-tiny's tiling (one tile)
+        self.tok = ChatTokenizer.of(tok, ImageTiler(vision, MAX_TILES) if vision is not None else None)
         self.words = sorted(vocabulary(random.Random(0)))
-        if vision is not None:
-            self.tok.image_processor = ImageTiler(vision, MAX_TILES)  # herd-tiny's tiling (one tile)
         self.patch_id = tok.token_id("<|patch|>")
 
     def count(self, s: str) -> int:
@@ -215,7 +214,7 @@ class Documents:
         scene = shapes.random_scene(rng, 1, EASY_SIZE) if easy else shapes.random_scene(rng)
         chat = self.tok.apply_chat_template(shapes.conversation(scene, scene.draw(), rng), add_generation_prompt=False)
         learn = list(chat.assistant_mask)
-        return Doc(list(chat), learn, learn, chat.pixel_values)
+        return Doc(list(chat.ids), learn, learn, chat.pixel_values)
 
 
 def pack_rows(make_doc, rows: int, seq_len: int) -> dict[str, torch.Tensor]:

@@ -20,12 +20,11 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from herd.tokenizer.tokenizer import Tokenizer
+from herd.tokenizer.tokenizer import Tokenizer
 
 StopReason = Literal["end_of_turn", "end_of_message", "out_of_tokens"]
 ToolFormat = Literal["json", "python_list"]
@@ -79,20 +78,20 @@ class ImageProcessor(Protocol):
     def __call__(self, image: Any, index: int) -> tuple[torch.Tensor, tuple[int, int]]: ...
 
 
-class ChatIds(list):
-    """Prompt token ids (a plain list of ints) that also carry the tiles of the prompt's images.
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation's prompt: token ids and the tiles of its images.
 
     ``pixel_values`` is float32 [tiles, 3, S, S] in prompt order (None without images) and
-    ``image_grids`` the (rows, cols) of each image; pass them to ``llm.logits(..., pixel_values=)``.
-    ``assistant_mask`` is True for the tokens the assistant wrote (its messages' content, tool calls
-    and end token, not their headers): the tokens fine-tuning learns.
+    ``image_grids`` the (rows, cols) of each image; pass them to ``llm.logits(..., pixel_values=)``,
+    or the whole prompt to ``llm.generate``. ``assistant_mask`` is True for the tokens the assistant
+    wrote (its messages' content, tool calls and end token, not their headers): what fine-tuning learns.
     """
 
-    def __init__(self, ids: list[int], pixel_values: torch.Tensor | None = None,
-                 image_grids: tuple[tuple[int, int], ...] = (), assistant_mask: list[bool] | None = None):
-        super().__init__(ids)
-        self.pixel_values, self.image_grids = pixel_values, image_grids
-        self.assistant_mask = assistant_mask if assistant_mask is not None else [False] * len(ids)
+    ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_grids: tuple[tuple[int, int], ...] = ()
+    assistant_mask: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -289,7 +288,8 @@ def encode_message(tokenizer: Tokenizer, message: ChatMessage, tool_format: Tool
 
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
                 tools: Sequence[Mapping[str, Any]] | None = None, tool_format: ToolFormat = "json",
-                image_processor: ImageProcessor | None = None, max_images: int | None = None) -> ChatIds:
+                image_processor: ImageProcessor | None = None, max_images: int | None = None,
+                no_images_reason: str = "this model has no vision encoder (a text-only checkpoint)") -> ChatPrompt:
     """Prompt ids for a conversation: one <|begin_of_text|>, every message, then the assistant header.
 
     Images in the messages are decoded and tiled (all of them, before anything else is returned),
@@ -300,7 +300,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *, 
         raise ValueError(f"tool_format must be 'json' or 'python_list', got {tool_format!r}")
     parts = [p for m in parsed for p in m.parts if isinstance(p, ImagePart)]
     if parts and image_processor is None:
-        raise ValueError(f"image {parts[0].index}: {tokenizer.no_images_reason}, so the prompt cannot carry images")
+        raise ValueError(f"image {parts[0].index}: {no_images_reason}, so the prompt cannot carry images")
     if max_images is not None and len(parts) > max_images:
         raise ValueError(f"image {max_images}: the prompt has {len(parts)} images, more than the limit of "
                          f"{max_images} per prompt")
@@ -326,7 +326,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *, 
         mask += [False] * (len(ids) - len(mask))
     tiles = [images[p.index][0] for p in parts]
     pixels = torch.cat(tiles) if tiles and tiles[0] is not None else None  # None: a layout-only processor
-    return ChatIds(ids, pixels, tuple(images[p.index][1] for p in parts), mask)
+    return ChatPrompt(ids, pixels, tuple(images[p.index][1] for p in parts), tuple(mask))
 
 
 # ---- generated ids out ----------------------------------------------------------------------
@@ -447,3 +447,35 @@ def _dotted_name(node: ast.expr) -> str | None:
         base = _dotted_name(node.value)
         return None if base is None else f"{base}.{node.attr}"
     return None
+
+
+class ChatTokenizer(Tokenizer):
+    """A Tokenizer that also speaks Llama 4's chat format (what ``llm.tokenizer`` is), with the image
+    processor and limits of the model it belongs to."""
+
+    image_processor: ImageProcessor | None = None
+    max_images: int | None = None
+    no_images_reason = "this model has no vision encoder (a text-only checkpoint)"  # said when images are given
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, image_processor: ImageProcessor | None = None, max_images: int | None = None,
+           no_images_reason: str | None = None) -> ChatTokenizer:
+        """A chat tokenizer sharing ``tokenizer``'s tables (they are never changed)."""
+        chat = cls.__new__(cls)
+        chat.__dict__.update(vars(tokenizer))
+        chat.image_processor, chat.max_images = image_processor, max_images
+        if no_images_reason is not None:
+            chat.no_images_reason = no_images_reason
+        return chat
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, Any]] | None = None, tool_format: str = "json") -> ChatPrompt:
+        """OpenAI-style messages -> a ChatPrompt (ids with one <|begin_of_text|>, as Meta's ChatFormat
+        encodes them, and the images' tiles); images need a vision checkpoint's tokenizer."""
+        return encode_chat(self, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                           tool_format=tool_format, image_processor=self.image_processor,
+                           max_images=self.max_images, no_images_reason=self.no_images_reason)
+
+    def parse_assistant(self, ids: Sequence[int]) -> AssistantMessage:
+        """Generated ids -> AssistantMessage(content, stop_reason, tool_calls)."""
+        return parse_assistant(self, ids)

@@ -25,10 +25,8 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
-NUM_SPECIAL = 2048
-LLAMA4_VOCAB_SIZE = 200_000 + NUM_SPECIAL
+from herd.vocab import LLAMA4_VOCAB_SIZE, NUM_SPECIAL, llama4_special_tokens  # noqa: F401  (re-exported)
 
 # Meta's O200K-style pre-tokenizer pattern, character for character (Tokenizer.O200K_PATTERN):
 # the regex decides the BPE pieces, so any change here changes ids.
@@ -58,28 +56,6 @@ class TokenizerError(ValueError):
     """A tokenizer file is missing, unreadable or not a Llama 4 tokenizer; the message names the file."""
 
 
-def _reserved(kind: str, start: int, stop: int) -> list[str]:
-    return [f"<|{kind}reserved_special_token_{i}|>" for i in range(start, stop)]
-
-
-def llama4_special_tokens() -> list[str]:
-    """The 2,048 special token names in id order (name i has id 200000 + i), as Meta defines them."""
-    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
-    # 200005..200079: chat post-training tokens; named ones took over some reserved slots (6, 7).
-    names += ["<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>", "<|step|>"]
-    names += _reserved("text_post_train_", 0, 6)
-    names += ["<|python_start|>", "<|python_end|>", "<|finetune_right_pad|>"]
-    names += _reserved("text_post_train_", 8, 69)
-    # 200080..201133: vision (image framing, tile separators, patch placeholders).
-    names += ["<|image_start|>", "<|image_end|>", *_reserved("vision_", 0, 2)]
-    names += ["<|tile_x_separator|>", "<|tile_y_separator|>", *_reserved("vision_", 2, 6)]
-    names += ["<|image|>", *_reserved("vision_", 6, 7), "<|patch|>", *_reserved("vision_", 7, 1048)]
-    # 201134..201143: reasoning.
-    names += [*_reserved("reasoning_", 0, 8), "<|reasoning_thinking_start|>", "<|reasoning_thinking_end|>"]
-    names += _reserved("", 0, NUM_SPECIAL - len(names))
-    return names
-
-
 def split_like_meta(text: str) -> Iterator[str]:
     """Cut text where Meta's reference cuts it before BPE: 400k-char windows, runs cut every 25k."""
     for start in range(0, len(text), WINDOW_CHARS):
@@ -104,10 +80,6 @@ class Tokenizer:
         self.special_tokens: Mapping[str, int] = MappingProxyType(dict(special_tokens))
         self._special_ids = frozenset(self.special_tokens.values())
         self.path = path
-        # Set by herd.load for a checkpoint with a vision encoder: turns an image into tiles.
-        self.image_processor = None
-        self.no_images_reason = "this model has no vision encoder (a text-only checkpoint)"  # said when it is None
-        self.max_images: int | None = None
         where = path or "tokenizer"
         missing = [n for n in _REQUIRED if n not in self.special_tokens]
         if missing:
@@ -237,29 +209,8 @@ class Tokenizer:
         except KeyError:
             raise TokenizerError(f"{self.path or 'tokenizer'}: no special token named {name!r}") from None
 
-    # ---- chat ---------------------------------------------------------------------------------
-
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            tools: Sequence[Mapping[str, Any]] | None = None, tool_format: str = "json"):
-        """OpenAI-style messages -> prompt ids (one <|begin_of_text|>), as Meta's ChatFormat encodes them.
-
-        Returns a list of ids (a ChatIds) that also carries ``.pixel_values`` and ``.image_grids`` for
-        the images among the content parts; images need a tokenizer from a vision checkpoint's herd.load.
-        """
-        from herd.tokenizer.chat_format import encode_chat
-
-        return encode_chat(self, messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                           tool_format=tool_format, image_processor=self.image_processor,
-                           max_images=self.max_images)
-
-    def parse_assistant(self, ids: Sequence[int]):
-        """Generated ids -> AssistantMessage(content, stop_reason, tool_calls)."""
-        from herd.tokenizer.chat_format import parse_assistant
-
-        return parse_assistant(self, ids)
-
     def __repr__(self) -> str:
-        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+        return f"{type(self).__name__}({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
 class StreamDecoder:

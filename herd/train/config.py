@@ -255,7 +255,7 @@ def _resolve_paths(cfg: TrainConfig, base: Path) -> None:
     # A folder relative to the recipe (as every path here), whether it exists yet or not (an earlier
     # stage may write it), unless it is a name herd.load knows and no such folder is there.
     from herd.config import PRESETS
-    from herd.llm import MODELS
+    from herd.models import MODELS
 
     ckpt = cfg.model.checkpoint
     if ckpt and ((base / ckpt).exists() or ckpt not in (*PRESETS, *MODELS)):

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from herd.tokenizer.chat_format import ChatTokenizer
 from herd.train.loss import IGNORE_INDEX as IGNORE  # targets that are not learned
 
 _READ_BYTES = 1 << 20
@@ -104,7 +105,8 @@ class Encoder:
     is learned); one file may mix both, in any job."""
 
     def __init__(self, tokenizer, text_field: str = "text"):
-        self.tok, self.text_field = tokenizer, text_field
+        self.tok = tokenizer if isinstance(tokenizer, ChatTokenizer) else ChatTokenizer.of(tokenizer)
+        self.text_field = text_field
 
     def text(self, text: str, first: bool = True, last: bool = True) -> Encoded:
         ids = self.tok.encode(text, bos=first, eos=last)
@@ -127,7 +129,7 @@ class Encoder:
             raise DataError(f"{where}: {e}") from None
         if not any(ids.assistant_mask):
             raise DataError(f"{where}: no assistant message, nothing to learn")
-        return Encoded(list(ids), list(ids.assistant_mask), images)
+        return Encoded(list(ids.ids), list(ids.assistant_mask), images)
 
 
 def _localise_images(message: Any, folder: Path, images: list[str]) -> Any:

@@ -9,7 +9,6 @@ takes the same steps as two processes with grad_accum 1).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -22,7 +21,9 @@ import torch
 from torch import nn
 
 from herd.checkpoint.errors import CheckpointError, check_tensors
+from herd.checkpoint.folder import carried_files, folder_max_tiles
 from herd.config import from_hf_config, preset
+from herd.model.init import init_weights
 from herd.model.lora import add_adapters, merge
 from herd.model.moe import MoE
 from herd.model.transformer import TextModel
@@ -32,6 +33,9 @@ from herd.train.config import TrainConfig, as_dict
 from herd.train.loss import summed_loss
 from herd.train.data import Batch, DataError, Documents, Encoder, PackedData, expand_sources, split_documents, tokenise
 from herd.train.metrics import Metrics
+from herd.tokenizer.chat_format import ChatTokenizer
+from herd.tokenizer.tokenizer import Tokenizer
+from herd.vision.preprocess import DEFAULT_MAX_TILES, ImageTiler
 from herd.train.parallel import World, apply_fsdp, apply_tensor_parallel, gather_state, init_world, shard_experts
 
 
@@ -49,7 +53,6 @@ def init_for_training(model: nn.Module, seed: int, std: float, n_layers: int, sc
     """herd's pretraining init: N(0, std) for matrices, ones for norms, zeros for biases, and (with
     ``scale_outputs``) the projections that write into the residual stream (wo, w2) scaled by
     1/sqrt(2 * n_layers) (GPT-2)."""
-    from herd.llm import init_weights
     init_weights(model, seed=seed, std=std)
     if not scale_outputs:
         return
@@ -88,10 +91,7 @@ def save_start(module: nn.Module, path: str | Path, metadata: dict[str, str] | N
 
 
 def build(cfg: TrainConfig) -> Built:
-    import herd
-    from herd.llm import ImageTiler, carried_files, folder_max_tiles
-    from herd.vision.preprocess import DEFAULT_MAX_TILES
-    from herd.tokenizer.tokenizer import Tokenizer
+    import herd  # herd.load: the facade sits above train/
     m = cfg.model
     if cfg.job == "pretrain":
         if m.preset:
@@ -148,7 +148,7 @@ def build(cfg: TrainConfig) -> Built:
         add_adapters(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=cfg.seed)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     tiler = ImageTiler(mcfg.vision, max_tiles) if vision is not None else None
-    tok.image_processor = tiler
+    tok = ChatTokenizer.of(tok, tiler)
     # Passed on to the export: the tokenizer and the processor / chat-template files beside the architecture.
     return Built(model, vision, tok, tiler, base, carried_files(folder, tok))
 
@@ -157,8 +157,7 @@ def prepare_data(cfg: TrainConfig, tok, world: World) -> tuple[PackedData, Packe
     d = cfg.data
     cache = Path(d.cache_dir or Path(cfg.out_dir) / "data")
     if tok.image_processor is not None:  # tokenising needs each image's tile layout, not its pixels
-        tok = copy.copy(tok)
-        tok.image_processor = tok.image_processor.layout_only()
+        tok = ChatTokenizer.of(tok, tok.image_processor.layout_only())
     encoder = Encoder(tok, text_field=d.text_field)
     train_files = expand_sources(d.train, "data.train")
     val_files = expand_sources(d.val, "data.val") if d.val else []

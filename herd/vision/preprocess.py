@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import functools
@@ -38,6 +39,8 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from herd.config import VisionConfig
 
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_TILES = 16
@@ -306,3 +309,33 @@ def _resized_size(height: int, width: int, rows: int, cols: int, tile_size: int)
     else:
         new_h, new_w = target_h, min(math.floor(width * scale_h), target_w)
     return max(new_h, 1), max(new_w, 1)
+
+
+class ImageTiler:
+    """Turns one image (PIL, path, bytes or data: URL) into tiles for a vision config, with limits."""
+
+    def __init__(self, vision: VisionConfig, max_tiles: int = DEFAULT_MAX_TILES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        if max_tiles < 1 or max_pixels < 1:
+            raise ValueError(f"max_tiles and max_pixels must be >= 1, got {max_tiles} and {max_pixels}")
+        self.tile_size, self.max_tiles, self.max_pixels = vision.image_size, max_tiles, max_pixels
+        side = vision.image_size // vision.patch_size
+        self.tokens_per_tile = round(side * side * vision.pixel_shuffle_ratio ** 2)
+
+        self.pixels = True  # False: layout only (see `layout_only`)
+        self.budget: PixelBudget | None = None  # bounds pixels decoded at once across threads (herd serve)
+
+    def __call__(self, image, index: int = 0) -> tuple[torch.Tensor | None, tuple[int, int]]:
+        if not self.pixels:
+            rgb = load_image(image, index=index, max_pixels=self.max_pixels, budget=self.budget)
+            return None, best_grid(rgb.height, rgb.width, self.tile_size, self.max_tiles)
+        return preprocess_image(image, index=index, tile_size=self.tile_size, max_tiles=self.max_tiles,
+                                max_pixels=self.max_pixels, budget=self.budget)
+
+    def layout_only(self) -> ImageTiler:
+        """A copy that decodes and checks each image and plans its tiles but makes no pixels:
+        (None, (rows, cols)). Enough to lay out a prompt's image tokens (tokenising training data,
+        where the batches tile the images again), at a fraction of the cost."""
+        tiler = copy.copy(self)
+        tiler.pixels = False
+        return tiler

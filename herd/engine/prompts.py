@@ -1,20 +1,23 @@
 """From what a user asks (a string, token ids or chat messages; sampling options; stop strings) to
 engine work, and from engine tokens back to text: the typed boundary `LLM.generate` / `LLM.stream` use.
+Functions here take the parts they need (model, tokenizer, image encoder), never the LLM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from herd.engine.batch import Batcher, Job
 from herd.engine.generate import Engine, Sampling
+from herd.model.transformer import TextModel
+from herd.tokenizer.chat_format import ChatPrompt, ChatTokenizer
 
-if TYPE_CHECKING:
-    from herd.llm import LLM
+# Image tiles [n, 3, S, S] and the prompt's <|patch|> count -> features [n * tokens per tile, D].
+ImageEncoder = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
@@ -52,45 +55,50 @@ def is_batch(prompt: Any) -> bool:
     return not all(isinstance(p, int) for p in prompt) and not all(isinstance(p, Mapping) for p in prompt)
 
 
-def prepare(llm: LLM, prompt: Any, tools: Sequence[Mapping] | None = None) -> Prompt:
-    """A string (raw text: <|begin_of_text|> + its tokens), token ids (those apply_chat_template
-    returns, images included), or chat messages (with the generation prompt, images included,
-    ``tools`` offered) -> Prompt; every check happens here, before model work."""
-    tok = llm.tokenizer
+def prepare(tokenizer: ChatTokenizer, prompt: Any, tools: Sequence[Mapping] | None = None,
+            image_features: ImageEncoder | None = None) -> Prompt:
+    """A string (raw text: <|begin_of_text|> + its tokens), token ids, a ChatPrompt (what
+    apply_chat_template returns, images included), or chat messages (with the generation prompt,
+    images included, ``tools`` offered) -> Prompt; every check happens here, before model work."""
+    if isinstance(prompt, ChatPrompt):
+        if tools is not None:
+            raise ValueError("tools are offered when the prompt is made: apply_chat_template(messages, tools=...)")
+        return chat_prompt(tokenizer, prompt, image_features)
     if tools is not None and not (isinstance(prompt, Sequence) and prompt and
                                   all(isinstance(p, Mapping) for p in prompt)):
-        raise ValueError("tools are offered in chat messages: pass a list of messages with tools=, or ids from "
-                         "llm.tokenizer.apply_chat_template(messages, tools=...)")
+        raise ValueError("tools are offered in chat messages: pass a list of messages with tools=, or the prompt "
+                         "llm.tokenizer.apply_chat_template(messages, tools=...) returns")
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("the prompt is empty")
-        return Prompt(tok.encode(prompt, bos=True))
+        return Prompt(tokenizer.encode(prompt, bos=True))
     if not isinstance(prompt, Sequence) or not prompt:
-        raise ValueError("prompt must be a non-empty string, list of token ids, or list of chat messages; "
+        raise ValueError("prompt must be a non-empty string, list of token ids, ChatPrompt, or list of chat messages; "
                          f"got {type(prompt).__name__ if prompt is not None else None!r}"
                          + (" (empty)" if isinstance(prompt, Sequence) else ""))
     if all(isinstance(p, Mapping) for p in prompt):
-        return chat_prompt(llm, tok.apply_chat_template(prompt, add_generation_prompt=True, tools=tools))
+        chat = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tools=tools)
+        return chat_prompt(tokenizer, chat, image_features)
     if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-        V = llm.config.text.vocab_size
+        V = tokenizer.vocab_size
         bad = [p for p in prompt if not 0 <= p < V]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {V})")
-        if getattr(prompt, "pixel_values", None) is not None:  # apply_chat_template's ids, with their images
-            return chat_prompt(llm, prompt)
-        if tok.token_id("<|patch|>") in prompt:
-            raise ValueError("token ids hold <|patch|> tokens but carry no images: pass chat messages, or the ids "
-                             "apply_chat_template returned for them")
+        if tokenizer.token_id("<|patch|>") in prompt:
+            raise ValueError("token ids hold <|patch|> tokens but carry no images: pass chat messages, or the "
+                             "ChatPrompt apply_chat_template returned for them")
         return Prompt(list(prompt))
-    raise ValueError("prompt must be a string, a list of token ids, or a list of chat message dicts")
+    raise ValueError("prompt must be a string, a list of token ids, a ChatPrompt, or a list of chat message dicts")
 
 
-def chat_prompt(llm: LLM, ids) -> Prompt:
-    """Chat ids (a ChatIds, maybe with images) -> Prompt, running the vision encoder on the images."""
-    if ids.pixel_values is None:
-        return Prompt(list(ids))
-    mask = torch.tensor(list(ids)) == llm.tokenizer.token_id("<|patch|>")
-    return Prompt(list(ids), mask, llm.image_features(ids.pixel_values, int(mask.sum())))
+def chat_prompt(tokenizer: ChatTokenizer, chat: ChatPrompt, image_features: ImageEncoder | None) -> Prompt:
+    """A ChatPrompt -> Prompt, running the vision encoder on its images."""
+    if chat.pixel_values is None:
+        return Prompt(list(chat.ids))
+    if image_features is None:
+        raise ValueError(f"image 0: {tokenizer.no_images_reason}, so the prompt cannot carry images")
+    mask = torch.tensor(chat.ids) == tokenizer.token_id("<|patch|>")
+    return Prompt(list(chat.ids), mask, image_features(chat.pixel_values, int(mask.sum())))
 
 
 def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
@@ -104,25 +112,35 @@ def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
     return list(stop)
 
 
-def check_request(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int) -> None:
+def check_request(model: TextModel, prompts: Sequence[Prompt], max_new_tokens: int) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    limit = llm.config.text.max_seq_len
+    limit = model.cfg.max_seq_len
     for i, p in enumerate(prompts):
         if len(p.ids) + max_new_tokens > limit:
             raise ValueError(f"prompt {i}: {len(p.ids)} tokens + max_new_tokens {max_new_tokens} exceeds the "
                              f"model's context of {limit} tokens")
 
 
-def run(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling,
+@dataclass(frozen=True)
+class Runner:
+    """What generation needs: the model and tokenizer, and the engine's settings."""
+
+    model: TextModel
+    tokenizer: ChatTokenizer
+    prefill_chunk: int | None = None
+    kv_dtype: torch.dtype | None = None
+
+
+def run(runner: Runner, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling,
         stop: str | Sequence[str] | None) -> Iterator[tuple[int, str]]:
     """Yield (prompt index, newly final text) as tokens come; returns the finished Jobs
     (StopIteration.value). All prompts join one batch; each leaves it when it ends."""
     stop = stop_strings(stop)
-    check_request(llm, prompts, max_new_tokens)
-    engine = Engine(llm.model, rows=len(prompts), max_len=max(len(p.ids) for p in prompts) + max_new_tokens,
-                    prefill_chunk=llm.prefill_chunk, kv_dtype=llm.kv_dtype)
-    batcher = Batcher(engine, llm.tokenizer)
+    check_request(runner.model, prompts, max_new_tokens)
+    engine = Engine(runner.model, rows=len(prompts), max_len=max(len(p.ids) for p in prompts) + max_new_tokens,
+                    prefill_chunk=runner.prefill_chunk, kv_dtype=runner.kv_dtype)
+    batcher = Batcher(engine, runner.tokenizer)
     pieces: list[tuple[int, str]] = []
     jobs = [Job(p.ids, max_new_tokens, sampling, stop or (), image_mask=p.image_mask, image_features=p.image_features,
                 on_event=lambda job, text, i=i: pieces.append((i, text))) for i, p in enumerate(prompts)]
@@ -141,10 +159,10 @@ def _drain(pieces: list[tuple[int, str]]) -> Iterator[tuple[int, str]]:
     pieces.clear()
 
 
-def stream(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling,
+def stream(runner: Runner, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling,
            stop: Sequence[str] | None) -> Iterator[tuple[int, str]]:
     """Yield (row, text piece) as text becomes final; returns the Generations (StopIteration.value)."""
-    jobs = yield from run(llm, prompts, max_new_tokens, sampling, stop)
+    jobs = yield from run(runner, prompts, max_new_tokens, sampling, stop)
     for i, job in enumerate(jobs):
         if job.stop_reason == "error":  # the other prompts ran to their end; this one cannot be returned
             raise RuntimeError(f"prompt {i}: generation failed: {job.error}")
@@ -152,9 +170,9 @@ def stream(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, sampling: S
             for j, p in zip(jobs, prompts)]
 
 
-def generate(llm: LLM, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling,
+def generate(runner: Runner, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling,
              stop: Sequence[str] | None) -> list[Generation]:
-    pieces = stream(llm, prompts, max_new_tokens, sampling, stop)
+    pieces = stream(runner, prompts, max_new_tokens, sampling, stop)
     while True:
         try:
             next(pieces)
