@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-DEFAULT_MODEL = "herd-tiny"  # the small Llama 4 herd trained itself (herd/models/herd-tiny)
+DEFAULT_MODEL = "herd-tiny"  # the small Llama 4 herd trained itself (herd/bundled/herd-tiny)
 
 
 def _warn_if_random(model: str) -> None:
@@ -60,7 +60,7 @@ def _load(args):
 
 
 def cmd_generate(args) -> int:
-    from herd.vision.preprocess import load_image
+    from herd.images import load_image
 
     if args.raw and args.image:
         raise ValueError("--image needs the chat format (drop --raw)")
@@ -148,7 +148,7 @@ def _read_message() -> str | None:
 
 def _image_problem(llm, path: str) -> str | None:
     """Why ``path`` cannot be attached, checked when /image is typed rather than at the next message."""
-    from herd.vision.preprocess import ImageError, load_image
+    from herd.images import ImageError, load_image
 
     if llm.vision is None:
         return f"{llm.source} takes no images (no vision encoder)"
@@ -162,7 +162,7 @@ def _image_problem(llm, path: str) -> str | None:
 def cmd_info(args) -> int:
     from herd.checkpoint.load import read_config
     from herd.config import PRESETS, preset
-    from herd.models import model_folder
+    from herd.bundled import model_folder
 
     is_preset = args.model in PRESETS and not Path(args.model).exists()
     cfg = preset(args.model) if is_preset else read_config(model_folder(args.model))[0]

@@ -19,10 +19,10 @@ from herd.engine.generate import Sampling
 from herd.model.init import init_weights
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
-from herd.models import model_folder
+from herd.bundled import model_folder
 from herd.tokenizer.chat_format import ChatTokenizer
 from herd.tokenizer.tokenizer import Tokenizer, TokenizerError
-from herd.vision.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TILES, ImageTiler
+from herd.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TILES, ImageTiler
 
 DEFAULT_MAX_IMAGES = 64  # images per prompt
 _ENCODE_TILES = 16  # tiles per vision-encoder batch: bounds activation memory for many-image prompts

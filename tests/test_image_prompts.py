@@ -13,7 +13,7 @@ from PIL import Image
 
 import herd
 from herd.tokenizer.chat_format import image_tokens
-from herd.vision.preprocess import ImageError
+from herd.images import ImageError
 
 
 def photo(name: str) -> Path:

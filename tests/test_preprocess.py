@@ -1,4 +1,4 @@
-"""Image preprocessing (herd/vision/preprocess.py) against fixtures from both references.
+"""Image preprocessing (herd/images.py) against fixtures from both references.
 
 The fixtures come from Meta's llama_models and transformers' Llama4ImageProcessor, run once by
 scripts/make_vision_fixtures.py (which needs torchvision, so it has its own venv).
@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from herd.vision.preprocess import ImageError, _resized_size, best_grid, load_image, preprocess_image
+from herd.images import ImageError, _resized_size, best_grid, load_image, preprocess_image
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vision"
 TILE = 336
@@ -207,8 +207,8 @@ def test_pixel_budget_bounds_the_pixels_decoded_at_once(monkeypatch):
     import concurrent.futures
     import threading
 
-    from herd.vision import preprocess
-    from herd.vision.preprocess import ImageBusy, PixelBudget
+    from herd import images as preprocess
+    from herd.images import ImageBusy, PixelBudget
 
     image = Image.new("RGB", (2000, 1500), (10, 200, 30))
     buf = io.BytesIO()

@@ -18,10 +18,10 @@ import torch
 
 import herd
 from herd.checkpoint.errors import CheckpointError
-from herd.models import MODELS_DIR
-from herd.vision.preprocess import ImageTiler
-from herd.tiny import build, shapes, text
-from herd.tiny.evaluate import named_pairs
+from herd.bundled import MODELS_DIR
+from herd.images import ImageTiler
+from experiments.herd_tiny import build, shapes, text
+from experiments.herd_tiny.evaluate import named_pairs
 from herd.tokenizer.chat_format import ChatTokenizer
 from herd.tokenizer.tokenizer import NUM_SPECIAL, llama4_special_tokens
 
@@ -167,12 +167,12 @@ def test_training_split_starts_with_the_warm_up_block(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_encoder_pretraining_feeds_herd_train(tiny_dir, tmp_path):
-    """`python -m herd.tiny encoder` writes weights that `herd train` starts its encoder from
+    """`python -m experiments.herd_tiny encoder` writes weights that `herd train` starts its encoder from
     (model.vision_init); files that are not this encoder's are refused, naming the field and file."""
     from safetensors.torch import load_file, save_file
 
     from herd.checkpoint.errors import CheckpointError
-    from herd.tiny.encoder import labels, pretrain_encoder, tokens_labelled
+    from experiments.herd_tiny.encoder import labels, pretrain_encoder, tokens_labelled
     from herd.train.config import TrainConfigError, load_config
     from herd.train.trainer import build as build_training
     out, _ = tiny_dir
@@ -217,13 +217,13 @@ def test_encoder_pretraining_feeds_herd_train(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_probe_decoder_feeds_herd_train(tiny_dir, tmp_path):
-    """`python -m herd.tiny probe --save` (with herd-tiny's architecture) writes a decoder `herd train`
+    """`python -m experiments.herd_tiny probe --save` (with herd-tiny's architecture) writes a decoder `herd train`
     starts from (model.text_init), its curriculum state in the metadata; other files are refused."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from herd.checkpoint.errors import CheckpointError
-    from herd.tiny.probe import ProbeConfig, probe
+    from experiments.herd_tiny.probe import ProbeConfig, probe
     from herd.train.config import TrainConfigError, load_config
     from herd.train.trainer import build as build_training
     out, _ = tiny_dir
@@ -286,13 +286,13 @@ def test_mixed_jsonl_records(tiny_dir, tmp_path):
 
 
 def test_a_missing_embedded_model_is_named(monkeypatch, tmp_path):
-    import herd.models
-    monkeypatch.setattr(herd.models, "MODELS_DIR", tmp_path)
+    import herd.bundled
+    monkeypatch.setattr(herd.bundled, "MODELS_DIR", tmp_path)
     with pytest.raises(CheckpointError, match="embedded model 'herd-tiny' is missing"):
         herd.load("herd-tiny")
 
 
-# ---- the embedded model (herd/models/herd-tiny: recipes/herd-tiny.toml, then herd-tiny-pictures.toml) ----
+# ---- the embedded model (herd/bundled/herd-tiny: recipes/herd-tiny.toml, then herd-tiny-pictures.toml) ----
 
 COLOR_FLOOR = 14  # of 16 fresh single-shape pictures (EVAL.md: 200 of 200; chance is 1 in 6)
 EMBEDDED = MODELS_DIR / "herd-tiny"
@@ -327,7 +327,7 @@ def test_embedded_model_answers_fresh_pictures(tiny_llm):
 def test_retrieval_rows_place_the_fact_and_count_the_key(tiny_llm):
     """The eval's retrieval rows: the asked fact at the measured distance (4-6 chunks, or within one),
     every answer scored, and how many named the asked key (a partial score shown in EVAL.md)."""
-    from herd.tiny.evaluate import report, retrieval_task
+    from experiments.herd_tiny.evaluate import report, retrieval_task
 
     chunk = tiny_llm.config.text.attention_chunk_size
     far = retrieval_task(tiny_llm, random.Random(5), 3)
@@ -350,7 +350,7 @@ def test_induction_row_scores_the_repetition_token_by_token(tiny_llm):
     same tokens (the repetition's, one per position)."""
     from types import SimpleNamespace
 
-    from herd.tiny.evaluate import induction_task
+    from experiments.herd_tiny.evaluate import induction_task
 
     def oracle(shift):
         def logits(batch):
@@ -376,13 +376,13 @@ def test_induction_row_scores_the_repetition_token_by_token(tiny_llm):
 def test_embedded_model_finds_far_facts(tiny_llm):
     """Long-context retrieval through llm.generate: the asked fact 4-6 chunks back, so only the NoPE
     layers can reach it (EVAL.md: 191 of 200 on other seeds)."""
-    from herd.tiny.evaluate import retrieval_task
+    from experiments.herd_tiny.evaluate import retrieval_task
     far = retrieval_task(tiny_llm, random.Random(778), 12)
     assert far.correct >= 10, far.failures
 
 
 def test_embedded_model_writes_english(tiny_llm):
-    from herd.tiny.evaluate import vocabulary
+    from experiments.herd_tiny.evaluate import vocabulary
     reply = tiny_llm.generate([{"role": "user", "content": "Tell me a story about Mia."}], max_new_tokens=40,
                               temperature=0.0).text
     words = re.findall(r"[A-Za-z]+", reply)
@@ -400,7 +400,7 @@ def test_readme_first_command_describes_the_example_picture():
 
 
 def test_probe_documents_score_only_what_a_lookup_predicts():
-    from herd.tiny.probe import DEFAULT_TOKENIZER, Documents, pack_rows
+    from experiments.herd_tiny.probe import DEFAULT_TOKENIZER, Documents, pack_rows
     from herd.tokenizer.tokenizer import Tokenizer
     docs = Documents(Tokenizer.from_hf_json(DEFAULT_TOKENIZER), chunk=64)
     rng = random.Random(5)
@@ -454,8 +454,8 @@ def test_probe_pictures_are_chats_with_their_tiles(tmp_path):
     """--images / --image-first: picture chats as herd train reads them (the answers learned and
     scored), their tiles packed in row-major order and fed to the frozen encoder's patch positions."""
     from herd.model.vision import VisionModel
-    from herd.tiny.build import VISION
-    from herd.tiny.probe import DEFAULT_TOKENIZER, Documents, ProbeConfig, build_model, forward, pack_rows, probe
+    from experiments.herd_tiny.build import VISION
+    from experiments.herd_tiny.probe import DEFAULT_TOKENIZER, Documents, ProbeConfig, build_model, forward, pack_rows, probe
     from herd.tokenizer.tokenizer import Tokenizer
     from herd.train.trainer import save_start
     docs = Documents(Tokenizer.from_hf_json(DEFAULT_TOKENIZER), chunk=64, vision=VISION)
@@ -489,7 +489,7 @@ def test_probe_pictures_are_chats_with_their_tiles(tmp_path):
 
 @pytest.mark.slow
 def test_probe_trains_and_reports_each_skill():
-    from herd.tiny.probe import ProbeConfig, probe
+    from experiments.herd_tiny.probe import ProbeConfig, probe
     lines = []
     history = probe(ProbeConfig(layers=2, dim=64, steps=2, every=1, rows=2, grow=8, switch=0.0, facts_at=33,
                                 pairs=0.5, pair_grow=32), log=lines.append)
@@ -504,12 +504,12 @@ def test_probe_trains_and_reports_each_skill():
 
 
 def test_probe_options_parse_and_explain_themselves():
-    """`python -m herd.tiny probe`: one --option per ProbeConfig field, each with its help line;
+    """`python -m experiments.herd_tiny probe`: one --option per ProbeConfig field, each with its help line;
     booleans as 0/1."""
     import argparse
     from dataclasses import fields
 
-    from herd.tiny.probe import ProbeConfig, add_arguments, config_from
+    from experiments.herd_tiny.probe import ProbeConfig, add_arguments, config_from
     ap = argparse.ArgumentParser()
     add_arguments(ap)
     cfg = config_from(ap.parse_args(["--pairs-shuffle", "0", "--steps", "5", "--lr", "5e-4", "--save", "d.safetensors"]))
@@ -524,7 +524,7 @@ def test_lookups_build_is_the_probes_decoder(tiny_dir, tmp_path):
     """`data` writes the architecture the lookup probe trains by default (its decoder is the
     recipe's model.text_init), and a warm-up block that keeps fact lookups and stories."""
     from herd.config import from_hf_config
-    from herd.tiny.probe import ProbeConfig, build_model
+    from experiments.herd_tiny.probe import ProbeConfig, build_model
     _, tok = tiny_dir
     build.write_config(tmp_path, tok, **build.LOOKUPS_DECODER)
     written = from_hf_config(json.loads((tmp_path / "config.json").read_text())).text
@@ -539,7 +539,7 @@ def test_lookups_build_is_the_probes_decoder(tiny_dir, tmp_path):
 
 
 def test_cli_names_a_bad_option_without_a_traceback(capsys):
-    from herd.tiny.__main__ import main
+    from experiments.herd_tiny.__main__ import main
     assert main(["probe", "--steps", "-1", "--switch", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: probe: ") and "steps = -1" in err and "switch = 2" in err and "Traceback" not in err

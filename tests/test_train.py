@@ -286,15 +286,15 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(workdir):
     config = write_config(workdir, PRETRAIN.format(out="killed", steps=6, save_every=2))
     script = textwrap.dedent(f"""
         import os, signal
-        from herd.train import checkpoint
+        from herd.train import resume
         from herd.train.config import load_config
         from herd.train.trainer import train
-        real = checkpoint._write
+        real = resume._write
         def dying(path, write):
             if "step-000004" in str(path) and "optimizer" in path.name:
                 os.kill(os.getpid(), signal.SIGKILL)  # mid-save: model file written, optimizer not
             real(path, write)
-        checkpoint._write = dying
+        resume._write = dying
         train(load_config({str(config)!r}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -38,7 +38,7 @@ from herd.engine.generate import Sampling
 from herd.engine.prompts import Prompt, stop_strings
 from herd.llm import LLM
 from herd.serve.scheduler import EngineGone, EngineProcess, QueueFull, Scheduler
-from herd.vision.preprocess import ImageBusy, PixelBudget, map_large_buffers
+from herd.images import ImageBusy, PixelBudget, map_large_buffers
 
 log = logging.getLogger("herd.serve")
 PAGE = Path(__file__).with_name("page.html")  # the web chat at /: plain HTML + JS, no build step

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
-from herd.vocab import LLAMA4_VOCAB_SIZE, NUM_SPECIAL, llama4_special_tokens  # noqa: F401  (re-exported)
+from herd.vocab import LLAMA4_VOCAB_SIZE, NUM_SPECIAL, llama4_special_tokens  # noqa: F401  (NUM_SPECIAL re-exported)
 
 # Meta's O200K-style pre-tokenizer pattern, character for character (Tokenizer.O200K_PATTERN):
 # the regex decides the BPE pieces, so any change here changes ids.

@@ -39,9 +39,9 @@ class ModelSection:
                                   "(in-context lookups formed sooner so in herd-tiny's probes)", True)
     vision: bool = doc("build / keep the vision encoder when the architecture has one", True)
     text_init: str = doc("pretrain: the decoder's starting weights (a .safetensors file with herd's TextModel "
-                         "names, e.g. from `python -m herd.tiny probe --save`); default: random init", "")
+                         "names, e.g. from `python -m experiments.herd_tiny probe --save`); default: random init", "")
     vision_init: str = doc("pretrain: the vision encoder's starting weights (a .safetensors file with herd's "
-                           "VisionModel names, e.g. from `python -m herd.tiny encoder`); default: random init", "")
+                           "VisionModel names, e.g. from `python -m experiments.herd_tiny encoder`); default: random init", "")
 
 
 @dataclass
@@ -255,7 +255,7 @@ def _resolve_paths(cfg: TrainConfig, base: Path) -> None:
     # A folder relative to the recipe (as every path here), whether it exists yet or not (an earlier
     # stage may write it), unless it is a name herd.load knows and no such folder is there.
     from herd.config import PRESETS
-    from herd.models import MODELS
+    from herd.bundled import MODELS
 
     ckpt = cfg.model.checkpoint
     if ckpt and ((base / ckpt).exists() or ckpt not in (*PRESETS, *MODELS)):

@@ -28,14 +28,14 @@ from herd.model.lora import add_adapters, merge
 from herd.model.moe import MoE
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
-from herd.train import checkpoint as ckpt
+from herd.train import resume as ckpt
 from herd.train.config import TrainConfig, as_dict
 from herd.train.loss import summed_loss
 from herd.train.data import Batch, DataError, Documents, Encoder, PackedData, expand_sources, split_documents, tokenise
 from herd.train.metrics import Metrics
 from herd.tokenizer.chat_format import ChatTokenizer
 from herd.tokenizer.tokenizer import Tokenizer
-from herd.vision.preprocess import DEFAULT_MAX_TILES, ImageTiler
+from herd.images import DEFAULT_MAX_TILES, ImageTiler
 from herd.train.parallel import World, apply_fsdp, apply_tensor_parallel, gather_state, init_world, shard_experts
 
 

@@ -1,6 +1,6 @@
 """The lookup probe: does in-context copying form in a herd-tiny-shaped decoder, within one attention
 chunk and beyond it, and do fact lookups follow? Minutes per question instead of an hour-long build,
-to choose herd-tiny's architecture and text curriculum (`python -m herd.tiny probe --help`).
+to choose herd-tiny's architecture and text curriculum (`python -m experiments.herd_tiny probe --help`).
 
 A decoder (herd's TextModel of herd-tiny's kind, `build.text_config`; herd's pretraining init and
 weight-decay groups) trains from scratch on packed rows of generated documents:
@@ -34,7 +34,7 @@ growth; fact lookups alone, after it, stay at 0-5% for 1,300 steps; fact lists i
 (30%, with 10% facts) bring far facts (4-6 chunks back) to ~0.7 (0.54-0.88) within 2,000-3,000
 steps (README, herd-tiny). Straddling lists alone teach nothing.
 
-Pictures and lookups compete (seed 1, the encoder of `python -m herd.tiny encoder`, frozen): 300
+Pictures and lookups compete (seed 1, the encoder of `python -m experiments.herd_tiny encoder`, frozen): 300
 steps of pictures first, then 25% of the documents, and the lists' induction never forms (near lists
 0.29 at step 1,850, against 0.76 at step 300 without pictures) while the pictures fall back from
 0.2-0.5 to 0.08 exact; pictures joining at 41 words (25%) left the lists and facts as without them
@@ -55,12 +55,12 @@ from typing import NamedTuple
 
 import torch
 
-from herd.models import MODELS_DIR
+from herd.bundled import MODELS_DIR
 from herd.tokenizer.chat_format import ChatTokenizer
-from herd.vision.preprocess import ImageTiler
+from herd.images import ImageTiler
 from herd.model.transformer import TextModel
 from herd.train.loss import IGNORE_INDEX, summed_loss
-from herd.tiny import shapes, text
+from experiments.herd_tiny import shapes, text
 from herd.tokenizer.tokenizer import Tokenizer
 
 DEFAULT_TOKENIZER = MODELS_DIR / "herd-tiny" / "tokenizer.json"
@@ -103,7 +103,7 @@ class ProbeConfig:
     stop_at: float = _opt(0.0, "stop once far facts (exact answers 4-6 chunks back) are measured >= this (0: never)")
     save: str = _opt("", "write the decoder here at the end (.safetensors; steps and curriculum state in its metadata)")
     init: str = _opt("", "start from a decoder --save wrote, and from its curriculum state (nmax, dmax)")
-    encoder: str = _opt("", "a vision encoder (.safetensors, `python -m herd.tiny encoder`), frozen; needed for images")
+    encoder: str = _opt("", "a vision encoder (.safetensors, `python -m experiments.herd_tiny encoder`), frozen; needed for images")
     images: float = _opt(0.0, "share of chats about a picture among the training documents")
     images_at: int = _opt(0, "list length (nmax) at which picture chats join (0: from the start)")
     image_first: int = _opt(0, "steps of picture chats only at the start (half of them one large shape)")
@@ -137,8 +137,8 @@ class Documents:
     a VisionConfig, when given)."""
 
     def __init__(self, tok: Tokenizer, chunk: int, vision=None):
-        from herd.tiny.build import MAX_TILES
-        from herd.tiny.evaluate import vocabulary
+        from experiments.herd_tiny.build import MAX_TILES
+        from experiments.herd_tiny.evaluate import vocabulary
         self.chunk = chunk
         # herd-tiny's tiling (one tile)
         self.tok = ChatTokenizer.of(tok, ImageTiler(vision, MAX_TILES) if vision is not None else None)
@@ -210,7 +210,7 @@ class Documents:
     def picture(self, rng: random.Random, easy: bool = False) -> Doc:
         """A chat about a picture of the spec's distribution (``easy``: one large shape), as herd
         train reads one: 1-4 questions, the answers learned and scored."""
-        from herd.tiny.build import EASY_SIZE
+        from experiments.herd_tiny.build import EASY_SIZE
         scene = shapes.random_scene(rng, 1, EASY_SIZE) if easy else shapes.random_scene(rng)
         chat = self.tok.apply_chat_template(shapes.conversation(scene, scene.draw(), rng), add_generation_prompt=False)
         learn = list(chat.assistant_mask)
@@ -286,7 +286,7 @@ def accuracy(model: TextModel, make_doc, rows: int, seq_len: int, patch_id: int 
 
 
 def build_model(cfg: ProbeConfig, vocab_size: int) -> TextModel:
-    from herd.tiny.build import text_config
+    from experiments.herd_tiny.build import text_config
     from herd.train.trainer import init_for_training
     model = TextModel(text_config(vocab_size, cfg.layers, cfg.nope_every, cfg.moe_every, cfg.dim, cfg.heads, cfg.chunk,
                                   cfg.qk_norm))
@@ -297,7 +297,7 @@ def build_model(cfg: ProbeConfig, vocab_size: int) -> TextModel:
 def probe(cfg: ProbeConfig, tokenizer: str | Path = DEFAULT_TOKENIZER, log=print) -> list[dict]:
     """Train and measure as the module docstring says; returns one record per measurement."""
     from herd.train.trainer import lr_factor, param_groups
-    from herd.tiny.build import VISION
+    from experiments.herd_tiny.build import VISION
     torch.manual_seed(cfg.seed)
     docs = Documents(Tokenizer.from_hf_json(tokenizer), cfg.chunk, VISION if cfg.encoder else None)
     model = build_model(cfg, docs.tok.vocab_size).train()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from herd.tiny import shapes, text
+from experiments.herd_tiny import shapes, text
 
 BATCH = 16
 
@@ -200,10 +200,10 @@ TARGETS = {"shape": 0.95, "color": 0.95, "count": 0.90, "describe": 0.80, "retri
 
 def report(results: dict, model: str) -> str:
     lines = [f"# herd-tiny evaluation: {model}", "",
-             f"Fresh examples from herd.tiny's generators (seed {results['seed']}, never used for training), "
+             f"Fresh examples from experiments.herd_tiny's generators (seed {results['seed']}, never used for training), "
              f"{results['n']} per task; answers from `herd.load(...)` + `llm.generate(..., temperature=0.0)` "
              f"(greedy) with the images as a user passes them ({results['dtype']} weights). "
-             f"`python -m herd.tiny eval {model}` reproduces this ({results['seconds']:.0f} s here).", "",
+             f"`python -m experiments.herd_tiny eval {model}` reproduces this ({results['seconds']:.0f} s here).", "",
              "| task | accuracy | target | how it is scored |", "|---|---|---|---|"]
     for t in results["tasks"]:
         target = TARGETS.get(t.name)

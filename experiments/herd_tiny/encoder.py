@@ -30,9 +30,9 @@ from torch import nn
 from tqdm import tqdm
 
 from herd.config import from_hf_config
-from herd.vision.preprocess import ImageTiler
+from herd.images import ImageTiler
 from herd.model.vision import VisionModel
-from herd.tiny import shapes
+from experiments.herd_tiny import shapes
 from herd.train.trainer import save_start
 
 EASY_SHARE = 0.3  # share of single large-shape pictures (build.EASY_SIZE) among the spec's pictures
@@ -96,7 +96,7 @@ def pretrain_encoder(config: str | Path, out: str | Path, steps: int = 1000, bat
     ``token_labels``: with the per-token head too (TokenHead).
     Returns the last 50 steps' mean loss and share of pictures with every colour's label right, on
     the training stream (fresh pictures every step, so never seen before)."""
-    from herd.tiny.build import EASY_SIZE
+    from experiments.herd_tiny.build import EASY_SIZE
     from herd.train.trainer import init_for_training, lr_factor
     cfg = from_hf_config(json.loads(Path(config).read_text()), str(config))
     if cfg.vision is None:
