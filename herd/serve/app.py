@@ -17,50 +17,34 @@ import hmac
 import itertools
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from herd.engine.batch import Job
 from herd.engine.generate import Sampling
-from herd.engine.prompts import Prompt, stop_strings
+from herd.engine.prompts import Prompt
 from herd.llm import LLM
+from herd.serve.protocol import (ApiError, ChatChoice, ChatChunk, ChatCompletion, ChatRequest, ChunkChoice, Completion,
+                                 CompletionChoice, CompletionChunk, CompletionRequest, Delta, ErrorBody, Function,
+                                 Message, ModelCard, StreamedToolCall, ToolCall, Usage, GenerationRequest, brief, parse)
 from herd.serve.scheduler import EngineGone, EngineProcess, QueueFull, Scheduler
 from herd.images import ImageBusy, PixelBudget, map_large_buffers
 
 log = logging.getLogger("herd.serve")
 PAGE = Path(__file__).with_name("page.html")  # the web chat at /: plain HTML + JS, no build step
-
-MAX_N = 8  # choices per request
-MAX_STOP = 4  # stop strings per request (OpenAI's limit)
-MAX_TOP_LOGPROBS = 20
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict:
-        return {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.body()}, status_code=self.status, headers=self.headers)
-
 
 @dataclass
 class ServeOptions:
@@ -137,55 +121,6 @@ class Guard:
 # ---- request checking -----------------------------------------------------------------------------
 
 
-def _brief(v: Any) -> str:
-    """A client's value for an error message: its JSON, cut short (and never failing on odd values)."""
-    try:
-        return json.dumps(v[:40] if isinstance(v, str) else v)[:40]  # a 30 MB string is not written whole
-    except (ValueError, TypeError, RecursionError):
-        return type(v).__name__
-
-
-def _int(body: Mapping, name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ApiError(400, f"'{name}' must be an integer, got {_brief(v)}", name)
-    if v < lo or (hi is not None and v > hi):
-        raise ApiError(400, f"'{name}' must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}", name)
-    return v
-
-
-def _num(body: Mapping, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ApiError(400, f"'{name}' must be a number, got {_brief(v)}", name)
-    if v < lo or v > hi or (lo_open and v == lo):
-        raise ApiError(400, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name)
-    return float(v)
-
-
-def _bool(body: Mapping, name: str) -> bool:
-    v = body.get(name, False)
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise ApiError(400, f"'{name}' must be true or false, got {_brief(v)}", name)
-    return v
-
-
-def _stop(body: Mapping) -> list[str]:
-    try:
-        stop = stop_strings(body.get("stop"))
-    except ValueError:
-        stop = None
-    if stop is None or len(stop) > MAX_STOP:
-        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
-    return stop
-
-
 def generation_defaults(folder: str | Path) -> dict[str, float]:
     """Sampling defaults for requests that leave them out, from the checkpoint's generation_config.json
     (as vLLM does): temperature 0 where it says do_sample false; else its temperature, top_p and top_k;
@@ -203,20 +138,13 @@ def generation_defaults(folder: str | Path) -> dict[str, float]:
     return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _sampling(body: Mapping, defaults: Mapping[str, float]) -> Sampling:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise ApiError(400, f"'{name}' is not supported (only 0)", name)
-    if body.get("logit_bias"):
-        raise ApiError(400, "'logit_bias' is not supported", "logit_bias")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
-        raise ApiError(400, f"'seed' must be an integer, got {_brief(seed)}", "seed")
-    return Sampling(temperature=_num(body, "temperature", defaults.get("temperature", 1.0), 0.0, 2.0),
-                    top_p=_num(body, "top_p", defaults.get("top_p", 1.0), 0.0, 1.0, True),
-                    top_k=_int(body, "top_k", int(defaults.get("top_k", 0)), 0),
-                    min_p=_num(body, "min_p", 0.0, 0.0, 0.999),
-                    seed=None if seed is None else seed % 2**63)
+def _sampling(body: GenerationRequest, defaults: Mapping[str, float]) -> Sampling:
+    """The request's sampling, with the checkpoint's defaults for what it leaves out."""
+    pick = lambda name, default: default if getattr(body, name) is None else getattr(body, name)  # noqa: E731
+    return Sampling(temperature=float(pick("temperature", defaults.get("temperature", 1.0))),
+                    top_p=float(pick("top_p", defaults.get("top_p", 1.0))),
+                    top_k=int(pick("top_k", defaults.get("top_k", 0))), min_p=float(pick("min_p", 0.0)),
+                    seed=None if body.seed is None else body.seed % 2**63)
 
 
 async def _read_json(request: Request, limit: int) -> dict:
@@ -331,304 +259,304 @@ class Inbox:
         return job, text, final
 
 
-def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
-    scheduler: Scheduler | EngineProcess | None = None
-    requests_total: dict[tuple[str, int], int] = {}
-    created = int(time.time())
-    # Engine events reach the requests' inboxes in one event-loop wake-up per engine step.
-    pending: collections.deque[tuple[Job, str, bool]] = collections.deque()
-    queues: dict[int, Inbox] = {}  # id(job) -> its request's inbox
+@dataclass
+class State:
+    """What the routes share: the model, the options, the engine loop and the requests' inboxes."""
 
-    def on_event(job: Job, text: str) -> None:  # engine thread; a job's last event comes with its stop_reason set
-        pending.append((job, text, job.stop_reason is not None))
+    llm: LLM
+    options: ServeOptions
+    defaults: dict[str, float]  # sampling defaults from the checkpoint's generation_config.json
+    created: int = field(default_factory=lambda: int(time.time()))
+    requests_total: dict[tuple[str, int], int] = field(default_factory=dict)
+    scheduler: Scheduler | EngineProcess | None = None
+    # Engine events reach the requests' inboxes in one event-loop wake-up per engine step.
+    pending: collections.deque[tuple[Job, str, bool]] = field(default_factory=collections.deque)
+    inboxes: dict[int, Inbox] = field(default_factory=dict)  # id(job) -> its request's inbox
+
+    def on_event(self, job: Job, text: str) -> None:  # engine thread; a job's last event has its stop_reason set
+        self.pending.append((job, text, job.stop_reason is not None))
+
+    def deliver(self) -> None:  # event loop
+        while self.pending:
+            event = self.pending.popleft()
+            inbox = self.inboxes.get(id(event[0]))
+            if inbox is not None:
+                inbox.put(event)
+
+    def forget(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self.inboxes.pop(id(job), None)
+
+
+def _state(request: Request) -> State:
+    return request.app.state.herd
+
+
+def _body(cls: type[GenerationRequest]):
+    """A dependency that reads the body within the server's limits and validates it as ``cls``."""
+    async def read(request: Request) -> GenerationRequest:
+        state = _state(request)
+        body = await _read_json(request, state.options.max_body_bytes)
+        _check_model(body, state.options.model_name)
+        return parse(cls, body)
+    return read
+
+
+router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+async def page(request: Request):
+    # The page's own controls start at the server's defaults.
+    settings = json.dumps({"temperature": _state(request).defaults.get("temperature", 1.0), "max_tokens": 256})
+    return HTMLResponse(PAGE.read_text(encoding="utf-8").replace("{/*HERD_DEFAULTS*/}", settings))
+
+
+@router.get("/health")
+async def health(request: Request):
+    state = _state(request)
+    gone = getattr(state.scheduler, "error", None)  # an EngineProcess whose child exited
+    if gone:
+        return JSONResponse({"status": "error", "model": state.options.model_name, "error": gone}, status_code=503)
+    return {"status": "ok", "model": state.options.model_name}
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state = _state(request)
+    return {"object": "list", "data": [ModelCard(id=state.options.model_name, created=state.created).model_dump()]}
+
+
+@router.get("/v1/models/{name:path}")
+async def model(request: Request, name: str):
+    state = _state(request)
+    if name != state.options.model_name:
+        raise ApiError(404, f"model {name!r} does not exist; this server has {state.options.model_name!r}", "model",
+                       "model_not_found", kind="not_found_error")
+    return ModelCard(id=name, created=state.created).model_dump()
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    state = _state(request)
+    return PlainTextResponse(_metrics(state.scheduler, state.requests_total), media_type="text/plain; version=0.0.4")
+
+
+@router.post("/v1/chat/completions")
+async def chat(request: Request, body: ChatRequest = Depends(_body(ChatRequest))):
+    state = _state(request)
+    llm, tools = state.llm, body.tools
+    forced = _forced_call_prefix(body.tool_choice, tools)
+    if body.tool_choice == "none":
+        tools = None
+    messages = _image_parts(body.messages, state.options.allowed_image_dir)
+
+    def encode() -> Prompt:
+        prompt = llm.prepare(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                               tools=tools or None))
+        if forced:  # the reply starts as a call: the model only continues it
+            extra = llm.tokenizer.encode(forced)
+            prompt.ids += extra
+            if prompt.image_mask is not None:
+                prompt.image_mask = torch.cat([prompt.image_mask, prompt.image_mask.new_zeros(len(extra))])
+        return prompt
+
+    prompt = await _prepare(encode)
+    max_tokens, name = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
+                        else (body.max_tokens, "max_tokens"))
+    return await _complete(request, body, prompt, max_tokens, name,
+                           logprobs=(body.top_logprobs or 0) if body.logprobs else None, tools=forced if tools else None)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, body: CompletionRequest = Depends(_body(CompletionRequest))):
+    llm = _state(request).llm
+    prompt = await _prepare(lambda: llm.prepare(body.prompt))
+    return await _complete(request, body, prompt, 16 if body.max_tokens is None else body.max_tokens, "max_tokens",
+                           logprobs=body.logprobs, tools=None)
+
+
+async def _prepare(fn) -> Prompt:
+    try:
+        return await run_in_threadpool(fn)
+    except ApiError:
+        raise
+    except ImageBusy as e:
+        raise ApiError(503, f"{e}; retry later", kind="server_error", code="images_busy",
+                       headers={"Retry-After": "2"}) from None
+    except (ValueError, TypeError, KeyError, OverflowError) as e:
+        raise ApiError(400, str(e)[:2000] or type(e).__name__, "messages") from None
+    except RecursionError:
+        raise ApiError(400, "the request nests values too deeply", "messages") from None
+
+
+async def _complete(request: Request, body: GenerationRequest, prompt: Prompt, max_tokens: int | None, name: str,
+                    logprobs: int | None, tools: str | None):
+    """Queue the request's n jobs and answer: one body, or a stream of chunks. ``tools``: None without
+    tools, else the text the reply was forced to start with ("" if none)."""
+    state = _state(request)
+    scheduler, chat = state.scheduler, isinstance(body, ChatRequest)
+    assert scheduler is not None
+    sampling = _sampling(body, state.defaults)
+    room = scheduler.max_len - len(prompt.ids)
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        raise ApiError(400, f"the prompt has {len(prompt.ids)} tokens; with {name} {max_tokens or 1} that is more "
+                       f"than the context of {scheduler.max_len} tokens", name, "context_length_exceeded")
+    events = Inbox()
+    jobs = []
+    for i in range(body.n):
+        s = sampling if sampling.seed is None else Sampling(**{**sampling.__dict__, "seed": sampling.seed + i})
+        jobs.append(Job(prompt.ids, max_tokens or room, s, body.stop or (), logprobs, prompt.image_mask,
+                        prompt.image_features, state.on_event))
+    for job in jobs:
+        state.inboxes[id(job)] = events
+    try:
+        scheduler.submit(jobs)
+    except (QueueFull, EngineGone) as e:
+        state.forget(jobs)
+        if isinstance(e, EngineGone):
+            raise ApiError(503, str(e), kind="server_error", code="engine_unavailable") from None
+        raise ApiError(429, f"server busy: {e}; retry later", kind="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": "1"}) from None
+    meta = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], created=int(time.time()),
+                model=state.options.model_name)
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        chunks = _chunks(state, jobs, events, meta, chat, tools, len(prompt.ids) if usage else None)
+        return StreamingResponse(sse(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        await _wait_all(request, jobs, events)
+    finally:
+        scheduler.cancel(jobs)  # no-op for finished jobs; frees the rows of a vanished client
+        state.forget(jobs)
+    _raise_job_error(jobs)
+    usage = _usage(len(prompt.ids), jobs)
+    if not chat:
+        return Completion(**meta, choices=[_text_choice(state.llm, job, i) for i, job in enumerate(jobs)],
+                          usage=usage).model_dump()
+    choices = [_chat_choice(state.llm, job, i, tools) for i, job in enumerate(jobs)]
+    for job, choice in zip(jobs, choices):
+        if tools and not choice.message.tool_calls:
+            raise _no_forced_call(tools, job)
+    return ChatCompletion(**meta, choices=choices, usage=usage).model_dump()
+
+
+async def sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
+    """Server-sent events: one ``data:`` line per chunk, then ``[DONE]`` unless a chunk carried an error."""
+    failed = False
+    async for chunk in chunks:
+        failed = failed or getattr(chunk, "error", None) is not None
+        yield b"data: " + json.dumps(chunk.model_dump()).encode() + b"\n\n"
+    if not failed:
+        yield b"data: [DONE]\n\n"
+
+
+async def _chunks(state: State, jobs: list[Job], events: Inbox, meta: dict, chat: bool, tools: str | None,
+                  usage_prompt_tokens: int | None) -> AsyncIterator[ChatChunk | CompletionChunk]:
+    """The stream's chunks as the jobs' text comes, ending with an error chunk if one fails.
+
+    With tools, a reply streams as text once it cannot be a tool call any more; until then (and to
+    its end if it may be one) its text and log-probabilities are held back."""
+    llm = state.llm
+    Chunk = ChatChunk if chat else CompletionChunk
+
+    def piece(i: int, text: str, entries: list) -> ChatChunk | CompletionChunk:
+        lp = None
+        if entries and jobs[i].logprobs is not None:
+            lp = _logprobs(llm, entries, chat, offset[i])
+            offset[i] += sum(len(t) for t in lp.get("tokens", ()))
+        if chat:
+            return ChatChunk(**meta, choices=[ChunkChoice(index=i, delta=Delta(content=text), logprobs=lp)])
+        return CompletionChunk(**meta, choices=[CompletionChoice(index=i, text=text, logprobs=lp)])
+
+    streaming = [tools is None] * len(jobs)
+    held, held_lp, sent_logprobs, offset = [""] * len(jobs), [[] for _ in jobs], [0] * len(jobs), [0] * len(jobs)
+    python_start = llm.tokenizer.token_id("<|python_start|>")
+    try:
+        if chat:
+            yield ChatChunk(**meta, choices=[ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+                                             for i in range(len(jobs))])
+        done = 0
+        while done < len(jobs):
+            job, text, final = await events.get()
+            i = jobs.index(job)
+            new = [e for e in job.token_logprobs[sent_logprobs[i]:] if e.token_id not in llm.tokenizer.stop_ids]
+            sent_logprobs[i] = len(job.token_logprobs)
+            if final and job.stop_reason == "error":
+                yield Chunk(**meta, error=ErrorBody(message=job.error or "generation failed", type="server_error"))
+                return
+            if not streaming[i]:
+                held[i] += text
+                held_lp[i] += new
+                if not tools and job.token_ids[:1] != [python_start] and may_be_tool_call(held[i]) is False:
+                    streaming[i], text, new = True, held[i], held_lp[i]
+                    held[i], held_lp[i] = "", []
+            if streaming[i] and (text or new):
+                yield piece(i, text, new)
+            if final:
+                done += 1
+                if not chat:
+                    reason = _text_choice(llm, job, i).finish_reason
+                    yield CompletionChunk(**meta, choices=[CompletionChoice(index=i, text="", finish_reason=reason)])
+                    continue
+                choice = _chat_choice(llm, job, i, tools)
+                delta = Delta()
+                if tools is not None:
+                    message = choice.message
+                    if tools and not message.tool_calls:
+                        yield ChatChunk(**meta, error=ErrorBody(**_no_forced_call(tools, job).body()))
+                        return
+                    if not streaming[i] and message.content:
+                        yield piece(i, message.content, held_lp[i])
+                    if message.tool_calls:
+                        delta.tool_calls = [StreamedToolCall(index=k, **c.model_dump())
+                                            for k, c in enumerate(message.tool_calls)]
+                yield ChatChunk(**meta, choices=[ChunkChoice(index=i, delta=delta, finish_reason=choice.finish_reason)])
+        if usage_prompt_tokens is not None:
+            yield Chunk(**meta, usage=_usage(usage_prompt_tokens, jobs))
+    finally:
+        state.scheduler.cancel(jobs)  # a disconnected client frees its rows at the next step
+        state.forget(jobs)
+
+
+def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
+    state = State(llm, options, generation_defaults(llm.source))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        nonlocal scheduler
         loop = asyncio.get_running_loop()
 
-        def deliver() -> None:  # event loop
-            while pending:
-                event = pending.popleft()
-                inbox = queues.get(id(event[0]))
-                if inbox is not None:
-                    inbox.put(event)
-
         def after_step() -> None:  # engine thread
-            if pending:
-                loop.call_soon_threadsafe(deliver)
+            if state.pending:
+                loop.call_soon_threadsafe(state.deliver)
 
-        if options.engine_process_threads:
-            scheduler = EngineProcess(llm, options.max_batch, options.max_queue, options.max_context, after_step,
-                                      threads=options.engine_process_threads)
-        else:
-            scheduler = Scheduler(llm, options.max_batch, options.max_queue, options.max_context, after_step)
+        engine = EngineProcess if options.engine_process_threads else Scheduler
+        extra = {"threads": options.engine_process_threads} if options.engine_process_threads else {}
+        state.scheduler = engine(llm, options.max_batch, options.max_queue, options.max_context, after_step, **extra)
         if llm.tiler is not None:  # after the fork: the engine process keeps glibc's defaults
             map_large_buffers()
         try:
             yield
         finally:
-            scheduler.close()
+            state.scheduler.close()
 
-    defaults = generation_defaults(llm.source)
     app = FastAPI(title="herd", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-
-    app.add_middleware(Guard, api_key=options.api_key, metrics_key=options.metrics_key, counts=requests_total)
+    app.state.herd = state
+    app.add_middleware(Guard, api_key=options.api_key, metrics_key=options.metrics_key, counts=state.requests_total)
     if llm.tiler is not None:  # memory for images follows this budget, not the number of threads
         llm.tiler.budget = PixelBudget(int(options.image_megapixels * 1e6), options.image_wait_s)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError):
-        return e.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        message = f"no route {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
-        return ApiError(e.status_code, message, kind=kind).response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError):
-        return ApiError(400, str(e.errors()[0].get("msg", "invalid request"))).response()
-
-    @app.get("/", include_in_schema=False)
-    async def page():
-        # The page's own controls start at the server's defaults.
-        settings = json.dumps({"temperature": defaults.get("temperature", 1.0), "max_tokens": 256})
-        return HTMLResponse(PAGE.read_text(encoding="utf-8").replace("{/*HERD_DEFAULTS*/}", settings))
-
-    @app.get("/health")
-    async def health():
-        gone = getattr(scheduler, "error", None)  # an EngineProcess whose child exited
-        if gone:
-            return JSONResponse({"status": "error", "model": options.model_name, "error": gone}, status_code=503)
-        return {"status": "ok", "model": options.model_name}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [_model_card(options.model_name, created)]}
-
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str):
-        if name != options.model_name:
-            raise ApiError(404, f"model {name!r} does not exist; this server has {options.model_name!r}", "model",
-                           "model_not_found", kind="not_found_error")
-        return _model_card(options.model_name, created)
-
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(_metrics(scheduler, requests_total), media_type="text/plain; version=0.0.4")
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await _read_json(request, options.max_body_bytes)
-        _check_model(body, options.model_name)
-        _check_fields(body, "chat")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list of messages", "messages")
-        tools = body.get("tools")
-        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools)):
-            raise ApiError(400, "'tools' must be a list of tool definitions", "tools")
-        forced = _forced_call_prefix(body.get("tool_choice", "auto"), tools)
-        if body.get("tool_choice") == "none":
-            tools = None
-        logprobs = _bool(body, "logprobs")
-        top = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
-        if top and not logprobs:
-            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        messages = _image_parts(messages, options.allowed_image_dir)
-
-        def encode() -> Prompt:
-            prompt = llm.prepare(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                                   tools=tools or None))
-            if forced:  # the reply starts as a call: the model only continues it
-                extra = llm.tokenizer.encode(forced)
-                prompt.ids += extra
-                if prompt.image_mask is not None:
-                    prompt.image_mask = torch.cat([prompt.image_mask, prompt.image_mask.new_zeros(len(extra))])
-            return prompt
-
-        prompt = await _prepare(encode)
-        return await _complete(request, body, prompt, chat=True, logprobs=top if logprobs else None,
-                               tools=forced if tools else None)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await _read_json(request, options.max_body_bytes)
-        _check_model(body, options.model_name)
-        _check_fields(body, "completions")
-        if _bool(body, "echo"):
-            raise ApiError(400, "'echo' is not supported", "echo")
-        if body.get("suffix") is not None:
-            raise ApiError(400, "'suffix' is not supported", "suffix")
-        raw = body.get("prompt")
-        if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], (str, list)):
-            raw = raw[0]  # a batch of one
-        if not (isinstance(raw, str) and raw) and not (isinstance(raw, list) and raw and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in raw)):
-            raise ApiError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
-                           "prompt")
-        top = _int(body, "logprobs", None, 0, 5)
-        prompt = await _prepare(lambda: llm.prepare(raw))
-        return await _complete(request, body, prompt, chat=False, logprobs=top, tools=None)
-
-    async def _prepare(fn) -> Prompt:
-        try:
-            return await run_in_threadpool(fn)
-        except ApiError:
-            raise
-        except ImageBusy as e:
-            raise ApiError(503, f"{e}; retry later", kind="server_error", code="images_busy",
-                           headers={"Retry-After": "2"}) from None
-        except (ValueError, TypeError, KeyError, OverflowError) as e:
-            raise ApiError(400, str(e)[:2000] or type(e).__name__, "messages") from None
-        except RecursionError:
-            raise ApiError(400, "the request nests values too deeply", "messages") from None
-
-    async def _complete(request: Request, body: dict, prompt: Prompt, chat: bool, logprobs: int | None,
-                        tools: str | None):
-        """``tools``: None without tools, else the text the reply was forced to start with ("" if none)."""
-        assert scheduler is not None
-        sampling = _sampling(body, defaults)
-        n = _int(body, "n", 1, 1, MAX_N)
-        stream = _bool(body, "stream")
-        opts = body.get("stream_options")
-        if opts is not None and (not stream or not isinstance(opts, Mapping)):
-            raise ApiError(400, "'stream_options' is only allowed with 'stream': true, as an object", "stream_options")
-        usage_in_stream = bool(opts and opts.get("include_usage"))
-        room = scheduler.max_len - len(prompt.ids)
-        name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _int(body, name, None if chat else 16, 1)
-        if room < 1 or (max_tokens is not None and max_tokens > room):
-            raise ApiError(400, f"the prompt has {len(prompt.ids)} tokens; with {name} {max_tokens or 1} that is more "
-                           f"than the context of {scheduler.max_len} tokens", name, "context_length_exceeded")
-        max_tokens = max_tokens or room
-        stop = _stop(body)
-        events = Inbox()
-        jobs = []
-        for i in range(n):
-            s = sampling if sampling.seed is None else Sampling(**{**sampling.__dict__, "seed": sampling.seed + i})
-            jobs.append(Job(prompt.ids, max_tokens, s, stop, logprobs, prompt.image_mask, prompt.image_features,
-                            on_event))
-        for job in jobs:
-            queues[id(job)] = events
-        try:
-            scheduler.submit(jobs)
-        except (QueueFull, EngineGone) as e:
-            for job in jobs:
-                queues.pop(id(job), None)
-            if isinstance(e, EngineGone):
-                raise ApiError(503, str(e), kind="server_error", code="engine_unavailable") from None
-            raise ApiError(429, f"server busy: {e}; retry later", kind="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        meta = dict(id=rid, created=int(time.time()), model=options.model_name)
-        if stream:
-            return StreamingResponse(_sse(request, jobs, events, meta, chat, tools, usage_in_stream, len(prompt.ids)),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            await _wait_all(request, jobs, events)
-        finally:
-            scheduler.cancel(jobs)  # no-op for finished jobs; frees the rows of a vanished client
-            for job in jobs:
-                queues.pop(id(job), None)
-        _raise_job_error(jobs)
-        choices = [_choice(llm, job, i, chat, tools) for i, job in enumerate(jobs)]
-        for job, choice in zip(jobs, choices):
-            if tools and not choice["message"].get("tool_calls"):
-                raise _no_forced_call(tools, job)
-        return {"object": "chat.completion" if chat else "text_completion", **meta, "choices": choices,
-                "usage": _usage(len(prompt.ids), jobs)}
-
-    async def _sse(request: Request, jobs: list[Job], events: Inbox, meta: dict, chat: bool, tools: str | None,
-                   usage: bool, prompt_tokens: int) -> AsyncIterator[bytes]:
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(choices: list, **extra) -> bytes:
-            return b"data: " + json.dumps({"object": kind, **meta, "choices": choices, **extra}).encode() + b"\n\n"
-
-        def piece(i: int, text: str, entries: list) -> bytes:
-            lp = None
-            if entries and jobs[i].logprobs is not None:
-                lp = _logprobs(llm, entries, chat, offset[i])
-                offset[i] += sum(len(t) for t in lp.get("tokens", ()))
-            return chunk([{"index": i, **({"delta": {"content": text}} if chat else {"text": text}), "logprobs": lp,
-                           "finish_reason": None}])
-
-        # With tools, a reply streams as text once it cannot be a tool call any more; until then (and
-        # to its end if it may be one) its text and log-probabilities are held back.
-        streaming = [tools is None] * len(jobs)
-        held, held_lp, sent_logprobs, offset = [""] * len(jobs), [[] for _ in jobs], [0] * len(jobs), [0] * len(jobs)
-        python_start = llm.tokenizer.token_id("<|python_start|>")
-        try:
-            if chat:
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(len(jobs))])
-            done = 0
-            while done < len(jobs):
-                job, text, final = await events.get()
-                i = jobs.index(job)
-                new = [e for e in job.token_logprobs[sent_logprobs[i]:] if e.token_id not in llm.tokenizer.stop_ids]
-                sent_logprobs[i] = len(job.token_logprobs)
-                if final and job.stop_reason == "error":
-                    yield chunk([], error={"message": job.error, "type": "server_error"})
-                    return
-                if not streaming[i]:
-                    held[i] += text
-                    held_lp[i] += new
-                    if not tools and job.token_ids[:1] != [python_start] and may_be_tool_call(held[i]) is False:
-                        streaming[i], text, new = True, held[i], held_lp[i]
-                        held[i], held_lp[i] = "", []
-                if streaming[i] and (text or new):
-                    yield piece(i, text, new)
-                if final:
-                    done += 1
-                    choice = _choice(llm, job, i, chat, tools)
-                    delta: dict = {}
-                    if tools is not None:
-                        message = choice["message"]
-                        if tools and not message.get("tool_calls"):
-                            yield chunk([], error=_no_forced_call(tools, job).body())
-                            return
-                        if not streaming[i] and message["content"]:
-                            yield piece(i, message["content"], held_lp[i])
-                        if message.get("tool_calls"):
-                            delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
-                    yield chunk([{"index": i, **({"delta": delta} if chat else {"text": ""}), "logprobs": None,
-                                  "finish_reason": choice["finish_reason"]}])
-            if usage:
-                yield chunk([], usage=_usage(prompt_tokens, jobs))
-            yield b"data: [DONE]\n\n"
-        finally:
-            scheduler.cancel(jobs)  # a disconnected client frees its rows at the next step
-            for job in jobs:
-                queues.pop(id(job), None)
-
+    app.add_exception_handler(ApiError, lambda request, e: e.response())
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError,  # FastAPI's own checks, should a route ever have some
+                              lambda request, e: ApiError(400, str(e.errors()[0].get("msg", "invalid request"))).response())
+    app.include_router(router)
     return app
 
 
-# Fields each route reads; any other is refused by name rather than silently ignored ('user' is
-# OpenAI's end-user id, accepted and unused). Some are refused for values other than their default.
-_SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream", "stream_options",
-                    "stop", "seed", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user"}
-_FIELDS = {"chat": _SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                                      "parallel_tool_calls"},
-           "completions": _SAMPLING_FIELDS | {"prompt", "echo", "suffix", "best_of"}}
-_NOT_YET = {"response_format": "structured outputs are not supported yet: the reply is not constrained to JSON"}
-
-
-def _check_fields(body: Mapping, route: str) -> None:
-    unknown = sorted(str(k) for k in body if k not in _FIELDS[route])
-    if unknown:
-        name = unknown[0][:60]
-        raise ApiError(400, f"'{name}' is not supported" + (f" ({_NOT_YET[name]})" if name in _NOT_YET else "")
-                       + (f"; nor {len(unknown) - 1} more field(s)" if len(unknown) > 1 else ""), name)
-    if body.get("parallel_tool_calls") not in (None, True):
-        raise ApiError(400, "'parallel_tool_calls' false is not supported (a reply may call several tools)",
-                       "parallel_tool_calls")
-    if body.get("best_of") not in (None, 1):
-        raise ApiError(400, "'best_of' is not supported (only 1)", "best_of")
+async def _http_error(request: Request, e: StarletteHTTPException):
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    message = f"no route {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
+    return ApiError(e.status_code, message, kind=kind).response()
 
 
 def _check_model(body: Mapping, name: str) -> None:
@@ -636,12 +564,8 @@ def _check_model(body: Mapping, name: str) -> None:
     if model is None:
         raise ApiError(400, "'model' is required", "model")
     if model != name:
-        raise ApiError(404, f"model {_brief(model)} does not exist; this server has {name!r}", "model",
+        raise ApiError(404, f"model {brief(model)} does not exist; this server has {name!r}", "model",
                        "model_not_found", kind="not_found_error")
-
-
-def _model_card(name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "herd"}
 
 
 async def _wait_all(request: Request, jobs: list[Job], events: Inbox) -> None:
@@ -706,7 +630,7 @@ def _forced_call_prefix(choice: Any, tools: Any) -> str:
         return ""
     if choice == "required" or isinstance(choice, Mapping):
         if not tools:
-            raise ApiError(400, f"tool_choice {_brief(choice)} needs 'tools'", "tool_choice")
+            raise ApiError(400, f"tool_choice {brief(choice)} needs 'tools'", "tool_choice")
         if choice == "required":
             return "["
         name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), Mapping) else None
@@ -719,11 +643,13 @@ def _forced_call_prefix(choice: Any, tools: Any) -> str:
                    "{'name': ...}}", "tool_choice")
 
 
-def _choice(llm: LLM, job: Job, index: int, chat: bool, tools: str | None) -> dict:
-    lp = _logprobs(llm, job.token_logprobs, chat) if job.logprobs is not None else None
-    if not chat:
-        return {"index": index, "text": job.text, "logprobs": lp, "finish_reason": _finish_reason(job, False)}
-    message: dict[str, Any] = {"role": "assistant", "content": (tools or "") + job.text}
+def _text_choice(llm: LLM, job: Job, index: int) -> CompletionChoice:
+    lp = _logprobs(llm, job.token_logprobs, False) if job.logprobs is not None else None
+    return CompletionChoice(index=index, text=job.text, logprobs=lp, finish_reason=_finish_reason(job, False))
+
+
+def _chat_choice(llm: LLM, job: Job, index: int, tools: str | None) -> ChatChoice:
+    lp = _logprobs(llm, job.token_logprobs, True) if job.logprobs is not None else None
     calls = ()
     if tools is not None:  # a forced start is part of the reply
         try:
@@ -731,15 +657,17 @@ def _choice(llm: LLM, job: Job, index: int, chat: bool, tools: str | None) -> di
         except Exception:  # a parser failure on one reply leaves it as text, never fails its neighbours
             log.warning("tool-call parsing failed on a reply; returned as text", exc_info=True)
     if calls:
-        message["content"] = None
-        message["tool_calls"] = [{"id": c.call_id or "call_" + uuid.uuid4().hex[:24], "type": "function",
-                                  "function": {"name": c.name, "arguments": json.dumps(c.arguments)}} for c in calls]
-    return {"index": index, "message": message, "logprobs": lp, "finish_reason": _finish_reason(job, bool(calls))}
+        message = Message(content=None, tool_calls=[
+            ToolCall(id=c.call_id or "call_" + uuid.uuid4().hex[:24],
+                     function=Function(name=c.name, arguments=json.dumps(c.arguments))) for c in calls])
+    else:
+        message = Message(content=(tools or "") + job.text)
+    return ChatChoice(index=index, message=message, logprobs=lp, finish_reason=_finish_reason(job, bool(calls)))
 
 
-def _usage(prompt_tokens: int, jobs: list[Job]) -> dict:
+def _usage(prompt_tokens: int, jobs: list[Job]) -> Usage:
     completion = sum(len(j.token_ids) for j in jobs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
 
 
 def _token(llm: LLM, token_id: int) -> tuple[str, list[int]]:
