@@ -213,10 +213,7 @@ def serve_threads(requested: int | None) -> int:
 
     The HTTP side (request parsing, one streamed chunk per token per client) needs a core of its
     own: when it shares one with a torch thread, every parallel product waits for the descheduled
-    thread. Measured on 2 cores with herd-tiny (benchmarks/serve_load.py, client on the same cores,
-    engine on a thread of the server): 1 torch thread served 96-110 tokens/s one request at a time
-    and 373-440 with 8 concurrent streams, 2 threads 70 and 178. The engine process (EngineProcess)
-    is pinned to these cores and the HTTP side to the rest."""
+    thread (docs/serving.md). The engine process is pinned to these cores and the HTTP side to the rest."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--threads must be >= 1, got {requested}")

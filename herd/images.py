@@ -102,8 +102,8 @@ def map_large_buffers(threshold: int = 1 << 20) -> None:
     """Have glibc serve every allocation of ``threshold`` bytes or more with its own mmap, which goes
     back to the system when freed. By default glibc raises that threshold (up to 32 MB) after the
     first large free; an image's temporaries (tens of MB) then land in per-thread heaps, whose free
-    tops stay resident and which malloc_trim does not shrink: 28 MB per worker thread measured,
-    1 GB+ over a server's thread pool. Process-wide; a no-op where libc is not glibc."""
+    tops stay resident and which malloc_trim does not shrink (docs/serving.md). Process-wide; a no-op
+    where libc is not glibc."""
     try:
         _libc().mallopt(_M_MMAP_THRESHOLD, threshold)
     except (OSError, AttributeError):

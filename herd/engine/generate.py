@@ -70,9 +70,8 @@ def sample(logits_V: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> 
 
 def default_prefill_chunk(dtype: torch.dtype, device: torch.device) -> int:
     """Tokens per prefill segment. Longer segments amortise per-call costs: a GPU's launches, and on
-    a CPU the up-casting of half-precision expert weights for each segment (bf16 prefill of 4096
-    tokens here: 2048-token segments 1.25-1.35x faster than 512; float32 gains nothing, so it keeps
-    512 and small activations)."""
+    a CPU the up-casting of half-precision expert weights for each segment; float32 gains nothing
+    from them, so it keeps 512 and small activations (docs/performance.md)."""
     if device.type != "cpu":
         return 4096
     return 2048 if dtype in (torch.bfloat16, torch.float16) else 512

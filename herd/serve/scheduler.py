@@ -6,9 +6,8 @@ leave as soon as they finish or their client goes away.
 
 `Scheduler` runs that loop on a thread of the calling process. `EngineProcess` runs it in a child
 process (on CPUs, what `herd serve` uses): there the HTTP side's Python never holds the engine's
-interpreter lock and the engine's core is its own (measured on 2 cores, herd-tiny's engine alone:
-a second thread doing JSON work ~15% of the time slowed batch-8 decode steps by up to 1.4x; the
-same work in a second process, each pinned to its own core, by at most 1.14x).
+interpreter lock and the engine's core is its own (docs/serving.md, "How requests run", has the
+measurements).
 """
 
 from __future__ import annotations
@@ -322,9 +321,7 @@ class EngineProcess:
 def split_cores(threads: int) -> tuple[list[int], list[int]]:
     """The engine's cores and the HTTP side's when this process may use more cores than the engine's
     ``threads`` (the first ``threads`` for the engine, the rest for HTTP); ([], []) otherwise (no
-    pinning). Pinned, neither side's wake-ups land on the other's core: measured on 2 cores, a
-    process doing short bursts of Python work slowed herd-tiny's batch-8 decode steps by up to 1.7x
-    when both were free to run anywhere, by at most 1.14x when each had its own core."""
+    pinning). Pinned, neither side's wake-ups land on the other's core."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     return (cores[:threads], cores[threads:]) if len(cores) > threads else ([], [])
 
