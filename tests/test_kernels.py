@@ -223,6 +223,7 @@ def test_grouped_gemm_equals_dispatch_on_cuda():
     _close(grouped(moe, x, ids, scores), moe.routed(x, ids, scores))
 
 
+@pytest.mark.slow  # torch.compile builds a C++ kernel
 def test_compiled_head_gives_float32_sums_of_the_bf16_weights():
     """compile=True: batch-1 output products by a compiled kernel, float32 sums of the exact bf16
     products (closer to float32 than the bf16-rounded logits of the plain product); more rows go the
