@@ -20,7 +20,7 @@ from herd.model.init import init_weights
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 from herd.bundled import model_folder
-from herd.tokenizer.chat_format import ChatTokenizer
+from herd.tokenizer.chat_format import ChatPrompt, ChatTokenizer
 from herd.tokenizer.tokenizer import Tokenizer, TokenizerError
 from herd.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TILES, ImageTiler
 
@@ -142,11 +142,14 @@ class LLM:
 
     @torch.inference_mode()
     def logits(self, input_ids, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [B, T] (or [T], or lists) -> float32 logits [B, T, vocab]; full forward, no cache.
+        """Token ids [B, T] (or [T], or lists, or a ChatPrompt) -> float32 logits [B, T, vocab]; full
+        forward, no cache.
 
         ``pixel_values`` [tiles, 3, S, S] are the tiles of all images of the batch in prompt order;
         their features replace the <|patch|> tokens, which must number tiles × tokens per tile.
         """
+        if isinstance(input_ids, ChatPrompt):  # apply_chat_template's prompt: its ids and its images
+            input_ids, pixel_values = [input_ids.ids], input_ids.pixel_values if pixel_values is None else pixel_values
         ids = self._as_batch(input_ids)
         mask = ids == self.tokenizer.token_id("<|patch|>")
         if pixel_values is None:

@@ -68,6 +68,7 @@ def test_images_land_where_the_content_parts_put_them(llm):
     assert grid == ids.image_grids[0] and torch.equal(ids.pixel_values[:tiles[0]], first)
     logits = llm.logits([ids.ids], pixel_values=ids.pixel_values)
     assert logits.shape == (1, len(ids.ids), 202_048) and torch.isfinite(logits).all()
+    assert torch.equal(llm.logits(ids), logits)  # a ChatPrompt brings its own images
 
 
 @pytest.mark.slow
@@ -78,7 +79,7 @@ def test_a_prompt_with_48_images_runs(llm):
         {"type": "text", "text": "Describe all of them."}]}])
     assert len(ids.image_grids) == 48
     assert len({g for g in ids.image_grids}) > 3  # different grids
-    logits = llm.logits([ids], pixel_values=ids.pixel_values)
+    logits = llm.logits([ids.ids], pixel_values=ids.pixel_values)
     assert torch.isfinite(logits).all()
 
 
