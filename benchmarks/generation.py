@@ -96,7 +96,7 @@ def timed(fn, repeat: int = 1) -> float:
 
 def engine(model: TextModel, rows: int, max_len: int) -> Engine:
     """An Engine with the KV cache herd.load picks (herd.kernels.cache_dtype)."""
-    w = model.output.weight
+    w = model.tok_embeddings.weight
     return Engine(model, rows=rows, max_len=max_len, kv_dtype=kernels.cache_dtype(w.dtype, w.device))
 
 
@@ -107,7 +107,7 @@ def _random_ids(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 @torch.inference_mode()
 def herd_prefill(model: TextModel, n: int, repeat: int = 1) -> float:
     """Tokens/s of a prefill of n tokens into herd's KV cache (default segment size)."""
-    ids = _random_ids((n,), model.output.weight.device).tolist()
+    ids = _random_ids((n,), model.tok_embeddings.weight.device).tolist()
     eng = engine(model, rows=1, max_len=n + 1)
     eng.prefill(0, ids[:64])  # warm-up
     return n / timed(lambda: eng.prefill(0, ids), repeat)
@@ -116,7 +116,7 @@ def herd_prefill(model: TextModel, n: int, repeat: int = 1) -> float:
 @torch.inference_mode()
 def herd_decode(model: TextModel, batch: int, steps: int, repeat: int = 1) -> float:
     """Tokens/s of greedy decode steps for ``batch`` rows after 64-token prompts."""
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     eng = engine(model, rows=batch, max_len=64 + (repeat + 1) * steps + 2)
     for r in range(batch):
         eng.prefill(r, _random_ids((64,), device).tolist())

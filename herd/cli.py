@@ -56,7 +56,8 @@ def _load(args):
     import herd
 
     _warn_if_random(args.model)
-    return herd.load(args.model, dtype=args.dtype, device=args.device, compile=args.compile)
+    return herd.load(args.model, dtype=args.dtype, device=args.device, compile=args.compile, quantize=args.quantize,
+                     quantize_group=args.quantize_group)
 
 
 def cmd_generate(args) -> int:
@@ -160,6 +161,7 @@ def _image_problem(llm, path: str) -> str | None:
 
 
 def cmd_info(args) -> int:
+    from herd import kernels
     from herd.checkpoint.load import read_config
     from herd.config import PRESETS, preset
     from herd.bundled import model_folder
@@ -186,6 +188,45 @@ def cmd_info(args) -> int:
               f"pixels in patches of {v.patch_size}, pixel shuffle {v.pixel_shuffle_ratio}")
     else:
         print("vision: none (text only)")
+    import herd
+    llm = herd.load(args.model, dtype=args.dtype, device="meta", quantize=args.quantize,
+                    quantize_group=args.quantize_group, progress=False)
+    llm.kv_dtype = kernels.cache_dtype(llm.dtype, args.device)  # the cache herd.load would give on that device
+    mem = llm.memory(context=args.context)
+    how = args.dtype + (f", {args.quantize} experts" + (f" (group {args.quantize_group})" if args.quantize == "int4"
+                                                      else "") if args.quantize else "")
+    print(f"memory ({how}; KV cache in {str(llm.kv_dtype).removeprefix('torch.')} for {args.context} tokens on "
+          f"{args.device}): experts {_gib(mem['experts'])}, other text weights {_gib(mem['other'])}, "
+          f"vision {_gib(mem['vision'])}, KV cache {_gib(mem['kv_cache'])}; total {_gib(mem['total'])}")
+    return 0
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def cmd_perplexity(args) -> int:
+    import herd
+    from herd.evaluate import quality
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"herd: --text {args.text}: {e}", file=sys.stderr)
+        return 2
+    llm = _load(args)
+    ids = llm.tokenizer.encode(text, bos=True)
+    reference = None
+    if args.compare:
+        if args.quantize is None:
+            print("herd: --compare scores a quantized model against the unquantized one; add --quantize", file=sys.stderr)
+            return 2
+        reference = herd.load(args.model, dtype=args.dtype, device=args.device)
+    q = quality(llm, ids, reference, window=args.window)
+    print(f"{q.tokens} tokens of {args.text}: perplexity {q.perplexity:.4f}")
+    if reference is not None:
+        print(f"unquantized perplexity {q.reference_perplexity:.4f}; mean KL divergence {q.mean_kl:.5f} nats/token; "
+              f"top-1 agreement {100 * q.top1_agreement:.2f}%")
     return 0
 
 
@@ -295,6 +336,14 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true",
                    help="half precision on a CPU: compile batch-1 decode's output product (faster; ~20 s once)")
+    _add_quantize_options(p)
+
+
+def _add_quantize_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="store the experts' weights in int8 (per channel) or int4 (groups), quantized as they load")
+    p.add_argument("--quantize-group", type=int, default=128, choices=[32, 64, 128, 256],
+                   help="inputs per int4 scale (default 128)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,9 +399,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (checkpointed) once this step is done; a later run resumes")
     t.set_defaults(func=cmd_train)
 
-    i = sub.add_parser("info", help="config and parameter counts of a checkpoint or preset (no weights read)")
+    i = sub.add_parser("info", help="config, parameter counts and memory of a checkpoint or preset (no weights read)")
     i.add_argument("model")
+    i.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    i.add_argument("--device", default="cpu", help="where it would run (picks the KV cache's dtype)")
+    i.add_argument("--context", type=int, default=8192, help="tokens of KV cache to plan for (default 8192)")
+    _add_quantize_options(i)
     i.set_defaults(func=cmd_info)
+
+    q = sub.add_parser("perplexity", help="perplexity on a text file; with --quantize --compare, the KL divergence and "
+                       "top-1 agreement against the unquantized model")
+    _add_load_options(q)
+    q.add_argument("--text", required=True, help="a UTF-8 text file")
+    q.add_argument("--window", type=int, default=1024, help="tokens per scored window (default 1024)")
+    q.add_argument("--compare", action="store_true", help="also load the model unquantized and compare")
+    q.set_defaults(func=cmd_perplexity)
 
     c = sub.add_parser("convert", help="load any supported checkpoint and write it in Hugging Face format")
     c.add_argument("src")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from herd import kernels as kernels_module
+from herd.kernels import quant
 from herd.checkpoint.adapters import load_adapters
 from herd.checkpoint.errors import CheckpointError
 from herd.checkpoint.folder import carried_files, folder_max_tiles
@@ -56,11 +57,11 @@ class LLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.output.weight.device
+        return self.model.tok_embeddings.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.output.weight.dtype
+        return self.model.tok_embeddings.weight.dtype
 
     def __repr__(self) -> str:
         t = self.config.text
@@ -83,6 +84,23 @@ class LLM:
     # Tokens per prefill segment (bounds activation memory for long prompts); None: the engine's
     # default_prefill_chunk (512 on a CPU in float32, 2048 in half precision, 4096 on a GPU).
     prefill_chunk: int | None = None
+
+    def memory(self, context: int = 0, batch: int = 1) -> dict[str, int]:
+        """Bytes by part: the text weights (``experts``: routed and shared experts; ``other``), the
+        vision encoder's, the KV cache for ``batch`` sequences of ``context`` tokens, and the total.
+        Exact for the model as loaded, quantization included; a model loaded on the meta device plans
+        without memory."""
+        experts = other = 0
+        for name, t in self.model.state_dict().items():
+            nbytes = t.numel() * t.element_size()
+            if ".experts." in name or ".shared_expert." in name:
+                experts += nbytes
+            else:
+                other += nbytes
+        vision = sum(t.numel() * t.element_size() for t in self.vision.state_dict().values()) if self.vision else 0
+        kv = self.kv_cache_bytes(context, batch) if context else 0
+        return {"experts": experts, "other": other, "vision": vision, "kv_cache": kv,
+                "total": experts + other + vision + kv}
 
     def kv_cache_bytes(self, context_len: int, batch: int = 1) -> int:
         """Bytes of KV cache herd allocates for ``batch`` sequences of ``context_len`` tokens (in ``kv_dtype``)."""
@@ -187,7 +205,9 @@ class LLM:
 def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
          *, seed: int = 0, progress: bool = True, vision: bool = True, max_images: int = DEFAULT_MAX_IMAGES,
          max_tiles: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-         adapters: str | os.PathLike | None = None, kernels: bool = True, compile: bool = False) -> LLM:
+         adapters: str | os.PathLike | None = None, kernels: bool = True, compile: bool = False,
+         quantize: str | None = None, quantize_group: int = 128,
+         quantize_modules: tuple[str, ...] = quant.DEFAULT_MODULES) -> LLM:
     """Load a Hugging Face folder, a Meta folder, an embedded model ("herd-tiny", trained by herd) or
     a preset name (random weights) as an LLM.
 
@@ -196,6 +216,10 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
     ``vision=False`` skips a checkpoint's vision encoder (less memory; text prompts only). The image
     limits apply to prompts: images per prompt, tiles per image (default: the checkpoint's
     preprocessor_config.json ``max_patches``, else 16), pixels per image.
+
+    ``quantize`` ('int8': per output channel; 'int4': groups of ``quantize_group`` inputs) stores the
+    weights of ``quantize_modules`` (default: the routed and shared experts; also 'dense_ffn',
+    'attention') quantized, each as it loads (CPU only for now; see herd.kernels.quant).
 
     ``kernels=False`` runs the reference model: no device fast paths (see herd.kernels) and a KV
     cache in the weights' dtype. ``compile=True``: batch-1 decode's output product through a kernel
@@ -207,8 +231,16 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
     check_device(device)
     if compile and not kernels:
         raise ValueError("compile=True is a kernel; it needs kernels=True")
+    spec = None
+    if quantize is not None:
+        spec = quant.QuantSpec(quantize, quantize_group, tuple(quantize_modules))
+        if torch.device(device).type not in ("cpu", "meta"):
+            raise ValueError(f"quantize={quantize!r} runs on the CPU so far; device {device!r} has no quantized "
+                             "kernels in herd yet (load in bfloat16, or on the CPU)")
+        if adapters is not None:
+            raise ValueError("adapters are merged into full-precision weights; load them without quantize")
     llm = _load(path_or_preset, dtype, device, seed=seed, progress=progress, vision=vision, max_images=max_images,
-                max_tiles=max_tiles, max_pixels=max_pixels, fast=kernels)
+                max_tiles=max_tiles, max_pixels=max_pixels, fast=kernels, spec=spec)
     if adapters is not None:
         try:
             load_adapters(llm.model, adapters)
@@ -240,7 +272,8 @@ def check_device(device: str | torch.device) -> torch.device:
     return d
 
 
-def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, max_tiles, max_pixels, fast) -> LLM:
+def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, max_tiles, max_pixels, fast,
+          spec) -> LLM:
     limits = dict(max_images=max_images, max_tiles=DEFAULT_MAX_TILES if max_tiles is None else max_tiles,
                   max_pixels=max_pixels)
     dt = resolve_dtype(dtype)
@@ -253,9 +286,14 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
         if torch.device(device).type == "meta":
             with torch.device("meta"):
                 encoder = VisionModel(cfg.vision, cfg.text.dim).to(dt) if with_vision else None
-                return LLM(cfg, tok, TextModel(cfg.text).to(dt), name, encoder, **limits)
+                model = TextModel(cfg.text).to(dt)
+                if spec is not None:
+                    quant.install(model, spec, dt)  # shapes and bytes of the quantized model, no memory
+                return LLM(cfg, tok, model, name, encoder, **limits)
         _check_fits(cfg, dt, name)
         model = init_weights(TextModel(cfg.text), seed=seed).to(device=device, dtype=dt)
+        if spec is not None:
+            quant.quantize_model(model, spec)
         encoder = None
         if with_vision:
             encoder = init_weights(VisionModel(cfg.vision, cfg.text.dim), seed=seed + 1).to(device=device, dtype=dt)
@@ -263,6 +301,13 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
         return LLM(cfg, tok, model.eval().requires_grad_(False), name, encoder, **limits)
     name = model_folder(name)
     cfg, fmt = read_config(name)
+    if torch.device(device).type == "meta":  # a plan: shapes and bytes from the config, no weight read
+        with torch.device("meta"):
+            model = TextModel(cfg.text).to(dt)
+            if spec is not None:
+                quant.install(model, spec, dt)
+            encoder = VisionModel(cfg.vision, cfg.text.dim).to(dt) if vision and cfg.vision is not None else None
+        return LLM(cfg, Tokenizer.from_folder(name, cfg.text.vocab_size), model, name, encoder, **limits)
     if max_tiles is None:
         limits["max_tiles"] = folder_max_tiles(name) or DEFAULT_MAX_TILES
     try:
@@ -271,9 +316,11 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
         raise CheckpointError(str(e)) from None
     _check_vocab(tok, cfg, name)
     head = (cfg.text.vocab_size, cfg.text.dim)
-    column_major = ("output.weight",) if fast and kernels_module.cpu.head_column_major(head, dt, device) else ()
+    column_major = ("output.weight",) if fast and kernels_module.cpu.head_column_major(head, dt, device) and \
+        (spec is None or "output" not in spec.modules) else ()
     model, encoder = load_model(name, cfg, fmt, dtype=dt, device=device, progress=progress, vision=vision,
-                                column_major=column_major)
+                                column_major=column_major,
+                                quantize=None if spec is None else lambda m: quant.install(m, spec, dt))
     return LLM(cfg, tok, model, name, encoder, **limits)
 
 

@@ -394,10 +394,14 @@ class _Progress:
 
 def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: str | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress: bool = True,
-               vision: bool = True, column_major: Collection[str] = ()) -> tuple[TextModel, VisionModel | None]:
+               vision: bool = True, column_major: Collection[str] = (),
+               quantize: Callable[[TextModel], Mapping[str, Callable]] | None = None) -> tuple[TextModel, VisionModel | None]:
     """Stream a checkpoint into a TextModel (and a VisionModel when the config has one and ``vision``)
     built on the meta device; every name, shape and dtype is checked before any weight is read.
-    ``column_major``: names of matrices to store with strides (1, rows) (a kernel's layout)."""
+    ``column_major``: names of matrices to store with strides (1, rows) (a kernel's layout).
+    ``quantize``: installs quantized modules into the meta model and returns tensor name -> function
+    turning that weight into the quantized modules' state (herd.kernels.quant.install); each weight
+    is quantized as it streams in, so the unquantized model never exists whole."""
     folder = Path(folder)
     if cfg is None or fmt is None:
         cfg, fmt = read_config(folder)
@@ -410,13 +414,17 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
         expected |= {"vision." + k: v for k, v in encoder.state_dict().items()}
     plan, source, ignore = _plan_and_source(folder, cfg, fmt, vision)
     total = check_plan(plan, source, expected, ignore)
+    quantizers = quantize(text) if quantize is not None else {}
     bar = _Progress(f"loading {folder.name}", total, progress)
     state, counted = {}, set()  # a fused source tensor feeds several keys: count its bytes once
     for key, recipe in plan.items():
         parts = [source[s] for s in recipe.sources]
         # A copy in the model's own memory (never a view of the file), then the file pages are let go.
         value = recipe.combine(*parts)
-        state[key] = source.mapped.copy(value, dtype, device, column_major=key in column_major)
+        if key in quantizers:
+            state |= quantizers[key](value, source.mapped.drop)  # file pages let go expert by expert
+        else:
+            state[key] = source.mapped.copy(value, dtype, device, column_major=key in column_major)
         for part in parts:
             source.mapped.drop(part)
         bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in recipe.sources

@@ -83,7 +83,7 @@ class Engine:
 
     def __init__(self, model: TextModel, rows: int, max_len: int, prefill_chunk: int | None = None,
                  kv_dtype: torch.dtype | None = None):
-        w = model.output.weight
+        w = model.tok_embeddings.weight
         self.model = model
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(w.dtype, w.device)
         self.cache = KVCache(model.cfg, rows, max_len, kv_dtype or w.dtype, w.device)
@@ -185,7 +185,7 @@ class Engine:
 def full_forward_tokens(model: TextModel, prompt: list[int], max_new_tokens: int,
                         stop_ids: frozenset[int] = frozenset()) -> list[int]:
     """Greedy tokens by a full forward over the whole sequence per step: the reference for the engine."""
-    ids = torch.tensor([prompt], device=model.output.weight.device)
+    ids = torch.tensor([prompt], device=model.tok_embeddings.weight.device)
     out = []
     for _ in range(max_new_tokens):
         nxt = int(model(ids)[0, -1].argmax())

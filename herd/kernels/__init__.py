@@ -63,14 +63,14 @@ def _swaps(device: torch.device) -> dict[type, type]:
 
 def apply(model: TextModel, vision: VisionModel | None = None) -> TextModel:
     """Install the fast paths for the device the model's weights are on (in place; returns ``model``)."""
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     swaps = _swaps(device)
     for module in [*model.modules(), *(vision.modules() if vision is not None else ())]:
         fast = swaps.get(type(module))
         if fast is not None:
             module.__class__ = fast
-    w = model.output.weight
-    if cpu.head_column_major(w.shape, w.dtype, device) and w.stride(0) != 1:
+    w = getattr(model.output, "weight", None)  # a quantized head has none
+    if w is not None and cpu.head_column_major(w.shape, w.dtype, device) and w.stride(0) != 1:
         w.data = cpu.to_column_major(w.data)
     return model
 
@@ -89,8 +89,8 @@ def compile_head(model: TextModel) -> bool:
     """Batch-1 decode's output product through a kernel torch.compile generates, for half-precision
     weights on a CPU: float32 sums of the exact products instead of bf16-rounded logits. Costs a
     compilation at the first step (~20 s on a fresh machine). Returns whether it applies."""
-    w = model.output.weight
-    if w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float16):
+    w = getattr(model.output, "weight", None)
+    if w is None or w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float16):
         return False
     model.output.__class__ = CompiledHead
     return True

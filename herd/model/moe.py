@@ -54,6 +54,10 @@ class Experts(nn.Module):
         # the output of projection `name` ('w1', 'w3', 'w2') of expert e.
         self.adapter: nn.Module | None = None
 
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
     def one(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens [N, D] -> [N, D]; touches only expert e's weights."""
         a, linear = self.adapter, self.product
@@ -107,7 +111,7 @@ class MoE(nn.Module):
 
     def routed(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
         """The routed experts' output [N, D] (herd.kernels swaps in device paths)."""
-        return dispatch(self.experts.one, x_ND, ids_NK, scores_NK, self.experts.w1.shape[0])
+        return dispatch(self.experts.one, x_ND, ids_NK, scores_NK, self.experts.num_experts)
 
     def _dense(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
         E = self.experts.w1.shape[0]

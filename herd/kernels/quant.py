@@ -1,0 +1,303 @@
+"""Weight-only quantization: int8 per output channel, int4 in groups along the input, applied from
+outside the model while it loads.
+
+A quantized matrix is stored as its kernel wants it: int8 values [N, K] and one scale per output
+row; or int4 values packed by torch's CPU packing (`_convert_weight_to_int4pack_for_cpu`, [N, K/2]
+bytes) with a scale and a zero per group of ``group`` inputs ([K/group, N, 2]). Scales are kept in
+the activations' dtype, which the kernels require. A few rows (decode) multiply through torch's
+weight-only kernels; more rows (prefill) dequantize the matrix and take the dtype's GEMM, which is
+faster there (docs/performance.md has the crossover).
+
+What is quantized is named by module kinds (`MODULES`): by default the routed experts, fused
+stacks [E, F, D] included, and the shared expert; attention, dense FFNs and the output head on
+request. The router, norms, embeddings and the vision encoder keep their dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.model.moe import Experts, MoE
+from herd.model.layers import SwiGLU
+from herd.model.transformer import TextModel
+
+MODES = ("int8", "int4")
+GROUPS = (32, 64, 128, 256)
+MODULES = ("experts", "shared_expert", "dense_ffn", "attention", "output")
+DEFAULT_MODULES = ("experts", "shared_expert")
+FEW_ROWS = 8  # up to this many rows the weight-only kernels beat dequantize-then-GEMM (measured: 8-16)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize: ``mode`` 'int8' or 'int4', int4's ``group`` size, and which module kinds."""
+
+    mode: str
+    group: int = 128
+    modules: tuple[str, ...] = DEFAULT_MODULES
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"quantize must be one of {', '.join(MODES)} (or None), got {self.mode!r}")
+        if self.group not in GROUPS:
+            raise ValueError(f"quantize group must be one of {', '.join(map(str, GROUPS))}, got {self.group!r}")
+        unknown = [m for m in self.modules if m not in MODULES]
+        if unknown or not self.modules:
+            raise ValueError(f"quantize_modules must name some of {', '.join(MODULES)}, got {list(self.modules)!r}")
+        object.__setattr__(self, "modules", tuple(self.modules))
+
+
+# ---- one matrix ---------------------------------------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (values [N, K] int8, scales [N] in ``dtype``); w ≈ values * scale."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(dtype)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of ``group`` inputs: (packed [N, K/2] uint8, scales and zeros
+    [K/group, N, 2] in ``dtype``); w ≈ (q - 8) * scale + zero, q in 0..15."""
+    N, K = w.shape
+    wg = w.float().reshape(N, K // group, group)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    zero = lo + 8 * scale
+    scale_zero = torch.stack([scale, zero], dim=-1).to(dtype)  # [N, K/g, 2], rounded as the kernel reads them
+    s, z = scale_zero[..., 0].float(), scale_zero[..., 1].float()
+    q = torch.round((wg - z[..., None]) / s[..., None] + 8).clamp(0, 15).to(torch.int32).reshape(N, K)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scale_zero.transpose(0, 1).contiguous()
+
+
+@functools.cache
+def _int4_slots(rows: int) -> torch.Tensor:
+    """For a block of ``rows`` output rows, the row each nibble slot of one input column holds in
+    torch's CPU int4 packing (it depends on the CPU's vector width, so it is asked, not assumed)."""
+    K = 32
+    n = torch.arange(rows, dtype=torch.int32)[:, None].expand(rows, K)
+    lo = torch.ops.aten._convert_weight_to_int4pack_for_cpu((n % 16).contiguous(), 1)
+    hi = torch.ops.aten._convert_weight_to_int4pack_for_cpu((n // 16).contiguous(), 1)
+    nib = lambda p: torch.stack([p & 15, p >> 4], -1).reshape(-1)  # noqa: E731  bytes -> nibbles, low first
+    return (nib(lo) + 16 * nib(hi)).long()  # slot -> row, for every column
+
+
+@functools.cache
+def _int4_block() -> int:
+    """Output rows per block of torch's CPU int4 packing (64 with AVX-512, else 32)."""
+    slots = _int4_slots(128)
+    per_column = 64
+    first = slots[:per_column]  # a 64-row block's first column would hold rows 0..63
+    return 64 if sorted(first.tolist()) == list(range(64)) else 32
+
+
+def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """torch's CPU int4 packing [N, K/2] back to values [N, K] (uint8, 0..15)."""
+    block = _int4_block()
+    flat = packed.reshape(-1)
+    out = torch.empty(N, K, dtype=torch.uint8)
+    full = N // block * block
+    for n0, rows, size in ((0, full, block), (full, N - full, N - full)):  # whole blocks at once, then the tail
+        if rows == 0:
+            continue
+        chunk = flat[n0 * K // 2:(n0 + rows) * K // 2].view(rows // size, K, size // 2)
+        nibbles = torch.stack([chunk & 15, chunk >> 4], -1).view(rows // size, K, size)  # [blocks, K, slot]
+        order = torch.argsort(_int4_slots(size)[:size])  # row -> slot, the same for every column
+        out[n0:n0 + rows] = nibbles[:, :, order].transpose(1, 2).reshape(rows, K)
+    return out
+
+
+def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, N: int, K: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    q = unpack_int4(packed, N, K).to(dtype).view(N, K // group, group)
+    s, z = scale_zero[..., 0].t().to(dtype), scale_zero[..., 1].t().to(dtype)  # [N, K/g]
+    return ((q - 8) * s[..., None] + z[..., None]).view(N, K)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] <= FEW_ROWS:
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
+    else:
+        y = F.linear(x2, q.to(x.dtype) * scale[:, None])
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    N, K = scale_zero.shape[1], x.shape[-1]
+    if x2.shape[0] <= FEW_ROWS:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, scale_zero)
+    else:
+        y = F.linear(x2, dequantize_int4(packed, scale_zero, group, N, K, x.dtype))
+    return y.view(*x.shape[:-1], N)
+
+
+# ---- modules ------------------------------------------------------------------------------------
+
+
+class QuantLinear(nn.Module):
+    """A bias-free Linear with quantized weights (state: int8 ``weight_q`` + ``weight_scale``, or int4
+    ``weight_packed`` + ``weight_scale_zero``); ``adapter`` as Linear's."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, dtype: torch.dtype,
+                 device: torch.device | str = "meta"):
+        super().__init__()
+        self.in_features, self.out_features, self.mode, self.group = in_features, out_features, spec.mode, spec.group
+        self.adapter: nn.Module | None = None
+        for name, shape, dt in _shapes(spec, out_features, in_features, dtype):
+            self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int8":
+            y = int8_linear(x, self.weight_q, self.weight_scale)
+        else:
+            y = int4_linear(x, self.weight_packed, self.weight_scale_zero, self.group)
+        return y if self.adapter is None else y + self.adapter(x)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight [out, in] the quantized values stand for, in the scales' dtype."""
+        if self.mode == "int8":
+            return self.weight_q.to(self.weight_scale.dtype) * self.weight_scale[:, None]
+        return dequantize_int4(self.weight_packed, self.weight_scale_zero, self.group, self.out_features,
+                               self.in_features, self.weight_scale_zero.dtype)
+
+
+class QuantExperts(nn.Module):
+    """E routed experts with quantized stacks: per projection the int8 values [E, out, in] and scales
+    [E, out], or int4 packed [E, out, in/2] and scales and zeros [E, in/group, out, 2]."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, spec: QuantSpec, dtype: torch.dtype,
+                 device: torch.device | str = "meta"):
+        super().__init__()
+        self.num_experts, self.mode, self.group = num_experts, spec.mode, spec.group
+        self.shapes = {"w1": (hidden, dim), "w3": (hidden, dim), "w2": (dim, hidden)}
+        self.adapter = None
+        for proj, (out_f, in_f) in self.shapes.items():
+            for name, shape, dt in _shapes(spec, out_f, in_f, dtype):
+                self.register_buffer(f"{proj}_{name}", torch.empty((num_experts, *shape), dtype=dt, device=device))
+
+    def product(self, proj: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int8":
+            return int8_linear(x, getattr(self, f"{proj}_weight_q")[e], getattr(self, f"{proj}_weight_scale")[e])
+        return int4_linear(x, getattr(self, f"{proj}_weight_packed")[e], getattr(self, f"{proj}_weight_scale_zero")[e],
+                           self.group)
+
+    def one(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens [N, D] -> [N, D]; touches only expert e's weights."""
+        h = F.silu(self.product("w1", e, x_ND)) * self.product("w3", e, x_ND)
+        return self.product("w2", e, h)
+
+    def dequantized(self, proj: str, e: int) -> torch.Tensor:
+        out_f, in_f = self.shapes[proj]
+        if self.mode == "int8":
+            scale = getattr(self, f"{proj}_weight_scale")[e]
+            return getattr(self, f"{proj}_weight_q")[e].to(scale.dtype) * scale[:, None]
+        sz = getattr(self, f"{proj}_weight_scale_zero")[e]
+        return dequantize_int4(getattr(self, f"{proj}_weight_packed")[e], sz, self.group, out_f, in_f, sz.dtype)
+
+
+def _shapes(spec: QuantSpec, out_f: int, in_f: int, dtype: torch.dtype):
+    if spec.mode == "int8":
+        return [("weight_q", (out_f, in_f), torch.int8), ("weight_scale", (out_f,), dtype)]
+    return [("weight_packed", (out_f, in_f // 2), torch.uint8),
+            ("weight_scale_zero", (in_f // spec.group, out_f, 2), dtype)]
+
+
+# ---- whole models ---------------------------------------------------------------------------------
+
+
+def targets(model: TextModel, spec: QuantSpec) -> dict[str, nn.Module]:
+    """Module name -> module, for every module ``spec`` quantizes."""
+    out = {}
+    for i, block in enumerate(model.layers):
+        ffn, p = block.feed_forward, f"layers.{i}."
+        if isinstance(ffn, MoE):
+            if "experts" in spec.modules:
+                out[p + "feed_forward.experts"] = ffn.experts
+            if "shared_expert" in spec.modules:
+                out |= {f"{p}feed_forward.shared_expert.{w}": getattr(ffn.shared_expert, w) for w in ("w1", "w3", "w2")}
+        elif isinstance(ffn, SwiGLU) and "dense_ffn" in spec.modules:
+            out |= {f"{p}feed_forward.{w}": getattr(ffn, w) for w in ("w1", "w3", "w2")}
+        if "attention" in spec.modules:
+            out |= {f"{p}attention.{w}": getattr(block.attention, w) for w in ("wq", "wk", "wv", "wo")}
+    if "output" in spec.modules:
+        out["output"] = model.output
+    return out
+
+
+def check(model: TextModel, spec: QuantSpec) -> None:
+    """Every shape the kernels must take, checked before any weight is read: int4 needs the input
+    width divisible by the group and the output width by 16."""
+    for name, m in targets(model, spec).items():
+        mats = ({f"{name}.{p}": (m.w1.shape[1:] if p != "w2" else m.w2.shape[1:]) for p in ("w1", "w3", "w2")}
+                if isinstance(m, Experts) else {f"{name}.weight": m.weight.shape})
+        for tensor, (out_f, in_f) in mats.items():
+            if spec.mode == "int4" and (in_f % spec.group or out_f % 16):
+                raise ValueError(f"{tensor} [{out_f}, {in_f}]: int4 needs the input width divisible by the group "
+                                 f"({spec.group}) and the output width by 16; try another group or int8")
+
+
+def install(model: TextModel, spec: QuantSpec, dtype: torch.dtype) -> dict[str, Callable]:
+    """Replace the targeted modules of a model built on the meta device by empty quantized ones;
+    returns checkpoint tensor name -> function(weight) -> {state name: quantized tensor}."""
+    check(model, spec)
+    quantizers: dict[str, Callable] = {}
+    for name, m in targets(model, spec).items():
+        parent, _, attr = name.rpartition(".")
+        if isinstance(m, Experts):
+            E, hidden, dim = m.w1.shape
+            setattr(model.get_submodule(parent), attr, QuantExperts(E, dim, hidden, spec, dtype))
+            for proj in ("w1", "w3", "w2"):
+                quantizers[f"{name}.{proj}"] = functools.partial(_quantize_stack, f"{name}.{proj}_", spec, dtype)
+        else:
+            setattr(model.get_submodule(parent), attr, QuantLinear(m.in_features, m.out_features, spec, dtype))
+            quantizers[f"{name}.weight"] = functools.partial(_quantize_one, f"{name}.", spec, dtype)
+    return quantizers
+
+
+def _quantize_one(prefix: str, spec: QuantSpec, dtype: torch.dtype, w: torch.Tensor,
+                  done: Callable[[torch.Tensor], None] = lambda t: None) -> dict[str, torch.Tensor]:
+    if spec.mode == "int8":
+        q, s = quantize_int8(w, dtype)
+        done(w)
+        return {prefix + "weight_q": q, prefix + "weight_scale": s}
+    packed, sz = quantize_int4(w, spec.group, dtype)
+    done(w)
+    return {prefix + "weight_packed": packed, prefix + "weight_scale_zero": sz}
+
+
+def _quantize_stack(prefix: str, spec: QuantSpec, dtype: torch.dtype, w: torch.Tensor,
+                    done: Callable[[torch.Tensor], None] = lambda t: None) -> dict[str, torch.Tensor]:
+    """A stack [E, out, in] expert by expert (``done`` is told each expert's source slice, so a loader
+    can let its file pages go): at no time more than one expert exists unquantized in float32."""
+    parts = []
+    for e in range(w.shape[0]):
+        parts.append(_quantize_one("", spec, dtype, w[e], done))
+    return {prefix + k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+
+
+def quantize_model(model: TextModel, spec: QuantSpec) -> TextModel:
+    """Quantize a model already in memory (presets, tests): each targeted module's weights are
+    quantized and the module replaced, one at a time."""
+    dtype = model.tok_embeddings.weight.dtype
+    weights = {name: ({p: getattr(m, p).data for p in ("w1", "w3", "w2")} if isinstance(m, Experts) else m.weight.data)
+               for name, m in targets(model, spec).items()}
+    with torch.device("meta"):
+        quantizers = install(model, spec, dtype)
+    for name, w in weights.items():
+        state = {}
+        for key, weight in (w.items() if isinstance(w, dict) else [("weight", w)]):
+            state |= quantizers[f"{name}.{key}"](weight)
+        module = model.get_submodule(name)  # the quantized module now at that name
+        for key, value in state.items():
+            setattr(module, key[len(name) + 1:], value)
+    return model

@@ -1,0 +1,153 @@
+"""Weight-only int8 / int4 (herd.kernels.quant) against the dequantize-then-F.linear reference: each
+quantized matrix and expert stack, whole models, the engine, and loading a checkpoint quantized."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import herd
+from herd.engine.generate import full_forward_tokens
+from herd.kernels import quant
+from herd.model.moe import Experts
+from herd.model.transformer import TextModel
+
+PROMPT = "The quick brown fox jumps over the lazy dog, then sleeps in the warm afternoon sun. " * 2
+SPECS = [quant.QuantSpec("int8"), quant.QuantSpec("int4", group=32), quant.QuantSpec("int4", group=64)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+@pytest.mark.parametrize("N", [16, 48, 64, 96, 208])
+def test_int4_unpacking_inverts_torchs_packing(N):
+    q = torch.randint(0, 16, (N, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(N))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(quant.unpack_int4(packed, N, 256).int(), q)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.mode}-g{s.group}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linear_is_its_dequantized_weight_times_x(spec, dtype):
+    """Few rows (the weight-only kernels) and many (dequantize, then the dtype's GEMM) both give
+    x @ dequantized(W)ᵀ; the quantization itself stays within its format's error."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 256, generator=g)
+    m = quant.QuantLinear(256, 96, spec, dtype, device="cpu")
+    for key, value in quant._quantize_one("", spec, dtype, w).items():
+        setattr(m, key, value)
+    deq = m.dequantized()
+    assert _rel(deq, w) < (0.01 if spec.mode == "int8" else 0.07)
+    for rows in (1, 3, quant.FEW_ROWS, quant.FEW_ROWS + 1, 40):
+        x = torch.randn(rows, 256, generator=g).to(dtype)
+        y = m(x)
+        assert y.dtype == dtype and y.shape == (rows, 96)
+        assert _rel(y, F.linear(x.float(), deq.float())) <= 1e-2, rows
+    assert m(torch.randn(2, 5, 256, generator=g).to(dtype)).shape == (2, 5, 96)
+
+
+def _dequantized_twin(quantized: TextModel, plain: TextModel) -> TextModel:
+    """``plain`` (the same architecture, unquantized) given the weights the quantized one stands for."""
+    with torch.no_grad():
+        for name, m in quantized.named_modules():
+            if isinstance(m, quant.QuantLinear):
+                plain.get_submodule(name).weight.copy_(m.dequantized())
+            elif isinstance(m, quant.QuantExperts):
+                target = plain.get_submodule(name)
+                for proj in ("w1", "w3", "w2"):
+                    getattr(target, proj).copy_(torch.stack([m.dequantized(proj, e) for e in range(m.num_experts)]))
+    return plain
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.mode}-g{s.group}")
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-interleaved", "tiny-dense"])
+def test_quantized_model_equals_its_dequantized_twin(name, spec):
+    """Logits over 5+ attention chunks (temperature tuning active) against the unquantized model given
+    the dequantized weights: the routed experts' score still scales their input, as in the reference."""
+    modules = quant.MODULES  # everything that can be quantized, the output head included
+    llm = herd.load(name, quantize=spec.mode, quantize_group=spec.group, quantize_modules=modules, progress=False)
+    twin = _dequantized_twin(llm.model, herd.load(name, progress=False, kernels=False).model)
+    ids = torch.tensor([llm.tokenizer.encode(PROMPT, bos=True)])
+    assert ids.shape[1] > 4 * llm.config.text.attention_chunk_size
+    with torch.inference_mode():
+        assert _rel(llm.model(ids), twin(ids)) <= 1e-2
+    kinds = {type(m).__name__ for m in llm.model.modules()}
+    assert {"QuantLinear"} <= kinds and ("QuantExperts" in kinds) == (name != "tiny-dense")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_greedy_generation_equals_full_forwards(mode):
+    """The cached engine (one-row products: the weight-only kernels) against full forwards (many rows:
+    dequantize, then GEMM) of the same quantized model, in float32."""
+    llm = herd.load("tiny-moe", quantize=mode, quantize_group=32, progress=False)
+    ids = llm.tokenizer.encode(PROMPT, bos=True)
+    new = llm.generate(ids, max_new_tokens=10).token_ids
+    assert new == full_forward_tokens(llm.model, ids, 10, llm.tokenizer.stop_ids)
+
+
+@pytest.mark.parametrize("mode, at_most", [("int8", 0.52), ("int4", 0.32)])  # + scales: 2 and 4 bytes per row or group
+def test_every_expert_stack_shrinks(mode, at_most):
+    """No 3-D expert stack is skipped: every layer's experts hold int8 or packed int4, none of the
+    bf16 stacks is left, and their bytes fell to about 1/2 or 1/4 (scales included: width 64 here)."""
+    plain = herd.load("tiny-moe", dtype="bfloat16", progress=False).model
+    q = herd.load("tiny-moe", dtype="bfloat16", quantize=mode, quantize_group=32, progress=False).model
+    for (name, before), after in zip(((n, m) for n, m in plain.named_modules() if isinstance(m, Experts)),
+                                     (m for _, m in q.named_modules() if isinstance(m, quant.QuantExperts))):
+        old = sum(t.numel() * t.element_size() for t in before.state_dict().values())
+        new = sum(t.numel() * t.element_size() for t in after.state_dict().values())
+        assert new <= at_most * old, (name, new, old)
+    assert not [n for n, m in q.named_modules() if isinstance(m, Experts)]
+
+
+def test_loading_a_checkpoint_quantizes_as_it_streams(tmp_path):
+    """herd.load(folder, quantize=...) gives bit for bit the quantization of the model loaded whole."""
+    herd.load("tiny-moe", dtype="bfloat16", progress=False).save_pretrained(tmp_path / "ckpt")
+    streamed = herd.load(tmp_path / "ckpt", dtype="bfloat16", quantize="int4", quantize_group=32, progress=False)
+    whole = herd.load(tmp_path / "ckpt", dtype="bfloat16", progress=False, kernels=False).model
+    quant.quantize_model(whole, quant.QuantSpec("int4", 32))
+    a, b = streamed.model.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(streamed.generate("Hello", max_new_tokens=3).token_ids) == 3
+
+
+def test_scout_int4_fits_62_gib_by_the_meta_device():
+    llm = herd.load("scout", device="meta", dtype="bfloat16", quantize="int4")
+    assert sum(t.numel() * t.element_size() for t in llm.model.state_dict().values()) <= 62 * 2 ** 30
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(quantize="int3"), "quantize must be one of int8, int4"),
+    (dict(quantize="int4", quantize_group=100), "group must be one of 32, 64, 128, 256"),
+    (dict(quantize="int8", quantize_modules=("router",)), "quantize_modules must name some of"),
+    (dict(quantize="int4"), r"layers.0.feed_forward.experts.w1 \[64, 64\]: int4 needs the input width divisible "
+                            r"by the group \(128\)"),
+    (dict(quantize="int8", adapters="somewhere"), "adapters are merged into full-precision weights"),
+])
+def test_bad_quantization_options_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        herd.load("tiny-moe", progress=False, **kwargs)
+
+
+def test_info_plans_memory_with_quantization(capsys):
+    from herd.cli import main
+    assert main(["info", "scout", "--quantize", "int4", "--context", "131072"]) == 0
+    out = capsys.readouterr().out
+    assert "int4 experts (group 128)" in out and "experts 50.80 GiB" in out and "total 76.16 GiB" in out
+    assert main(["info", "scout", "--context", "131072"]) == 0
+    assert "experts 191.25 GiB" in capsys.readouterr().out
+
+
+def test_perplexity_compares_a_quantized_model_with_its_unquantized_self(tmp_path, capsys):
+    from herd.cli import main
+    from herd.evaluate import quality
+    text = tmp_path / "story.txt"
+    text.write_text("Mia went to the park with her red ball. She saw a big dog. " * 30)
+    assert main(["perplexity", "--dtype", "bfloat16", "--quantize", "int8", "--compare", "--text", str(text),
+                 "--window", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "mean KL divergence" in out and "top-1 agreement" in out
+    llm = herd.load("herd-tiny", progress=False)
+    same = quality(llm, llm.tokenizer.encode(text.read_text(), bos=True), llm, window=128, progress=False)
+    assert same.mean_kl == pytest.approx(0, abs=1e-6) and same.top1_agreement == 1.0
+    assert same.perplexity == pytest.approx(same.reference_perplexity)
+    assert main(["perplexity", "--text", str(text), "--compare"]) == 2  # nothing quantized to compare
