@@ -99,19 +99,36 @@ def _int4_block() -> int:
     return 64 if sorted(first.tolist()) == list(range(64)) else 32
 
 
-def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """torch's CPU int4 packing [N, K/2] back to values [N, K] (uint8, 0..15)."""
+@functools.cache
+def _int4_rows(N: int) -> torch.Tensor:
+    """The output row held at each slot of the packing's column-major order, for N rows."""
+    block = _int4_block()
+    full = N // block * block
+    rows = [n0 + _int4_slots(block)[:block] for n0 in range(0, full, block)]
+    if N > full:
+        rows.append(full + _int4_slots(N - full)[:N - full])
+    return torch.cat(rows)
+
+
+def _int4_slot_major(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The packed values as [K, N] (uint8, 0..15) with the N columns in slot order (`_int4_rows`):
+    no gather over the weight, only nibble splits and one transposing copy."""
     block = _int4_block()
     flat = packed.reshape(-1)
-    out = torch.empty(N, K, dtype=torch.uint8)
     full = N // block * block
-    for n0, rows, size in ((0, full, block), (full, N - full, N - full)):  # whole blocks at once, then the tail
-        if rows == 0:
-            continue
-        chunk = flat[n0 * K // 2:(n0 + rows) * K // 2].view(rows // size, K, size // 2)
-        nibbles = torch.stack([chunk & 15, chunk >> 4], -1).view(rows // size, K, size)  # [blocks, K, slot]
-        order = torch.argsort(_int4_slots(size)[:size])  # row -> slot, the same for every column
-        out[n0:n0 + rows] = nibbles[:, :, order].transpose(1, 2).reshape(rows, K)
+    parts = []
+    for n0, rows, size in ((0, full, block), (full, N - full, N - full)):
+        if rows:
+            chunk = flat[n0 * K // 2:(n0 + rows) * K // 2].view(rows // size, K, size // 2)
+            nibbles = torch.stack([chunk & 15, chunk >> 4], -1).view(rows // size, K, size)
+            parts.append(nibbles.permute(1, 0, 2).reshape(K, rows))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """torch's CPU int4 packing [N, K/2] back to values [N, K] (uint8, 0..15)."""
+    out = torch.empty(N, K, dtype=torch.uint8)
+    out[_int4_rows(N)] = _int4_slot_major(packed, N, K).t()
     return out
 
 
@@ -120,6 +137,19 @@ def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, 
     q = unpack_int4(packed, N, K).to(dtype).view(N, K // group, group)
     s, z = scale_zero[..., 0].t().to(dtype), scale_zero[..., 1].t().to(dtype)  # [N, K/g]
     return ((q - 8) * s[..., None] + z[..., None]).view(N, K)
+
+
+def _int4_matmul(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] @ Wᵀ for many rows: W dequantized as [K, N] in slot order (cheap to undo the packing
+    that way), multiplied, and the output's columns put back in row order."""
+    K, N = x2.shape[1], scale_zero.shape[1]
+    rows = _int4_rows(N)
+    sz = scale_zero[:, rows].to(x2.dtype)  # [K/g, N, 2] in slot order
+    w_t = _int4_slot_major(packed, N, K).to(x2.dtype).view(K // group, group, N)
+    w_t = ((w_t - 8) * sz[:, None, :, 0] + sz[:, None, :, 1]).view(K, N)
+    y = torch.empty(x2.shape[0], N, dtype=x2.dtype)
+    y[:, rows] = x2 @ w_t
+    return y
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -133,11 +163,11 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    N, K = scale_zero.shape[1], x.shape[-1]
+    N = scale_zero.shape[1]
     if x2.shape[0] <= FEW_ROWS:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, scale_zero)
     else:
-        y = F.linear(x2, dequantize_int4(packed, scale_zero, group, N, K, x.dtype))
+        y = _int4_matmul(x2, packed, scale_zero, group)
     return y.view(*x.shape[:-1], N)
 
 
