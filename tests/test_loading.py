@@ -247,6 +247,18 @@ def test_loading_peak_memory_stays_within_1_2x(tmp_path):
         assert r["ratio"] <= 1.2, r
 
 
+@pytest.mark.slow
+def test_loading_quantized_peaks_near_the_quantized_size(tmp_path):
+    """quantize="int4" quantizes each tensor as it streams in: peak growth <= 1.3x the quantized model."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "load_memory.py"
+    out = subprocess.run([sys.executable, str(bench), "--gb", "0.3", "--formats", "hf", "meta", "--dtypes", "bfloat16",
+                          "--quantize", "int4", "--json"],
+                         capture_output=True, text=True, env={**os.environ, "HERD_BENCH_TMP": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 2 and all(r["ratio"] <= 1.3 for r in rows), rows
+
+
 @pytest.mark.parametrize("device, words", [("cuda", "CPU-only build"), ("cuda:0", "CPU-only build"),
                                            ("mps", "no Apple GPU"), ("tpu", "not a device torch knows")])
 def test_a_device_this_torch_lacks_is_one_clear_line(device, words, capsys):
