@@ -188,14 +188,16 @@ def cmd_info(args) -> int:
               f"pixels in patches of {v.patch_size}, pixel shuffle {v.pixel_shuffle_ratio}")
     else:
         print("vision: none (text only)")
-    import herd
-    llm = herd.load(args.model, dtype=args.dtype, device="meta", quantize=args.quantize,
-                    quantize_group=args.quantize_group, progress=False)
-    llm.kv_dtype = kernels.cache_dtype(llm.dtype, args.device)  # the cache herd.load would give on that device
-    mem = llm.memory(context=args.context)
+    from herd.kernels.quant import QuantSpec
+    from herd.llm import memory, plan, resolve_dtype
+
+    dtype = resolve_dtype(args.dtype)
+    model, encoder = plan(cfg, dtype, QuantSpec(args.quantize, args.quantize_group) if args.quantize else None)
+    kv_dtype = kernels.cache_dtype(dtype, args.device)  # the cache herd.load would give on that device
+    mem = memory(model, encoder, kv_dtype, args.context)
     how = args.dtype + (f", {args.quantize} experts" + (f" (group {args.quantize_group})" if args.quantize == "int4"
                                                       else "") if args.quantize else "")
-    print(f"memory ({how}; KV cache in {str(llm.kv_dtype).removeprefix('torch.')} for {args.context} tokens on "
+    print(f"memory ({how}; KV cache in {str(kv_dtype).removeprefix('torch.')} for {args.context} tokens on "
           f"{args.device}): experts {_gib(mem['experts'])}, other text weights {_gib(mem['other'])}, "
           f"vision {_gib(mem['vision'])}, KV cache {_gib(mem['kv_cache'])}; total {_gib(mem['total'])}")
     return 0

@@ -90,17 +90,7 @@ class LLM:
         vision encoder's, the KV cache for ``batch`` sequences of ``context`` tokens, and the total.
         Exact for the model as loaded, quantization included; a model loaded on the meta device plans
         without memory."""
-        experts = other = 0
-        for name, t in self.model.state_dict().items():
-            nbytes = t.numel() * t.element_size()
-            if ".experts." in name or ".shared_expert." in name:
-                experts += nbytes
-            else:
-                other += nbytes
-        vision = sum(t.numel() * t.element_size() for t in self.vision.state_dict().values()) if self.vision else 0
-        kv = self.kv_cache_bytes(context, batch) if context else 0
-        return {"experts": experts, "other": other, "vision": vision, "kv_cache": kv,
-                "total": experts + other + vision + kv}
+        return memory(self.model, self.vision, self.kv_dtype, context, batch)
 
     def kv_cache_bytes(self, context_len: int, batch: int = 1) -> int:
         """Bytes of KV cache herd allocates for ``batch`` sequences of ``context_len`` tokens (in ``kv_dtype``)."""
@@ -284,12 +274,8 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
         _check_vocab(tok, cfg, f"preset '{name}'")
         with_vision = vision and cfg.vision is not None
         if torch.device(device).type == "meta":
-            with torch.device("meta"):
-                encoder = VisionModel(cfg.vision, cfg.text.dim).to(dt) if with_vision else None
-                model = TextModel(cfg.text).to(dt)
-                if spec is not None:
-                    quant.install(model, spec, dt)  # shapes and bytes of the quantized model, no memory
-                return LLM(cfg, tok, model, name, encoder, **limits)
+            model, encoder = plan(cfg, dt, spec, vision)
+            return LLM(cfg, tok, model, name, encoder, **limits)
         _check_fits(cfg, dt, name)
         model = init_weights(TextModel(cfg.text), seed=seed).to(device=device, dtype=dt)
         if spec is not None:
@@ -302,11 +288,7 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
     name = model_folder(name)
     cfg, fmt = read_config(name)
     if torch.device(device).type == "meta":  # a plan: shapes and bytes from the config, no weight read
-        with torch.device("meta"):
-            model = TextModel(cfg.text).to(dt)
-            if spec is not None:
-                quant.install(model, spec, dt)
-            encoder = VisionModel(cfg.vision, cfg.text.dim).to(dt) if vision and cfg.vision is not None else None
+        model, encoder = plan(cfg, dt, spec, vision)
         return LLM(cfg, Tokenizer.from_folder(name, cfg.text.vocab_size), model, name, encoder, **limits)
     if max_tiles is None:
         limits["max_tiles"] = folder_max_tiles(name) or DEFAULT_MAX_TILES
@@ -322,6 +304,34 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
                                 column_major=column_major,
                                 quantize=None if spec is None else lambda m: quant.install(m, spec, dt))
     return LLM(cfg, tok, model, name, encoder, **limits)
+
+
+def plan(cfg: ModelConfig, dtype: torch.dtype, spec: quant.QuantSpec | None = None,
+         vision: bool = True) -> tuple[TextModel, VisionModel | None]:
+    """The text model (quantized per ``spec``) and vision encoder on the meta device: every shape and
+    byte, no memory."""
+    with torch.device("meta"):
+        model = TextModel(cfg.text).to(dtype)
+        if spec is not None:
+            quant.install(model, spec, dtype)
+        encoder = VisionModel(cfg.vision, cfg.text.dim).to(dtype) if vision and cfg.vision is not None else None
+    return model, encoder
+
+
+def memory(model: TextModel, vision: VisionModel | None, kv_dtype: torch.dtype, context: int = 0,
+           batch: int = 1) -> dict[str, int]:
+    """Bytes by part (see `LLM.memory`) of a model, loaded or planned."""
+    experts = other = 0
+    for name, t in model.state_dict().items():
+        nbytes = t.numel() * t.element_size()
+        if ".experts." in name or ".shared_expert." in name:
+            experts += nbytes
+        else:
+            other += nbytes
+    encoder = sum(t.numel() * t.element_size() for t in vision.state_dict().values()) if vision is not None else 0
+    kv = kv_cache_bytes(model.cfg, context, batch, kv_dtype) if context else 0
+    return {"experts": experts, "other": other, "vision": encoder, "kv_cache": kv,
+            "total": experts + other + encoder + kv}
 
 
 def _check_vocab(tok: Tokenizer, cfg: ModelConfig, where: str) -> None:

@@ -93,9 +93,7 @@ def _int4_slots(rows: int) -> torch.Tensor:
 @functools.cache
 def _int4_block() -> int:
     """Output rows per block of torch's CPU int4 packing (64 with AVX-512, else 32)."""
-    slots = _int4_slots(128)
-    per_column = 64
-    first = slots[:per_column]  # a 64-row block's first column would hold rows 0..63
+    first = _int4_slots(128)[:64]  # a 64-row block's first column would hold rows 0..63
     return 64 if sorted(first.tolist()) == list(range(64)) else 32
 
 
@@ -132,23 +130,28 @@ def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return out
 
 
+def _dequantize_slot_major(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, N: int, K: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """Wᵀ [K, N] in ``dtype``, its N columns in slot order (`_int4_rows`): cheap to undo the packing."""
+    sz = scale_zero[:, _int4_rows(N)].to(dtype)  # [K/g, N, 2] in slot order
+    w_t = _int4_slot_major(packed, N, K).to(dtype).view(K // group, group, N)
+    return ((w_t - 8) * sz[:, None, :, 0] + sz[:, None, :, 1]).view(K, N)
+
+
 def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, N: int, K: int,
                     dtype: torch.dtype) -> torch.Tensor:
-    q = unpack_int4(packed, N, K).to(dtype).view(N, K // group, group)
-    s, z = scale_zero[..., 0].t().to(dtype), scale_zero[..., 1].t().to(dtype)  # [N, K/g]
-    return ((q - 8) * s[..., None] + z[..., None]).view(N, K)
+    """W [N, K] in ``dtype``: w = (q - 8) * scale + zero."""
+    w = torch.empty(N, K, dtype=dtype)
+    w[_int4_rows(N)] = _dequantize_slot_major(packed, scale_zero, group, N, K, dtype).t()
+    return w
 
 
 def _int4_matmul(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
-    """x [M, K] @ Wᵀ for many rows: W dequantized as [K, N] in slot order (cheap to undo the packing
-    that way), multiplied, and the output's columns put back in row order."""
+    """x [M, K] @ Wᵀ for many rows: W dequantized in slot order, multiplied, and the output's
+    columns put back in row order."""
     K, N = x2.shape[1], scale_zero.shape[1]
-    rows = _int4_rows(N)
-    sz = scale_zero[:, rows].to(x2.dtype)  # [K/g, N, 2] in slot order
-    w_t = _int4_slot_major(packed, N, K).to(x2.dtype).view(K // group, group, N)
-    w_t = ((w_t - 8) * sz[:, None, :, 0] + sz[:, None, :, 1]).view(K, N)
     y = torch.empty(x2.shape[0], N, dtype=x2.dtype)
-    y[:, rows] = x2 @ w_t
+    y[:, _int4_rows(N)] = x2 @ _dequantize_slot_major(packed, scale_zero, group, N, K, x2.dtype)
     return y
 
 
@@ -174,6 +177,20 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
 # ---- modules ------------------------------------------------------------------------------------
 
 
+def _matmul(mode: str, group: int, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if mode == "int8":
+        return int8_linear(x, values, scales)
+    return int4_linear(x, values, scales, group)
+
+
+def _dequantize(mode: str, group: int, values: torch.Tensor, scales: torch.Tensor, out_f: int,
+                in_f: int) -> torch.Tensor:
+    """The weight [out, in] the quantized values stand for, in the scales' dtype."""
+    if mode == "int8":
+        return values.to(scales.dtype) * scales[:, None]
+    return dequantize_int4(values, scales, group, out_f, in_f, scales.dtype)
+
+
 class QuantLinear(nn.Module):
     """A bias-free Linear with quantized weights (state: int8 ``weight_q`` + ``weight_scale``, or int4
     ``weight_packed`` + ``weight_scale_zero``); ``adapter`` as Linear's."""
@@ -183,22 +200,17 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.mode, self.group = in_features, out_features, spec.mode, spec.group
         self.adapter: nn.Module | None = None
+        self.names = [name for name, _, _ in _shapes(spec, out_features, in_features, dtype)]  # values, scales
         for name, shape, dt in _shapes(spec, out_features, in_features, dtype):
             self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "int8":
-            y = int8_linear(x, self.weight_q, self.weight_scale)
-        else:
-            y = int4_linear(x, self.weight_packed, self.weight_scale_zero, self.group)
+        y = _matmul(self.mode, self.group, x, *(getattr(self, n) for n in self.names))
         return y if self.adapter is None else y + self.adapter(x)
 
     def dequantized(self) -> torch.Tensor:
-        """The weight [out, in] the quantized values stand for, in the scales' dtype."""
-        if self.mode == "int8":
-            return self.weight_q.to(self.weight_scale.dtype) * self.weight_scale[:, None]
-        return dequantize_int4(self.weight_packed, self.weight_scale_zero, self.group, self.out_features,
-                               self.in_features, self.weight_scale_zero.dtype)
+        return _dequantize(self.mode, self.group, *(getattr(self, n) for n in self.names), self.out_features,
+                           self.in_features)
 
 
 class QuantExperts(nn.Module):
@@ -211,15 +223,16 @@ class QuantExperts(nn.Module):
         self.num_experts, self.mode, self.group = num_experts, spec.mode, spec.group
         self.shapes = {"w1": (hidden, dim), "w3": (hidden, dim), "w2": (dim, hidden)}
         self.adapter = None
+        self.names = [name for name, _, _ in _shapes(spec, dim, dim, dtype)]  # values, scales
         for proj, (out_f, in_f) in self.shapes.items():
             for name, shape, dt in _shapes(spec, out_f, in_f, dtype):
                 self.register_buffer(f"{proj}_{name}", torch.empty((num_experts, *shape), dtype=dt, device=device))
 
+    def _state(self, proj: str, e: int) -> list[torch.Tensor]:
+        return [getattr(self, f"{proj}_{n}")[e] for n in self.names]
+
     def product(self, proj: str, e: int, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "int8":
-            return int8_linear(x, getattr(self, f"{proj}_weight_q")[e], getattr(self, f"{proj}_weight_scale")[e])
-        return int4_linear(x, getattr(self, f"{proj}_weight_packed")[e], getattr(self, f"{proj}_weight_scale_zero")[e],
-                           self.group)
+        return _matmul(self.mode, self.group, x, *self._state(proj, e))
 
     def one(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens [N, D] -> [N, D]; touches only expert e's weights."""
@@ -227,12 +240,7 @@ class QuantExperts(nn.Module):
         return self.product("w2", e, h)
 
     def dequantized(self, proj: str, e: int) -> torch.Tensor:
-        out_f, in_f = self.shapes[proj]
-        if self.mode == "int8":
-            scale = getattr(self, f"{proj}_weight_scale")[e]
-            return getattr(self, f"{proj}_weight_q")[e].to(scale.dtype) * scale[:, None]
-        sz = getattr(self, f"{proj}_weight_scale_zero")[e]
-        return dequantize_int4(getattr(self, f"{proj}_weight_packed")[e], sz, self.group, out_f, in_f, sz.dtype)
+        return _dequantize(self.mode, self.group, *self._state(proj, e), *self.shapes[proj])
 
 
 def _shapes(spec: QuantSpec, out_f: int, in_f: int, dtype: torch.dtype):

@@ -100,7 +100,7 @@ class GenerationRequest(BaseModel):
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
-            raise ApiError(400, "'stream_options' is only allowed with 'stream': true, as an object", "stream_options")
+            raise ApiError(400, _FIELD_MESSAGES["stream_options"], "stream_options")
         return self
 
 
@@ -219,6 +219,11 @@ def _bounds(cls: type[GenerationRequest], name: str) -> tuple[Any, Any, bool, bo
 # ---- responses ------------------------------------------------------------------------------------
 
 
+def _without_none(out: dict, keys: tuple[str, ...]) -> dict:
+    """A dumped body without those of ``keys`` whose value is None: OpenAI leaves such fields out."""
+    return {k: v for k, v in out.items() if not (k in keys and v is None)}
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -254,10 +259,7 @@ class Message(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_absent_calls(self, handler):
-        out = handler(self)
-        if self.tool_calls is None:
-            out.pop("tool_calls", None)
-        return out
+        return _without_none(handler(self), ("tool_calls",))
 
 
 class ChatChoice(BaseModel):
@@ -299,7 +301,7 @@ class Delta(BaseModel):
 
     @model_serializer(mode="wrap")
     def _only_given(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None}
+        return _without_none(handler(self), ("role", "content", "tool_calls"))
 
 
 class ChunkChoice(BaseModel):
@@ -315,11 +317,7 @@ class _Chunk(_Reply):
 
     @model_serializer(mode="wrap")
     def _without_absent(self, handler):
-        out = handler(self)
-        for key in ("usage", "error"):
-            if out.get(key) is None:
-                out.pop(key, None)
-        return out
+        return _without_none(handler(self), ("usage", "error"))
 
 
 class ChatChunk(_Chunk):
