@@ -245,9 +245,10 @@ def cmd_convert(args) -> int:
     from herd.checkpoint.load import check_new_folder
 
     check_new_folder(args.dst)  # before minutes of loading, not after
-    llm = herd.load(args.src, dtype=args.dtype)
+    llm = herd.load(args.src, dtype=args.dtype, quantize=args.quantize, quantize_group=args.quantize_group)
     out = llm.save_pretrained(args.dst)
-    print(f"herd: wrote Hugging Face checkpoint {out} ({args.dtype} weights)", file=sys.stderr)
+    how = f"{args.dtype} weights" + (f", experts in {args.quantize} (compressed-tensors)" if args.quantize else "")
+    print(f"herd: wrote Hugging Face checkpoint {out} ({how})", file=sys.stderr)
     return 0
 
 
@@ -423,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights (default bfloat16, the dtype Llama 4 is released in, "
                         "whatever the source's)")
+    _add_quantize_options(c)
     c.set_defaults(func=cmd_convert)
     return p
 

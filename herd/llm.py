@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from herd.kernels import quant
 from herd.checkpoint.adapters import load_adapters
 from herd.checkpoint.errors import CheckpointError
 from herd.checkpoint.folder import carried_files, folder_max_tiles
-from herd.checkpoint.load import load_model, read_config, save_hf
+from herd.checkpoint.load import load_model, quantization, read_config, save_hf
 from herd.config import PRESETS, ModelConfig, preset
 from herd.engine import prompts as prompting
 from herd.engine.cache import kv_cache_bytes
@@ -287,6 +288,9 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
         return LLM(cfg, tok, model.eval().requires_grad_(False), name, encoder, **limits)
     name = model_folder(name)
     cfg, fmt = read_config(name)
+    only = None
+    if spec is None:  # a quantized checkpoint runs as it was quantized
+        spec, only = _stored_spec(name, dt, device, progress), set()
     if torch.device(device).type == "meta":  # a plan: shapes and bytes from the config, no weight read
         model, encoder = plan(cfg, dt, spec, vision)
         return LLM(cfg, Tokenizer.from_folder(name, cfg.text.vocab_size), model, name, encoder, **limits)
@@ -302,8 +306,27 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
         (spec is None or "output" not in spec.modules) else ()
     model, encoder = load_model(name, cfg, fmt, dtype=dt, device=device, progress=progress, vision=vision,
                                 column_major=column_major,
-                                quantize=None if spec is None else lambda m: quant.install(m, spec, dt))
+                                quantize=None if spec is None else
+                                lambda m, stored: quant.install(m, spec, dt, None if only is None else stored))
     return LLM(cfg, tok, model, name, encoder, **limits)
+
+
+def _stored_spec(folder, dtype: torch.dtype, device, say: bool) -> quant.QuantSpec | None:
+    """How to hold a quantized checkpoint's weights when no ``quantize`` is asked: its integer
+    weights as they are (int4 groups or int8 channels, the modules it quantized); FP8 weights are
+    dequantized to ``dtype`` (a CPU has no FP8 arithmetic; ``quantize='int8'`` keeps 1 byte per weight)."""
+    stored = quantization(folder)
+    if stored is None:
+        return None
+    ints = [s for s in stored.schemes if s.kind == "int"] if torch.device(device).type == "cpu" else []
+    if not ints:
+        if say:
+            print(f"herd: {Path(folder).name}: quantized weights dequantized to {str(dtype).removeprefix('torch.')} "
+                  "(quantize='int8' keeps one byte per weight)", file=sys.stderr)
+        return None
+    s = ints[0]
+    group = s.group if s.strategy == "group" and s.group in quant.GROUPS else 128
+    return quant.QuantSpec("int4" if s.bits == 4 else "int8", group, quant.MODULES)
 
 
 def plan(cfg: ModelConfig, dtype: torch.dtype, spec: quant.QuantSpec | None = None,

@@ -90,13 +90,36 @@ def _renames(cfg: TextConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def hf_plan(cfg: TextConfig, layout: str) -> dict[str, Recipe]:
+def per_expert(keys, layout: str) -> bool:
+    """Whether a checkpoint stores its routed experts one by one (``experts.{e}.gate_proj.weight``,
+    as quantized checkpoints do) rather than fused (``experts.gate_up_proj``)."""
+    prefix = TEXT_LAYOUTS[layout][0]
+    return any(k.startswith(prefix + "layers.") and ".feed_forward.experts.0.gate_proj." in k for k in keys)
+
+
+_EXPERT_LINEARS = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
+
+
+def _stack(*parts):
+    """Experts stored one by one [out, in] each -> herd's stack [E, out, in] (tensors, or the
+    quantized weights of herd.checkpoint.compressed, which stack themselves)."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.stack(parts)
+    return type(parts[0]).stack(list(parts))
+
+
+def hf_plan(cfg: TextConfig, layout: str, experts_one_by_one: bool = False) -> dict[str, Recipe]:
     """herd key -> Recipe over Hugging Face keys."""
     prefix, head = TEXT_LAYOUTS[layout]
     plan = {ours: Recipe((prefix + theirs,)) for ours, theirs in _renames(cfg)}
     plan["output.weight"] = Recipe((head,))
     for i in range(cfg.n_layers):
-        if cfg.is_moe[i]:
+        if cfg.is_moe[i] and experts_one_by_one:
+            e = f"{prefix}layers.{i}.feed_forward.experts."
+            for ours, theirs in _EXPERT_LINEARS:
+                plan[f"layers.{i}.feed_forward.experts.{ours}"] = Recipe(
+                    tuple(f"{e}{j}.{theirs}.weight" for j in range(cfg.moe.num_experts)), _stack)
+        elif cfg.is_moe[i]:
             fused = (f"{prefix}layers.{i}.feed_forward.experts.gate_up_proj",)
             plan[f"layers.{i}.feed_forward.experts.w1"] = Recipe(fused, _first_half)
             plan[f"layers.{i}.feed_forward.experts.w3"] = Recipe(fused, _second_half)
@@ -105,13 +128,18 @@ def hf_plan(cfg: TextConfig, layout: str) -> dict[str, Recipe]:
     return plan
 
 
-def to_hf_plan(cfg: TextConfig, layout: str) -> dict[str, Recipe]:
+def to_hf_plan(cfg: TextConfig, layout: str, experts_one_by_one: bool = False) -> dict[str, Recipe]:
     """Hugging Face key -> Recipe over herd keys (the inverse of :func:`hf_plan`)."""
     prefix, head = TEXT_LAYOUTS[layout]
     plan = {prefix + theirs: Recipe((ours,)) for ours, theirs in _renames(cfg)}
     plan[head] = Recipe(("output.weight",))
     for i in range(cfg.n_layers):
-        if cfg.is_moe[i]:
+        if cfg.is_moe[i] and experts_one_by_one:
+            for ours, theirs in _EXPERT_LINEARS:
+                for j in range(cfg.moe.num_experts):
+                    plan[f"{prefix}layers.{i}.feed_forward.experts.{j}.{theirs}.weight"] = Recipe(
+                        (f"layers.{i}.feed_forward.experts.{ours}",), lambda t, j=j: t[j])
+        elif cfg.is_moe[i]:
             e = f"layers.{i}.feed_forward.experts."
             plan[f"{prefix}{e}gate_up_proj"] = Recipe((e + "w1", e + "w3"), _fuse)
             plan[f"{prefix}{e}down_proj"] = Recipe((e + "w2",), _swapped)
@@ -123,9 +151,10 @@ def from_hf(sd: Mapping[str, torch.Tensor], cfg: TextConfig) -> dict[str, torch.
     return dict(run_plan(hf_plan(cfg, detect_layout(sd.keys())), sd))
 
 
-def to_hf(sd: Mapping[str, torch.Tensor], cfg: TextConfig, layout: str = "causal") -> dict[str, torch.Tensor]:
+def to_hf(sd: Mapping[str, torch.Tensor], cfg: TextConfig, layout: str = "causal",
+          experts_one_by_one: bool = False) -> dict[str, torch.Tensor]:
     """Hugging Face state dict (``layout`` 'causal' or 'multimodal') from a herd one."""
-    return dict(run_plan(to_hf_plan(cfg, layout), sd))
+    return dict(run_plan(to_hf_plan(cfg, layout, experts_one_by_one), sd))
 
 
 # ---- vision encoder, adapter and projector (Llama4ForConditionalGeneration only) ----------------

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from herd.checkpoint import hf, meta
+from herd.checkpoint import compressed, hf, meta
 from herd.checkpoint.errors import CheckpointError
 from herd.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, to_hf_config
+from herd.kernels import quant
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 
@@ -229,10 +230,29 @@ class SafetensorsSource(Mapping):
         return str(self._entries[key][0] if key in self._entries else self._expected_in)
 
 
+def _fp8_shards(folder: Path, paths: list[Path], shards: list, dtype: torch.dtype,
+                release: Callable[[torch.Tensor], None] = lambda t: None) -> list[meta.Fp8Shard]:
+    """Meta's FP8 release: each consolidated.NN.pth beside its fp8_scales_N.pt, read dequantized."""
+    if any(folder.glob("int4_scales_*.pt")):
+        raise CheckpointError(f"{folder}: int4_scales_*.pt (Meta's int4_mixed layout) is not supported; load the "
+                              "bf16 or FP8 release, with quantize='int4' to hold it in int4")
+    out = []
+    for i, (path, shard) in enumerate(zip(paths, shards)):
+        scales_path = folder / f"fp8_scales_{i}.pt"
+        try:
+            scales = torch.load(str(scales_path), map_location="cpu", weights_only=True)
+        except Exception as e:  # a missing file, or damaged zip/pickle data
+            raise CheckpointError(f"{scales_path}: cannot read Meta's FP8 scales beside {path.name} ({e})") from None
+        if not isinstance(scales, Mapping) or not all(isinstance(v, torch.Tensor) for v in scales.values()):
+            raise CheckpointError(f"{scales_path}: expected a dict of tensors (scales by name)")
+        out.append(meta.Fp8Shard(shard, scales, dtype, str(path), str(scales_path), release))
+    return out
+
+
 class MetaSource(Mapping):
     """Meta's consolidated.NN.pth model-parallel shards, memory-mapped and merged per tensor."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32):
         paths = sorted(folder.glob("consolidated.*.pth"))
         if not paths:
             raise CheckpointError(f"{folder}: params.json but no consolidated.NN.pth shard")
@@ -263,9 +283,12 @@ class MetaSource(Mapping):
             shards.append(shard)
         self._paths = paths
         names = [str(p) for p in paths]
+        metas = [{k: torch.empty_like(v, device="meta") for k, v in s.items()} for s in shards]
+        if (folder / "fp8_scales_0.pt").exists() or any(folder.glob("int4_scales_*.pt")):
+            shards = _fp8_shards(folder, paths, shards, dtype, self.mapped.drop)
+            metas = _fp8_shards(folder, paths, metas, dtype)
         self._merged = meta.MetaShards(shards, names, release=self.mapped.drop)
-        self._meta = meta.MetaShards([{k: torch.empty_like(v, device="meta") for k, v in s.items()} for s in shards],
-                                     names)
+        self._meta = meta.MetaShards(metas, names)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._merged[key]
@@ -313,20 +336,30 @@ def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, str]:
         raise CheckpointError(f"{path}: malformed config ({type(e).__name__}: {e})") from None
 
 
-def _plan_and_source(folder: Path, cfg: ModelConfig, fmt: str, vision: bool):
+def quantization(folder: str | os.PathLike) -> compressed.Config | None:
+    """The quantization of a Hugging Face folder's weights (its config.json's ``quantization_config``,
+    checked), or None: full precision, or a Meta folder."""
+    path = Path(folder) / "config.json"
+    return compressed.read_config(_read_json(path), str(path)) if path.exists() else None
+
+
+def _plan_and_source(folder: Path, cfg: ModelConfig, fmt: str, vision: bool, dtype: torch.dtype = torch.float32):
     """(herd key -> Recipe, tensor source, keys to ignore) for the text model and, if wanted, the vision part."""
     if fmt == "hf":
         source = SafetensorsSource(folder)
+        quantized = quantization(folder)
+        if quantized is not None:
+            source = compressed.CompressedSource(source, quantized, str(folder / "config.json"))
         try:
             layout = hf.detect_layout(source.keys())
         except KeyError as e:
             raise CheckpointError(f"{folder}: {e.args[0]}") from None
-        plan = hf.hf_plan(cfg.text, layout)
+        plan = hf.hf_plan(cfg.text, layout, hf.per_expert(source.keys(), layout))
         if vision:
             plan |= hf.hf_vision_plan(cfg.vision)
             return plan, source, lambda k: False
         return plan, source, lambda k: k.startswith(_HF_VISION_PREFIXES)
-    source = MetaSource(folder)
+    source = MetaSource(folder, dtype)
     plan = meta.meta_plan(cfg.text, set(source.keys()))
     if vision:
         return plan | meta.meta_vision_plan(cfg.vision), source, lambda k: meta.skipped(k) and not meta.is_vision_key(k)
@@ -395,13 +428,14 @@ class _Progress:
 def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: str | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress: bool = True,
                vision: bool = True, column_major: Collection[str] = (),
-               quantize: Callable[[TextModel], Mapping[str, Callable]] | None = None) -> tuple[TextModel, VisionModel | None]:
+               quantize: Callable[[TextModel, set[str]], Mapping[str, Callable]] | None = None) -> tuple[TextModel, VisionModel | None]:
     """Stream a checkpoint into a TextModel (and a VisionModel when the config has one and ``vision``)
     built on the meta device; every name, shape and dtype is checked before any weight is read.
     ``column_major``: names of matrices to store with strides (1, rows) (a kernel's layout).
-    ``quantize``: installs quantized modules into the meta model and returns tensor name -> function
-    turning that weight into the quantized modules' state (herd.kernels.quant.install); each weight
-    is quantized as it streams in, so the unquantized model never exists whole."""
+    ``quantize(model, stored)``: installs quantized modules into the meta model and returns tensor
+    name -> function turning that weight into the quantized modules' state (herd.kernels.quant.install);
+    ``stored`` names the tensors the checkpoint holds quantized. Each weight is quantized as it streams
+    in, so the unquantized model never exists whole. A quantized weight no function takes is dequantized."""
     folder = Path(folder)
     if cfg is None or fmt is None:
         cfg, fmt = read_config(folder)
@@ -412,9 +446,10 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
     expected = dict(text.state_dict())
     if encoder is not None:
         expected |= {"vision." + k: v for k, v in encoder.state_dict().items()}
-    plan, source, ignore = _plan_and_source(folder, cfg, fmt, vision)
+    plan, source, ignore = _plan_and_source(folder, cfg, fmt, vision, dtype)
     total = check_plan(plan, source, expected, ignore)
-    quantizers = quantize(text) if quantize is not None else {}
+    stored = {k for k, r in plan.items() if any(getattr(source, "quantized", lambda s: False)(s) for s in r.sources)}
+    quantizers = quantize(text, stored) if quantize is not None else {}
     bar = _Progress(f"loading {folder.name}", total, progress)
     state, counted = {}, set()  # a fused source tensor feeds several keys: count its bytes once
     for key, recipe in plan.items():
@@ -423,10 +458,13 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
         value = recipe.combine(*parts)
         if key in quantizers:
             state |= quantizers[key](value, source.mapped.drop)  # file pages let go expert by expert
+        elif isinstance(value, compressed.QuantizedWeight):
+            state[key] = value.dequantize(dtype).to(device)
         else:
             state[key] = source.mapped.copy(value, dtype, device, column_major=key in column_major)
         for part in parts:
-            source.mapped.drop(part)
+            for t in part.tensors() if isinstance(part, compressed.QuantizedWeight) else [part]:
+                source.mapped.drop(t)
         bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in recipe.sources
                     if s not in counted))
         counted.update(recipe.sources)
@@ -436,6 +474,25 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
                                 assign=True)
         encoder = encoder.eval().requires_grad_(False)
     return text.eval().requires_grad_(False), encoder
+
+
+def _compressed(tensors: dict, example: compressed.QuantizedWeight, vision: bool) -> tuple[dict, dict]:
+    """Hugging Face tensors with every quantized weight in the compressed-tensors layout, and the
+    ``quantization_config`` that says so: the quantized Linears of herd's one scheme, every other
+    Linear in ``ignore``."""
+    out, ignore = {}, []
+    for key, t in tensors.items():
+        if isinstance(t, compressed.QuantizedWeight):
+            out |= compressed.compressed_tensors(key[:-7], t.values(), t.scale, t.zero, t.bits)
+            continue
+        out[key] = t
+        if key.endswith(".weight") and t.dim() == 2 and "embed_tokens" not in key and not key.startswith(
+                _HF_VISION_PREFIXES):
+            ignore.append(key[:-7])
+    if vision:
+        ignore += ["re:vision_model.*", "re:multi_modal_projector.*"]
+    group = example.group if example.bits == 4 else None
+    return out, compressed.config_entry(example.bits, group, symmetric=example.zero is None, ignore=ignore)
 
 
 def check_new_folder(folder: str | os.PathLike) -> Path:
@@ -461,16 +518,20 @@ def save_hf(model: TextModel, folder: str | os.PathLike, *, dtype: torch.dtype |
     tmp = folder.with_name(folder.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    if vision is None:
-        tensors = hf.to_hf(model.state_dict(), cfg, layout="causal")
-    else:
-        tensors = hf.to_hf(model.state_dict(), cfg, layout="multimodal")
+    state = quant.plain_state(model)
+    quantized = {k: v for k, v in state.items() if isinstance(v, compressed.QuantizedWeight)}
+    layout = "causal" if vision is None else "multimodal"
+    tensors = hf.to_hf(state, cfg, layout, experts_one_by_one=bool(quantized))
+    if vision is not None:
         theirs = {"vision." + k: v for k, v in vision.state_dict().items()}
         tensors |= dict(hf.run_plan(hf.to_hf_vision_plan(vision.cfg), theirs))
+    quantization_config = None
+    if quantized:
+        tensors, quantization_config = _compressed(tensors, next(iter(quantized.values())), vision is not None)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in tensors.items():
-        t = (t if dtype is None else t.to(dtype)).contiguous()
+        t = (t if dtype is None or not t.is_floating_point() or key.endswith("_scale") else t.to(dtype)).contiguous()
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
@@ -485,8 +546,10 @@ def save_hf(model: TextModel, folder: str | os.PathLike, *, dtype: torch.dtype |
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    torch_dtype = str(dtype or next(iter(tensors.values())).dtype).removeprefix("torch.")
+    torch_dtype = str(dtype or model.tok_embeddings.weight.dtype).removeprefix("torch.")
     config = to_hf_config(cfg, None if vision is None else vision.cfg, special_tokens, torch_dtype)
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     for name, src in (extra_files or {}).items():
         (tmp / name).write_bytes(Path(src).read_bytes())

@@ -216,6 +216,59 @@ class MetaShards(Mapping):
 
 
 # ---------------------------------------------------------------------------------------------
+# Meta's FP8 release: routed experts in float8 with a scale per (expert, output feature)
+
+_FP8_SCALE_KEYS = {"moe_w_in_eD_F": "w1", "moe_w_swiglu_eD_F": "w3", "moe_w_out_eF_D": "w2"}
+
+
+class Fp8Shard(Mapping):
+    """One shard of Meta's FP8 checkpoints (llama_models/llama4/scripts/quantize.py, ``fp8_mixed``):
+    the routed experts' ``moe_w_*`` slices are float8_e4m3fn, their row-wise scales [E, out] sit in
+    ``fp8_scales_N.pt`` under herd's names (``layers.i.feed_forward.experts.w1``). Reads them dequantized
+    to ``dtype``, slice by slice: each rank quantized its own slice, so scales apply before the join."""
+
+    def __init__(self, shard: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                 where: str, scales_where: str, release: Callable[[torch.Tensor], None] = lambda t: None):
+        self._shard, self._scales, self._dtype, self._release = shard, scales, dtype, release
+        for key, t in shard.items():
+            if t.dtype != torch.float8_e4m3fn:
+                continue
+            head, _, leaf = key.rpartition(".")
+            if leaf not in _FP8_SCALE_KEYS:
+                raise CheckpointError(f"{where}: tensor '{key}' is float8 but only the routed experts' moe_w_* are "
+                                      "in Meta's FP8 release")
+            scale_key = f"{head}.{_FP8_SCALE_KEYS[leaf]}"
+            if scale_key not in scales:
+                raise CheckpointError(f"{scales_where}: missing scale '{scale_key}' for float8 tensor '{key}'")
+            scale = scales[scale_key]
+            last = t.shape[-1]
+            if scale.dim() != 2 or scale.shape[1] != last or t.shape[0] % scale.shape[0]:
+                raise CheckpointError(f"{scales_where}: scale '{scale_key}' has shape {tuple(scale.shape)}; "
+                                      f"'{key}' {tuple(t.shape)} needs [experts, {last}]")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self._shard[key]
+        if t.dtype != torch.float8_e4m3fn:
+            return t
+        head, _, leaf = key.rpartition(".")
+        scale = self._scales[f"{head}.{_FP8_SCALE_KEYS[leaf]}"]
+        E = scale.shape[0]
+        if t.device.type == "meta":
+            return torch.empty(t.shape, dtype=self._dtype, device="meta")
+        out = torch.empty(E, t.shape[0] // E, t.shape[1], dtype=self._dtype)
+        for e, block in enumerate(t.view(E, -1, t.shape[1])):  # one expert's float32 at a time
+            out[e] = block.float() * scale[e].float()
+        self._release(t)
+        return out.view(t.shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shard)
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+
+# ---------------------------------------------------------------------------------------------
 # herd -> Meta (for tests, benchmarks and users who feed Meta's own tools)
 
 

@@ -16,13 +16,14 @@ request. The router, norms, embeddings and the vision encoder keep their dtype.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.checkpoint.compressed import QuantizedWeight
 from herd.model.moe import Experts, MoE
 from herd.model.layers import SwiGLU
 from herd.model.transformer import TextModel
@@ -65,17 +66,28 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 
 def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 in groups of ``group`` inputs: (packed [N, K/2] uint8, scales and zeros
-    [K/group, N, 2] in ``dtype``); w ≈ (q - 8) * scale + zero, q in 0..15."""
+    """Asymmetric int4 in groups of ``group`` inputs with an integer zero point z (0..15) per group:
+    w ≈ (q - z) * scale, q in 0..15 (the scheme of GPTQ and compressed-tensors, so a quantized model
+    saves exactly). Returns torch's packing of q ([N, K/2] uint8) and the kernel's form of scale and
+    zero, [K/group, N, 2] in ``dtype``: w = (q - 8) * scale + (8 - z) * scale."""
     N, K = w.shape
     wg = w.float().reshape(N, K // group, group)
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-12)
-    zero = lo + 8 * scale
-    scale_zero = torch.stack([scale, zero], dim=-1).to(dtype)  # [N, K/g, 2], rounded as the kernel reads them
-    s, z = scale_zero[..., 0].float(), scale_zero[..., 1].float()
-    q = torch.round((wg - z[..., None]) / s[..., None] + 8).clamp(0, 15).to(torch.int32).reshape(N, K)
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scale_zero.transpose(0, 1).contiguous()
+    lo, hi = wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)  # 0 on the grid: z is whole
+    scale = ((hi - lo) / 15).clamp(min=1e-12).to(dtype).float()
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    q = torch.round(wg / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), _scale_zero(scale, zero, dtype)
+
+
+def _scale_zero(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N, G] scales (already rounded to ``dtype``) and integer zero points -> the kernel's [G, N, 2]."""
+    return torch.stack([scale, (8 - zero) * scale], dim=-1).to(dtype).transpose(0, 1).contiguous()
+
+
+def int4_zero_points(scale_zero: torch.Tensor) -> torch.Tensor:
+    """The integer zero points [N, G] (0..15) behind the kernel's [G, N, 2] scales and offsets."""
+    sz = scale_zero.float()
+    return (8 - torch.round(sz[..., 1] / sz[..., 0])).t().to(torch.int8)
 
 
 @functools.cache
@@ -250,6 +262,35 @@ def _shapes(spec: QuantSpec, out_f: int, in_f: int, dtype: torch.dtype):
             ("weight_scale_zero", (in_f // spec.group, out_f, 2), dtype)]
 
 
+def stored(module: QuantLinear | QuantExperts, proj: str | None = None) -> QuantizedWeight:
+    """A quantized module's weight (``proj`` of experts) in a checkpoint's integer form (signed
+    values, scales [.., N, K/group], zero points): exactly what it computes with."""
+    if isinstance(module, QuantExperts):
+        return QuantizedWeight.stack([_stored(module.mode, module.group, *module._state(proj, e),
+                                              *module.shapes[proj]) for e in range(module.num_experts)])
+    return _stored(module.mode, module.group, *(getattr(module, n) for n in module.names), module.out_features,
+                   module.in_features)
+
+
+def _stored(mode: str, group: int, values: torch.Tensor, scales: torch.Tensor, N: int, K: int) -> QuantizedWeight:
+    if mode == "int8":
+        return QuantizedWeight(values, scales[:, None], None, (N, K), K, 8, "int")
+    q = (unpack_int4(values, N, K).to(torch.int8) - 8)
+    return QuantizedWeight(q, scales[..., 0].t().contiguous(), int4_zero_points(scales) - 8, (N, K), group, 4, "int")
+
+
+def plain_state(model: TextModel) -> dict:
+    """The model's state by herd tensor name, each quantized weight as a `QuantizedWeight`."""
+    out = {k: v for k, v in model.state_dict().items()}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            out = {k: v for k, v in out.items() if not k.startswith(name + ".")} | {f"{name}.weight": stored(m)}
+        elif isinstance(m, QuantExperts):
+            out = {k: v for k, v in out.items() if not k.startswith(name + ".")}
+            out |= {f"{name}.{p}": stored(m, p) for p in m.shapes}
+    return out
+
+
 # ---- whole models ---------------------------------------------------------------------------------
 
 
@@ -284,12 +325,17 @@ def check(model: TextModel, spec: QuantSpec) -> None:
                                  f"({spec.group}) and the output width by 16; try another group or int8")
 
 
-def install(model: TextModel, spec: QuantSpec, dtype: torch.dtype) -> dict[str, Callable]:
+def install(model: TextModel, spec: QuantSpec, dtype: torch.dtype,
+            only: Collection[str] | None = None) -> dict[str, Callable]:
     """Replace the targeted modules of a model built on the meta device by empty quantized ones;
-    returns checkpoint tensor name -> function(weight) -> {state name: quantized tensor}."""
+    returns checkpoint tensor name -> function(weight) -> {state name: quantized tensor}.
+    ``only``: herd tensor names; a module none of whose weights is among them keeps its dtype
+    (a quantized checkpoint's own choice of modules)."""
     check(model, spec)
     quantizers: dict[str, Callable] = {}
     for name, m in targets(model, spec).items():
+        if only is not None and not any(f"{name}.{w}" in only for w in ("weight", "w1", "w3", "w2")):
+            continue
         parent, _, attr = name.rpartition(".")
         if isinstance(m, Experts):
             E, hidden, dim = m.w1.shape
@@ -302,8 +348,16 @@ def install(model: TextModel, spec: QuantSpec, dtype: torch.dtype) -> dict[str, 
     return quantizers
 
 
-def _quantize_one(prefix: str, spec: QuantSpec, dtype: torch.dtype, w: torch.Tensor,
+def _quantize_one(prefix: str, spec: QuantSpec, dtype: torch.dtype, w,
                   done: Callable[[torch.Tensor], None] = lambda t: None) -> dict[str, torch.Tensor]:
+    """One weight [out, in] (a tensor, or a checkpoint's `QuantizedWeight`) in the kernel's layout."""
+    if isinstance(w, QuantizedWeight):
+        state = _from_checkpoint(spec, w, dtype)
+        if state is None:  # another scheme: dequantize and quantize anew
+            state = _quantize_one("", spec, dtype, w.dequantize(torch.float32))
+        for t in w.tensors():
+            done(t)
+        return {prefix + k: v for k, v in state.items()}
     if spec.mode == "int8":
         q, s = quantize_int8(w, dtype)
         done(w)
@@ -313,7 +367,27 @@ def _quantize_one(prefix: str, spec: QuantSpec, dtype: torch.dtype, w: torch.Ten
     return {prefix + "weight_packed": packed, prefix + "weight_scale_zero": sz}
 
 
-def _quantize_stack(prefix: str, spec: QuantSpec, dtype: torch.dtype, w: torch.Tensor,
+def _from_checkpoint(spec: QuantSpec, w: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """A checkpoint's integer weights in the kernel's layout as they are, when the scheme allows:
+    int8 per channel, symmetric, for int8; int4 in groups that are multiples of ``spec.group`` for int4."""
+    N, K = w.shape
+    if w.kind != "int" or (w.bits, spec.mode) not in ((8, "int8"), (4, "int4")):
+        return None
+    if spec.mode == "int8":
+        if w.group != K or w.zero is not None:
+            return None
+        return {"weight_q": w.values(), "weight_scale": w.scale.reshape(N).to(dtype)}
+    if w.group % spec.group:
+        return None
+    repeat = w.group // spec.group
+    scale = w.scale.to(dtype).float().repeat_interleave(repeat, dim=1)
+    zero = (torch.zeros_like(scale) if w.zero is None else w.zero.float().repeat_interleave(repeat, dim=1)) + 8
+    q = (w.values().to(torch.int32) + 8).contiguous()  # 0..15; zero points alike
+    return {"weight_packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
+            "weight_scale_zero": _scale_zero(scale, zero, dtype)}
+
+
+def _quantize_stack(prefix: str, spec: QuantSpec, dtype: torch.dtype, w,
                     done: Callable[[torch.Tensor], None] = lambda t: None) -> dict[str, torch.Tensor]:
     """A stack [E, out, in] expert by expert (``done`` is told each expert's source slice, so a loader
     can let its file pages go): at no time more than one expert exists unquantized in float32."""
