@@ -1,12 +1,13 @@
 """A 128K-token prompt end to end on a small Llama 4, with its peak memory against what was accounted.
 
     python benchmarks/long_context.py [--tokens 131072] [--decode 16] [--budget-mb 256] [--dtype bfloat16]
+                                      [--kv-dtype int8]
 
 The model: width 256, 4 layers (every 4th NoPE), 4 heads of 64 / 2 KV heads, chunk 8192, 4 experts
 of 256 top-1 + shared expert, the real 202,048 vocabulary, float32 (or ``--dtype``), random weights.
 The prompt is prefilled in segments (512 tokens in float32, 2048 in bf16) into herd's KV cache (the
 three chunked layers keep 8192 entries, the NoPE layer all of them; the cache in the dtype herd
-picks, `cache_dtype`), then ``--decode`` tokens are generated. Reported: prefill and decode
+picks, `cache_dtype`, or ``--kv-dtype``), then ``--decode`` tokens are generated. Reported: prefill and decode
 speed, and peak resident memory (VmHWM, measured in this process) against
 weights + accounted KV cache + a stated activation budget; the target is <= 1.5x.
 """
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--budget-mb", type=float, default=256, help="stated activation budget")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"])
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     cfg = TextConfig(vocab_size=202_048, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=1024,
@@ -56,8 +58,9 @@ def main(argv=None) -> int:
         f.write("5")  # resets VmHWM to the current resident size
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     max_len = args.tokens + args.decode + 1
-    kv = kernels.cache_dtype(dtype, "cpu")
-    engine = Engine(model, rows=1, max_len=max_len, kv_dtype=kv)
+    auto = kernels.cache_dtype(dtype, "cpu")
+    kv = auto if args.kv_dtype == "auto" else getattr(torch, args.kv_dtype)
+    engine = Engine(model, rows=1, max_len=max_len, kv_dtype=kv, kv_read_dtype=auto)
     accounted = kv_cache_bytes(cfg, max_len, 1, kv)
     assert engine.cache.nbytes == accounted
     prompt = torch.randint(0, 200_000, (args.tokens,), generator=torch.Generator().manual_seed(0)).tolist()

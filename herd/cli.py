@@ -57,7 +57,7 @@ def _load(args):
 
     _warn_if_random(args.model)
     return herd.load(args.model, dtype=args.dtype, device=args.device, compile=args.compile, quantize=args.quantize,
-                     quantize_group=args.quantize_group)
+                     quantize_group=args.quantize_group, kv_dtype=args.kv_dtype)
 
 
 def cmd_generate(args) -> int:
@@ -161,6 +161,8 @@ def _image_problem(llm, path: str) -> str | None:
 
 
 def cmd_info(args) -> int:
+    import torch
+
     from herd import kernels
     from herd.checkpoint.load import read_config
     from herd.config import PRESETS, preset
@@ -188,18 +190,22 @@ def cmd_info(args) -> int:
               f"pixels in patches of {v.patch_size}, pixel shuffle {v.pixel_shuffle_ratio}")
     else:
         print("vision: none (text only)")
+    from herd.engine.cache import resolve_kv_dtype
     from herd.kernels.quant import QuantSpec
     from herd.llm import memory, plan, resolve_dtype
 
     dtype = resolve_dtype(args.dtype)
     model, encoder = plan(cfg, dtype, QuantSpec(args.quantize, args.quantize_group) if args.quantize else None)
-    kv_dtype = kernels.cache_dtype(dtype, args.device)  # the cache herd.load would give on that device
+    # The cache herd.load would give on that device.
+    kv_dtype = kernels.cache_dtype(dtype, args.device) if args.kv_dtype == "auto" else resolve_kv_dtype(args.kv_dtype)
     mem = memory(model, encoder, kv_dtype, args.context)
     how = args.dtype + (f", {args.quantize} experts" + (f" (group {args.quantize_group})" if args.quantize == "int4"
                                                       else "") if args.quantize else "")
-    print(f"memory ({how}; KV cache in {str(kv_dtype).removeprefix('torch.')} for {args.context} tokens on "
+    kv = str(kv_dtype).removeprefix("torch.") + (" with float32 scales" if kv_dtype == torch.int8 else "")
+    per_token = f" ({mem['kv_cache'] / args.context / 2**10:.1f} KiB per token)" if args.context else ""
+    print(f"memory ({how}; KV cache in {kv} for {args.context} tokens on "
           f"{args.device}): experts {_gib(mem['experts'])}, other text weights {_gib(mem['other'])}, "
-          f"vision {_gib(mem['vision'])}, KV cache {_gib(mem['kv_cache'])}; total {_gib(mem['total'])}")
+          f"vision {_gib(mem['vision'])}, KV cache {_gib(mem['kv_cache'])}{per_token}; total {_gib(mem['total'])}")
     return 0
 
 
@@ -216,19 +222,21 @@ def cmd_perplexity(args) -> int:
     except (OSError, UnicodeDecodeError) as e:
         print(f"herd: --text {args.text}: {e}", file=sys.stderr)
         return 2
+    if args.compare and args.quantize is None and args.kv_dtype == "auto":
+        print("herd: --compare scores a quantized model (--quantize) or KV cache (--kv-dtype) against the "
+              "model without them; add one", file=sys.stderr)
+        return 2
     llm = _load(args)
     ids = llm.tokenizer.encode(text, bos=True)
-    reference = None
-    if args.compare:
-        if args.quantize is None:
-            print("herd: --compare scores a quantized model against the unquantized one; add --quantize", file=sys.stderr)
-            return 2
-        reference = herd.load(args.model, dtype=args.dtype, device=args.device)
-    q = quality(llm, ids, reference, window=args.window)
-    print(f"{q.tokens} tokens of {args.text}: perplexity {q.perplexity:.4f}")
+    # A chosen cache only matters where K/V are read back from it: score through the cache then.
+    cached = args.kv_dtype != "auto"
+    reference = herd.load(args.model, dtype=args.dtype, device=args.device) if args.compare else None
+    q = quality(llm, ids, reference, window=args.window, cached=cached)
+    print(f"{q.tokens} tokens of {args.text}" + (f" (through a KV cache in {args.kv_dtype})" if cached else "")
+          + f": perplexity {q.perplexity:.4f}")
     if reference is not None:
-        print(f"unquantized perplexity {q.reference_perplexity:.4f}; mean KL divergence {q.mean_kl:.5f} nats/token; "
-              f"top-1 agreement {100 * q.top1_agreement:.2f}%")
+        print(f"reference (unquantized, default KV cache) perplexity {q.reference_perplexity:.4f}; mean KL "
+              f"divergence {q.mean_kl:.5f} nats/token; top-1 agreement {100 * q.top1_agreement:.2f}%")
     return 0
 
 
@@ -343,6 +351,9 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_quantize_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                   help="the KV cache's dtype (default auto: the fast float one for the device); int8 keeps "
+                        "int8 values with a scale per token and KV head, half a bf16 cache")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="store the experts' weights in int8 (per channel) or int4 (groups), quantized as they load")
     p.add_argument("--quantize-group", type=int, default=128, choices=[32, 64, 128, 256],
@@ -410,12 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize_options(i)
     i.set_defaults(func=cmd_info)
 
-    q = sub.add_parser("perplexity", help="perplexity on a text file; with --quantize --compare, the KL divergence and "
-                       "top-1 agreement against the unquantized model")
+    q = sub.add_parser("perplexity", help="perplexity on a text file; with --quantize or --kv-dtype and --compare, the "
+                       "KL divergence and top-1 agreement against the model without them")
     _add_load_options(q)
     q.add_argument("--text", required=True, help="a UTF-8 text file")
     q.add_argument("--window", type=int, default=1024, help="tokens per scored window (default 1024)")
-    q.add_argument("--compare", action="store_true", help="also load the model unquantized and compare")
+    q.add_argument("--compare", action="store_true",
+                   help="also load the model unquantized with the default KV cache, and compare")
     q.set_defaults(func=cmd_perplexity)
 
     c = sub.add_parser("convert", help="load any supported checkpoint and write it in Hugging Face format")

@@ -16,7 +16,7 @@ from herd.checkpoint.folder import carried_files, folder_max_tiles
 from herd.checkpoint.load import load_model, quantization, read_config, save_hf
 from herd.config import PRESETS, ModelConfig, preset
 from herd.engine import prompts as prompting
-from herd.engine.cache import kv_cache_bytes
+from herd.engine.cache import kv_cache_bytes, resolve_kv_dtype
 from herd.engine.generate import Sampling
 from herd.model.init import init_weights
 from herd.model.transformer import TextModel
@@ -53,8 +53,20 @@ class LLM:
         # The chat format over this model's tokenizer, told how to tile images for this model.
         self.tokenizer = ChatTokenizer.of(tokenizer, self.tiler, max_images,
                                           None if vision is not None else self._no_images_reason())
-        # The KV cache's dtype (settable): the weights' one; herd.load sets the kernels' choice.
+        # The float dtype cached attention runs in: the weights' one; herd.load sets the kernels'
+        # choice. It is the KV cache's dtype, unless that is int8, whose entries are read back in it.
+        self.kv_read_dtype = self.dtype
         self.kv_dtype = self.dtype
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV cache's dtype, settable by name or torch dtype: a float dtype, or int8 (``"int8"``:
+        int8 values with a scale per token and KV head, read back in ``kv_read_dtype``)."""
+        return self._kv_dtype
+
+    @kv_dtype.setter
+    def kv_dtype(self, dtype: str | torch.dtype) -> None:
+        self._kv_dtype = resolve_kv_dtype(dtype)
 
     @property
     def device(self) -> torch.device:
@@ -136,7 +148,7 @@ class LLM:
         return prompting.prepare(self.tokenizer, prompt, tools, self.image_features if self.vision is not None else None)
 
     def _runner(self) -> prompting.Runner:
-        return prompting.Runner(self.model, self.tokenizer, self.prefill_chunk, self.kv_dtype)
+        return prompting.Runner(self.model, self.tokenizer, self.prefill_chunk, self.kv_dtype, self.kv_read_dtype)
 
     def preprocess_image(self, image, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
         """An image (PIL image, path, bytes or data: URL) -> (float32 tiles [n, 3, S, S], (rows, cols))."""
@@ -197,7 +209,7 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
          *, seed: int = 0, progress: bool = True, vision: bool = True, max_images: int = DEFAULT_MAX_IMAGES,
          max_tiles: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
          adapters: str | os.PathLike | None = None, kernels: bool = True, compile: bool = False,
-         quantize: str | None = None, quantize_group: int = 128,
+         kv_dtype: str | torch.dtype | None = None, quantize: str | None = None, quantize_group: int = 128,
          quantize_modules: tuple[str, ...] = quant.DEFAULT_MODULES) -> LLM:
     """Load a Hugging Face folder, a Meta folder, an embedded model ("herd-tiny", trained by herd) or
     a preset name (random weights) as an LLM.
@@ -212,6 +224,11 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
     weights of ``quantize_modules`` (default: the routed and shared experts; also 'dense_ffn',
     'attention') quantized, each as it loads (CPU only for now; see herd.kernels.quant).
 
+    ``kv_dtype``: the KV cache's dtype, ``None`` or ``"auto"`` for the float dtype the kernels pick
+    for the device (`herd.kernels.cache_dtype`), or ``"int8"`` (``torch.int8``): int8 values with a
+    scale per token and KV head, read back in that float dtype (half a bf16 cache; settable later as
+    ``llm.kv_dtype``).
+
     ``kernels=False`` runs the reference model: no device fast paths (see herd.kernels) and a KV
     cache in the weights' dtype. ``compile=True``: batch-1 decode's output product through a kernel
     torch.compile makes for half-precision weights on a CPU (see `herd.kernels.compile_head`).
@@ -220,6 +237,7 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
     returned half-loaded.
     """
     check_device(device)
+    kv = None if kv_dtype is None or kv_dtype == "auto" else resolve_kv_dtype(kv_dtype)  # before any loading
     if compile and not kernels:
         raise ValueError("compile=True is a kernel; it needs kernels=True")
     spec = None
@@ -239,9 +257,11 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
             raise CheckpointError(str(e)) from None
     if kernels:
         kernels_module.apply(llm.model, llm.vision)
-        llm.kv_dtype = kernels_module.cache_dtype(llm.dtype, llm.device)
+        llm.kv_read_dtype = llm.kv_dtype = kernels_module.cache_dtype(llm.dtype, llm.device)
         if compile:
             kernels_module.compile_head(llm.model)
+    if kv is not None:
+        llm.kv_dtype = kv
     return llm
 
 

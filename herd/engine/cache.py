@@ -8,6 +8,13 @@ needs 12 full-length layers instead of 48.
 
 All buffers are allocated once, for ``rows`` sequences of up to ``max_len`` tokens; each row
 advances independently (rows join and leave between decode steps).
+
+The entries are kept in a float dtype (attention runs in it), or as int8 (``torch.int8``): one
+int8 per value plus one scale per (row, KV head, token), read back in a float dtype. That halves
+a bf16 cache, and so the NoPE layers' entries, which are what grows with the context.
+
+Legend: R rows, G KV heads, S slots (a layer's capacity), Dh head dim, B rows of a step, T new
+tokens per row, L entries read.
 """
 
 from __future__ import annotations
@@ -15,6 +22,98 @@ from __future__ import annotations
 import torch
 
 from herd.config import TextConfig
+from herd.model.attention import CacheSlots
+
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# An int8 cache's scales are float32: a bf16 scale's own rounding (up to 0.4%) would equal int8's,
+# and at Dh = 128 four bytes per 128 values add 3% to the cache.
+SCALE_DTYPE = torch.float32
+
+
+def resolve_kv_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The cache's torch dtype from a name ('float32', 'bfloat16' or 'bf16', 'float16', 'int8') or a
+    torch dtype; a ValueError naming the allowed values otherwise."""
+    if isinstance(dtype, torch.dtype) and dtype in KV_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and _ALIASES.get(dtype, dtype) in KV_DTYPES:
+        return KV_DTYPES[_ALIASES.get(dtype, dtype)]
+    raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (a name or a torch dtype); got {dtype!r}")
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., Dh] -> int8 values [..., Dh] and float32 scales [...]: symmetric, scale = absmax / 127
+    per vector, so |x - values * scale| <= scale / 2."""
+    x = x.float()
+    # An all-zero vector gets the smallest normal scale (values 0), never a division by zero.
+    scale = (x.abs().amax(-1) / 127).clamp_min(torch.finfo(SCALE_DTYPE).tiny)
+    return torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_int8(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 values [..., Dh] and their scales [...] -> [..., Dh] in ``dtype`` (rounded once, from float32)."""
+    return (values.float() * scales[..., None]).to(dtype)
+
+
+class Entries:
+    """One layer's keys (or values), [R, G, S, Dh] in ``dtype``; the `herd.model.attention.CacheEntries`
+    the model writes and reads."""
+
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str):
+        self.data = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def write(self, at: CacheSlots, x_BTGD: torch.Tensor) -> None:
+        # An (R, S, G, Dh) view of the buffer: one index_put writes every new token of every row.
+        self.data.transpose(1, 2).index_put_((at.row_ids, at.slots), x_BTGD)
+
+    def read(self, at: CacheSlots) -> torch.Tensor:
+        return self.data[at.rows, :, :at.length]  # (B, G, L, Dh), a view
+
+    def copy_row(self, src: int, dst: int, n: int) -> None:
+        """Row ``src``'s first ``n`` entries (or all it holds) into row ``dst``."""
+        n = min(n, self.data.shape[2])
+        self.data[dst, :, :n] = self.data[src, :, :n]
+
+
+class Int8Entries(Entries):
+    """Entries as int8 values [R, G, S, Dh] with a float32 scale per (row, KV head, slot) [R, G, S];
+    `read` returns them dequantized to ``dtype``, the dtype attention runs in."""
+
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str):
+        self.data = torch.zeros(shape, dtype=torch.int8, device=device)
+        self.scales = torch.zeros(shape[:3], dtype=SCALE_DTYPE, device=device)
+        self.read_dtype = dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.read_dtype
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.scales.numel() * self.scales.element_size()
+
+    def write(self, at: CacheSlots, x_BTGD: torch.Tensor) -> None:
+        values, scales = quantize_int8(x_BTGD)  # (B, T, G, Dh), (B, T, G)
+        self.data.transpose(1, 2).index_put_((at.row_ids, at.slots), values)
+        self.scales.transpose(1, 2).index_put_((at.row_ids, at.slots), scales)
+
+    def read(self, at: CacheSlots) -> torch.Tensor:
+        # The reference path: a dequantized copy of what this layer reads (one layer at a time, so the
+        # extra memory is one layer's K or V for the step, not the cache's).
+        return dequantize_int8(self.data[at.rows, :, :at.length], self.scales[at.rows, :, :at.length], self.read_dtype)
+
+    def copy_row(self, src: int, dst: int, n: int) -> None:
+        super().copy_row(src, dst, n)
+        n = min(n, self.scales.shape[2])
+        self.scales[dst, :, :n] = self.scales[src, :, :n]
 
 
 def layer_capacity(cfg: TextConfig, layer: int, max_len: int) -> int:
@@ -25,33 +124,60 @@ def layer_capacity(cfg: TextConfig, layer: int, max_len: int) -> int:
     return max_len
 
 
-def kv_cache_bytes(cfg: TextConfig, context_len: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+def entry_bytes(cfg: TextConfig, dtype: str | torch.dtype = torch.bfloat16) -> int:
+    """Bytes of one token's K and V in one layer: the values, and for int8 the scales."""
+    dtype = resolve_kv_dtype(dtype)
+    per_head = cfg.head_dim * dtype.itemsize + (SCALE_DTYPE.itemsize if dtype == torch.int8 else 0)
+    return 2 * cfg.n_kv_heads * per_head
+
+
+def kv_cache_bytes(cfg: TextConfig, context_len: int, batch: int = 1,
+                   dtype: str | torch.dtype = torch.bfloat16) -> int:
     """Bytes of K and V for ``batch`` sequences of ``context_len`` tokens, as this cache allocates them."""
-    per_entry = 2 * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
-    return batch * per_entry * sum(layer_capacity(cfg, i, context_len) for i in range(cfg.n_layers))
+    return batch * entry_bytes(cfg, dtype) * sum(layer_capacity(cfg, i, context_len) for i in range(cfg.n_layers))
 
 
-def full_cache_bytes(cfg: TextConfig, context_len: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+def full_cache_bytes(cfg: TextConfig, context_len: int, batch: int = 1,
+                     dtype: str | torch.dtype = torch.bfloat16) -> int:
     """Bytes of a cache that keeps every layer's entries for the whole context (the usual design)."""
-    per_entry = 2 * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
-    return batch * per_entry * cfg.n_layers * context_len
+    return batch * entry_bytes(cfg, dtype) * cfg.n_layers * context_len
 
 
 class KVCache:
-    """Per layer K and V [rows, G, capacity, Dh]; ``lengths[r]`` = tokens of row r seen so far."""
+    """Per layer K and V entries [rows, G, capacity, Dh]; ``lengths[r]`` = tokens of row r seen so far.
 
-    def __init__(self, cfg: TextConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+    ``dtype``: the entries' dtype (a name or torch dtype, see `KV_DTYPES`); for int8, ``read_dtype``
+    is the float dtype they are read back in (default float32).
+    """
+
+    def __init__(self, cfg: TextConfig, rows: int, max_len: int, dtype: str | torch.dtype,
+                 device: torch.device | str, read_dtype: torch.dtype | None = None):
         self.cfg, self.rows, self.max_len = cfg, rows, max_len
+        self.dtype = resolve_kv_dtype(dtype)
+        if self.dtype == torch.int8:
+            read = resolve_kv_dtype(read_dtype or torch.float32)
+            if read == torch.int8:
+                raise ValueError("an int8 cache is read back in a float dtype (float32, bfloat16, float16), not int8")
+            make = lambda shape: Int8Entries(shape, read, device)  # noqa: E731
+        else:
+            make = lambda shape: Entries(shape, self.dtype, device)  # noqa: E731
         shape = lambda i: (rows, cfg.n_kv_heads, layer_capacity(cfg, i, max_len), cfg.head_dim)  # noqa: E731
-        self.k = [torch.zeros(shape(i), dtype=dtype, device=device) for i in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape(i), dtype=dtype, device=device) for i in range(cfg.n_layers)]
+        self.k = [make(shape(i)) for i in range(cfg.n_layers)]
+        self.v = [make(shape(i)) for i in range(cfg.n_layers)]
         self.lengths = [0] * rows
 
     @property
     def nbytes(self) -> int:
-        """Bytes actually allocated (K and V, all layers and rows)."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """Bytes actually allocated (K and V, all layers and rows, scales included)."""
+        return sum(e.nbytes for e in self.k + self.v)
 
     def reset(self, row: int) -> None:
         """Forget row ``row`` (its slots are overwritten by the next sequence; nothing to clear)."""
         self.lengths[row] = 0
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Move a sequence from row ``src`` to row ``dst`` (its filled entries only)."""
+        n = self.lengths[src]
+        for e in self.k + self.v:
+            e.copy_row(src, dst, n)
+        self.lengths[dst], self.lengths[src] = n, 0

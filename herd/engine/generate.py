@@ -78,16 +78,24 @@ def default_prefill_chunk(dtype: torch.dtype, device: torch.device) -> int:
 
 
 class Engine:
-    """A model plus a KV cache of ``rows`` sequences of up to ``max_len`` tokens (``kv_dtype``: the
-    weights' dtype unless given; herd.kernels.cache_dtype is the fast choice)."""
+    """A model plus a KV cache of ``rows`` sequences of up to ``max_len`` tokens. ``kv_dtype``: the
+    cache's dtype (a name or torch dtype; the weights' dtype unless given; herd.kernels.cache_dtype
+    is the fast float choice); an int8 cache is read back in ``kv_read_dtype`` (default: the weights')."""
 
     def __init__(self, model: TextModel, rows: int, max_len: int, prefill_chunk: int | None = None,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: str | torch.dtype | None = None, kv_read_dtype: torch.dtype | None = None):
         w = model.tok_embeddings.weight
         self.model = model
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(w.dtype, w.device)
-        self.cache = KVCache(model.cfg, rows, max_len, kv_dtype or w.dtype, w.device)
+        self.cache = KVCache(model.cfg, rows, max_len, kv_dtype or w.dtype, w.device, kv_read_dtype or w.dtype)
         self.device = w.device
+
+    def _segment_end(self, start: int, end: int, size: int) -> int:
+        """Where a prefill segment from ``start`` stops: at most ``size`` tokens and ``end``, and
+        inside one attention chunk."""
+        C = self.model.cfg.attention_chunk_size
+        end = min(end, start + size)
+        return min(end, (start // C + 1) * C) if C is not None else end
 
     def prefill(self, row: int, tokens: Sequence[int], image_mask: torch.Tensor | None = None,
                 image_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +126,7 @@ class Engine:
             raise ValueError("prompts must come longest first")
         if first + len(prompts) > self.cache.rows:
             raise ValueError(f"rows {first}..{first + len(prompts) - 1} do not exist (the cache has {self.cache.rows})")
-        n, T, C = len(prompts), lengths[0], self.model.cfg.attention_chunk_size
+        n, T = len(prompts), lengths[0]
         ids = torch.zeros(n, T, dtype=torch.long)
         masks = torch.zeros(n, T, dtype=torch.bool) if any(m is not None for _, m, _ in prompts) else None
         for i, (tokens, mask, _) in enumerate(prompts):
@@ -131,9 +139,7 @@ class Engine:
         start = 0
         while start < T:
             a = sum(length > start for length in lengths)  # rows still in their prompt
-            end = min(T, start + max(1, self.prefill_chunk // a))
-            if C is not None:  # a segment stays inside one attention chunk
-                end = min(end, (start // C + 1) * C)
+            end = self._segment_end(start, T, max(1, self.prefill_chunk // a))
             seg = ids[:a, start:end]
             if masks is not None and masks[:a, start:end].any():
                 mask = masks[:a, start:end]
@@ -171,14 +177,29 @@ class Engine:
             self.cache.lengths[r] += 1
         return self.model.head(h[:, -1])
 
+    @torch.inference_mode()
+    def prefill_logits(self, row: int, tokens: Sequence[int]) -> torch.Tensor:
+        """Run ``tokens`` [T] into cache row ``row`` from position 0, as `prefill` does, and return the
+        float32 logits [T, V] of every position (how herd.evaluate scores through the cache)."""
+        T = len(tokens)
+        if not 0 < T <= self.cache.max_len:
+            raise ValueError(f"need 1 to {self.cache.max_len} tokens (the cache's length), got {T}")
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)[None]
+        out = []
+        start = 0
+        while start < T:
+            end = self._segment_end(start, T, self.prefill_chunk)
+            pos = torch.arange(start, end, device=self.device)[None]
+            h = self.model.decode_cached(self.model.embed(ids[:, start:end]), pos, self.cache.k, self.cache.v,
+                                         slice(row, row + 1))
+            out.append(self.model.head(h[0]))
+            start = end
+        self.cache.lengths[row] = T
+        return torch.cat(out)
+
     def move_row(self, src: int, dst: int) -> None:
         """Move a sequence from cache row ``src`` to row ``dst`` (its filled entries only)."""
-        n = self.cache.lengths[src]
-        for k, v in zip(self.cache.k, self.cache.v):
-            filled = min(n, k.shape[2])
-            k[dst, :, :filled] = k[src, :, :filled]
-            v[dst, :, :filled] = v[src, :, :filled]
-        self.cache.lengths[dst], self.cache.lengths[src] = n, 0
+        self.cache.move_row(src, dst)
 
 
 @torch.inference_mode()

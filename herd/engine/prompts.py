@@ -130,6 +130,7 @@ class Runner:
     tokenizer: ChatTokenizer
     prefill_chunk: int | None = None
     kv_dtype: torch.dtype | None = None
+    kv_read_dtype: torch.dtype | None = None  # an int8 cache's float dtype for attention
 
 
 def run(runner: Runner, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling,
@@ -139,7 +140,7 @@ def run(runner: Runner, prompts: Sequence[Prompt], max_new_tokens: int, sampling
     stop = stop_strings(stop)
     check_request(runner.model, prompts, max_new_tokens)
     engine = Engine(runner.model, rows=len(prompts), max_len=max(len(p.ids) for p in prompts) + max_new_tokens,
-                    prefill_chunk=runner.prefill_chunk, kv_dtype=runner.kv_dtype)
+                    prefill_chunk=runner.prefill_chunk, kv_dtype=runner.kv_dtype, kv_read_dtype=runner.kv_read_dtype)
     batcher = Batcher(engine, runner.tokenizer)
     pieces: list[tuple[int, str]] = []
     jobs = [Job(p.ids, max_new_tokens, sampling, stop or (), image_mask=p.image_mask, image_features=p.image_features,

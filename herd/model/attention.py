@@ -10,6 +10,7 @@ temperature 1 + attn_scale * log(floor((p + 1) / floor_scale) + 1) — exactly 1
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,19 @@ def cache_slots(pos_BT: torch.Tensor, rows: slice, chunk: int | None) -> CacheSl
     return CacheSlots(rows, row_ids, slots, length, mask)
 
 
+class CacheEntries(Protocol):
+    """One layer's cached keys (or values), as the engine keeps them (herd.engine.cache: in a float
+    dtype, or int8 with scales): the model writes new tokens and reads entries, never the storage."""
+
+    dtype: torch.dtype  # what `read` returns; attention runs in it
+
+    def write(self, at: CacheSlots, x_BTGD: torch.Tensor) -> None:
+        """Store the new tokens' K or V (B, T, G, Dh) in the rows and slots ``at`` names."""
+
+    def read(self, at: CacheSlots) -> torch.Tensor:
+        """The entries the step reads: (B, G, L, Dh), L = ``at.length``, in ``dtype``."""
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
@@ -173,21 +187,20 @@ class Attention(nn.Module):
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
     def forward_cached(self, x_BTD: torch.Tensor, pos_BT: torch.Tensor, rot: torch.Tensor,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor, at: CacheSlots) -> torch.Tensor:
+                       k_cache: CacheEntries, v_cache: CacheEntries, at: CacheSlots) -> torch.Tensor:
         """Attention for new tokens of cached sequences; their K/V are written into the cache first.
 
-        k_cache/v_cache [R, G, S, Dh] hold the layer's entries: slot p % C for a chunked layer (one
-        chunk's worth), slot p for a global one; ``at`` (from `cache_slots`, shared by all layers
-        of a kind) says which rows and slots the new tokens take and how much each query reads.
+        k_cache/v_cache hold the layer's entries: slot p % C for a chunked layer (one chunk's
+        worth), slot p for a global one; ``at`` (from `cache_slots`, shared by all layers of a kind)
+        says which rows and slots the new tokens take and how much each query reads.
         """
         B, T, _ = x_BTD.shape
         q, k, v = (t.to(k_cache.dtype) for t in self._project(x_BTD, pos_BT, rot))  # attention in the cache's dtype
-        # (R, S, G, Dh) views of the buffers: one index_put writes every new token of every row.
-        k_cache.transpose(1, 2).index_put_((at.row_ids, at.slots), k)
-        v_cache.transpose(1, 2).index_put_((at.row_ids, at.slots), v)
-        q = q.transpose(1, 2)  # (B, H, T, Dh)
-        keys, values = k_cache[at.rows, :, :at.length], v_cache[at.rows, :, :at.length]
-        out = self.attend_cached(q, keys, values, at.mask)
+        k_cache.write(at, k)
+        v_cache.write(at, v)
+        # Every query reads its keys back from the cache, its own token's included: a cache that
+        # rounds its entries (int8) rounds them for every query alike, in prefill as in decode.
+        out = self.attend_cached(q.transpose(1, 2), k_cache.read(at), v_cache.read(at), at.mask)  # (B, H, T, Dh)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim).to(x_BTD.dtype))
 
     def attend_cached(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

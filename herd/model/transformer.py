@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from herd.config import TextConfig
 
-from herd.model.attention import Attention, CacheSlots, cache_slots, packing
+from herd.model.attention import Attention, CacheEntries, CacheSlots, cache_slots, packing
 from herd.model.layers import Linear, RMSNorm, SwiGLU, rope_rotations, rope_inv_freq
 from herd.model.moe import MoE
 
@@ -77,8 +77,8 @@ class TextModel(nn.Module):
             h = h.index_put((image_mask_BT,), image_features_ND.to(h.dtype))
         return h
 
-    def decode_cached(self, h_BTD: torch.Tensor, pos_BT: torch.Tensor, k_caches: list[torch.Tensor],
-                      v_caches: list[torch.Tensor], rows: slice) -> torch.Tensor:
+    def decode_cached(self, h_BTD: torch.Tensor, pos_BT: torch.Tensor, k_caches: list[CacheEntries],
+                      v_caches: list[CacheEntries], rows: slice) -> torch.Tensor:
         """All blocks over new tokens of cached sequences (see Attention.forward_cached); hidden [B, T, D]."""
         rot = rope_rotations(pos_BT, self.inv_freq)  # (B, T, Dh/2)
         slots: dict[int | None, CacheSlots] = {}  # per layer kind (its chunk), computed once

@@ -59,7 +59,7 @@ class Scheduler:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.max_len = min(llm.config.text.max_seq_len, max_context or llm.config.text.max_seq_len)
         self.engine = Engine(llm.model, rows=max_batch, max_len=self.max_len, prefill_chunk=llm.prefill_chunk,
-                             kv_dtype=llm.kv_dtype)
+                             kv_dtype=llm.kv_dtype, kv_read_dtype=llm.kv_read_dtype)
         self.batcher = Batcher(self.engine, llm.tokenizer)
         self.max_queue = max_queue
         self.waiting: collections.deque[tuple[Job, float]] = collections.deque()
