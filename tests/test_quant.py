@@ -152,3 +152,68 @@ def test_perplexity_compares_a_quantized_model_with_its_unquantized_self(tmp_pat
     assert same.mean_kl == pytest.approx(0, abs=1e-6) and same.top1_agreement == 1.0
     assert same.perplexity == pytest.approx(same.reference_perplexity)
     assert main(["perplexity", "--text", str(text), "--compare"]) == 2  # nothing quantized to compare
+
+
+# ---- QLoRA: adapters on a quantized base -------------------------------------------------------
+
+EVERY_TARGET = ["attention", "shared_expert", "experts", "dense_ffn", "output"]
+
+
+@pytest.mark.parametrize("spec", SPECS[:2], ids=lambda s: f"{s.mode}-g{s.group}")
+def test_qlora_starts_at_the_base_trains_through_it_and_merges(spec):
+    """Adapters on every module kind of a model quantized everywhere (routed and shared experts, dense
+    FFNs, attention, head): zero at init; the loss and every adapter's gradients equal those of the
+    plain model holding the dequantized weights (gradients cross the quantized products of the later
+    layers to reach layer 0); merging into the dequantized state gives the quantized model's logits."""
+    from herd.model.lora import add_adapters, merge
+    from herd.train.loss import summed_loss
+
+    llm = herd.load("tiny-interleaved", quantize=spec.mode, quantize_group=spec.group, quantize_modules=quant.MODULES,
+                    vision=False, progress=False)
+    model = llm.model
+    ids = torch.tensor([llm.tokenizer.encode(PROMPT, bos=True)])
+    with torch.no_grad():
+        base = model(ids)
+        add_adapters(model, 4, 8.0, EVERY_TARGET)
+        assert torch.equal(model(ids), base)  # B = 0: exactly the quantized base
+        g = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():  # B != 0, so A gets a gradient too
+            if "_B" in name or name.endswith(".B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    plain = herd.load("tiny-interleaved", vision=False, progress=False, kernels=False).model
+    add_adapters(plain, 4, 8.0, EVERY_TARGET)
+    plain.load_state_dict(quant.plain_state(model, dequantized=True))
+    for m in (model, plain):
+        summed_loss(m, ids[:, :-1], ids[:, 1:]).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    twin = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert grads.keys() == twin.keys() and len(grads) == 2 * (4 * 4 + 3 * 2 + 3 * 2 + 3 * 2 + 1)
+    for needs in ("layers.0.attention.wq", "layers.1.feed_forward.shared_expert.w1", "layers.1.feed_forward.experts",
+                  "layers.0.feed_forward.w2", "output"):
+        assert any(n.startswith(needs + ".adapter") and float(g.abs().max()) > 0 for n, g in grads.items()), needs
+    for n, g in grads.items():
+        assert _rel(g, twin[n]) <= 1e-4, n
+    with torch.no_grad():
+        trained = model(ids)
+        merge(plain)
+        assert _rel(plain(ids), trained) <= 1e-5
+    with pytest.raises(ValueError, match="cannot take merged weights"):
+        merge(model)
+
+
+def test_qlora_steps_under_bfloat16_autocast():
+    """train.dtype = bfloat16: the kernels take neither autocast nor mixed dtypes (a few rows reach an
+    expert in bf16), so those products go through the dequantized weight, forward and backward."""
+    from herd.model.lora import add_adapters
+    from herd.train.loss import summed_loss
+
+    llm = herd.load("tiny-moe", quantize="int4", quantize_group=32, vision=False, progress=False)
+    add_adapters(llm.model, 4, 8.0, ["attention", "shared_expert", "experts"])
+    ids = torch.tensor([llm.tokenizer.encode(PROMPT, bos=True)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = summed_loss(llm.model, ids[:, :-1], ids[:, 1:])
+        with torch.no_grad():
+            assert torch.isfinite(llm.model(ids[:, :5])).all()  # evaluation: few rows, no gradient
+    loss.backward()
+    grads = [p.grad for p in llm.model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -370,6 +370,78 @@ def test_lora_learns_merges_and_exports(pretrained, workdir):
     assert out.text == QA[0][1]
 
 
+@pytest.mark.slow
+def test_qlora_on_an_int4_base_learns_and_exports_a_plain_model(tmp_path):
+    """QLoRA: herd-tiny's experts, shared experts and attention in int4 (frozen), adapters in float32.
+    The loss falls; final/ is the dequantized base with the adapters merged, a plain float32 checkpoint
+    that herd and transformers load with the logits of the model as trained."""
+    from transformers import Llama4ForCausalLM
+
+    from herd.kernels.quant import QuantExperts, QuantLinear
+
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        for q, a in QA:
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+    config = write_config(tmp_path, """
+        job = "lora"
+        out_dir = "qlora"
+        [model]
+        checkpoint = "herd-tiny"
+        vision = false
+        quantize = "int4"
+        quantize_group = 128
+        quantize_modules = ["experts", "shared_expert", "attention"]
+        [data]
+        train = ["sft.jsonl"]
+        val_fraction = 0
+        seq_len = 64
+        [optim]
+        lr = 5e-3
+        warmup_steps = 5
+        weight_decay = 0.0
+        [train]
+        steps = 40
+        micro_batch = 8
+        eval_every = 0
+        save_every = 0
+        progress = false
+        [moe]
+        aux_loss = 0.0
+        [lora]
+        rank = 16
+        targets = ["attention", "shared_expert", "experts", "output"]
+    """)
+    trainer = Trainer(load_config(config))
+    kinds = {type(m) for m in trainer.model.modules()}
+    assert QuantExperts in kinds and QuantLinear in kinds  # the base really is int4 while it trains
+    assert all(".adapter." in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    merged_dir = trainer.run()
+    steps = losses(tmp_path / "qlora")
+    print(f"QLoRA int4 loss: first {steps[0]:.4f}, last {steps[-1]:.4f}")
+    assert steps[-1] <= 0.02 * steps[0], steps
+
+    merged = herd.load(merged_dir, progress=False)
+    assert merged.dtype == torch.float32 and not any(isinstance(m, (QuantExperts, QuantLinear))
+                                                     for m in merged.model.modules())
+    ref = Llama4ForCausalLM.from_pretrained(merged_dir).eval()
+    trainer.model.eval()
+    for q, a in QA[:2]:
+        row = merged.tokenizer.apply_chat_template([{"role": "user", "content": q}]).ids + merged.tokenizer.encode(a)
+        with torch.no_grad():
+            as_trained = trainer.model(torch.tensor([row]))  # int4 base + adapters, unmerged
+            theirs = ref(torch.tensor([row])).logits
+        ours = merged.logits([row])
+        assert (ours - as_trained).abs().max() <= 1e-5 * as_trained.abs().max() + 1e-5
+        gap = assert_logits_close(ours, theirs)
+        print(f"merged export, herd vs transformers: max |Δlogit| {float((ours - theirs).abs().max()):.3g} "
+              f"(relative {gap:.3g})")
+    out = merged.generate([{"role": "user", "content": QA[0][0]}], max_new_tokens=12)
+    assert out.text == QA[0][1]
+    trainer.cfg.lora.merge = False  # the adapters alone, without building a full-precision model
+    assert trainer.export() == tmp_path / "qlora" / "adapters"
+    assert (tmp_path / "qlora" / "adapters" / "adapter_model.safetensors").is_file()
+
+
 def test_bad_adapter_folder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a herd adapter folder"):
         herd.load("tiny-dense", adapters=tmp_path)
@@ -442,6 +514,7 @@ def test_tensor_parallel_follows_one_process_and_resumes_exactly(workdir):
 
 
 _BASE = "[model]\npreset = 'tiny-moe'\n[data]\ntrain = ['x.txt']\n"
+_QLORA = "job = 'lora'\n[data]\ntrain = ['x.txt']\n[model]\ncheckpoint = 'm'\nquantize = 'int4'\n"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -458,12 +531,32 @@ _BASE = "[model]\npreset = 'tiny-moe'\n[data]\ntrain = ['x.txt']\n"
     ("job = 'lora'\n[model]\ncheckpoint = 'm'\n[data]\ntrain = ['x.txt']\n[distributed]\ntensor_parallel = 2\n"
      "expert_parallel = false\n", "distributed.tensor_parallel: lora adapters are not tensor-parallel"),
     ("[train\n", "not valid TOML"),
+    ("[model]\npreset = 'tiny-moe'\nquantize = 'int4'\n[data]\ntrain = ['x.txt']\n",
+     "model.quantize: a quantized base is frozen, but pretrain trains every weight"),
+    (_QLORA.replace("lora", "sft"), "model.quantize: a quantized base is frozen, but sft trains every weight"),
+    (_QLORA.replace("int4", "int3"), "model.quantize: must be int8, int4"),
+    (_QLORA + "quantize_group = 100\n", "model.quantize_group: must be one of 32, 64, 128, 256"),
+    (_QLORA + "quantize_modules = ['router']\n", "model.quantize_modules: unknown or empty: \\['router'\\]"),
+    ("device = 'cuda'\n" + _QLORA, "model.quantize: quantized weights run on the CPU so far"),
 ])
 def test_config_errors_name_the_field(tmp_path, text, message):
     path = tmp_path / "c.toml"
     path.write_text(text)
     with pytest.raises(TrainConfigError, match=message):
         load_config(path)
+
+
+def test_quantized_base_is_refused_on_several_processes_before_loading(tmp_path, monkeypatch):
+    """FSDP and expert parallelism shard parameters; a quantized base is buffers: one process only, said
+    before the checkpoint is read (here it does not even exist)."""
+    from herd.train import trainer as trainer_module
+    from herd.train.parallel import World
+
+    path = tmp_path / "c.toml"
+    path.write_text(_QLORA)
+    monkeypatch.setattr(trainer_module, "init_world", lambda *args: World(rank=0, size=2))
+    with pytest.raises(TrainConfigError, match="model.quantize: a quantized base trains in one process so far"):
+        Trainer(load_config(path))
 
 
 def test_overrides_and_field_docs(tmp_path):

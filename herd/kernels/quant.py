@@ -6,7 +6,9 @@ row; or int4 values packed by torch's CPU packing (`_convert_weight_to_int4pack_
 bytes) with a scale and a zero per group of ``group`` inputs ([K/group, N, 2]). Scales are kept in
 the activations' dtype, which the kernels require. A few rows (decode) multiply through torch's
 weight-only kernels; more rows (prefill) dequantize the matrix and take the dtype's GEMM, which is
-faster there (docs/performance.md has the crossover).
+faster there (docs/performance.md has the crossover). Training through a quantized base (QLoRA:
+frozen base, LoRA adapters on the modules' ``adapter`` hooks) and autocast take the dequantized
+weight, differentiable in the input.
 
 What is quantized is named by module kinds (`MODULES`): by default the routed experts, fused
 stacks [E, F, D] included, and the shared expert; attention, dense FFNs and the output head on
@@ -190,6 +192,11 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
 
 
 def _matmul(mode: str, group: int, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    # The kernels take no gradient, no autocast and only the scales' dtype: training (QLoRA) and
+    # mixed dtypes go through the dequantized weight instead.
+    if (x.requires_grad and torch.is_grad_enabled()) or x.dtype != scales.dtype or \
+            torch.is_autocast_enabled(x.device.type):
+        return _DequantizedProduct.apply(x, mode, group, values, scales)
     if mode == "int8":
         return int8_linear(x, values, scales)
     return int4_linear(x, values, scales, group)
@@ -201,6 +208,25 @@ def _dequantize(mode: str, group: int, values: torch.Tensor, scales: torch.Tenso
     if mode == "int8":
         return values.to(scales.dtype) * scales[:, None]
     return dequantize_int4(values, scales, group, out_f, in_f, scales.dtype)
+
+
+class _DequantizedProduct(torch.autograd.Function):
+    """x @ Wᵀ with W dequantized, differentiable in x (adapters in earlier layers need the gradient
+    through the frozen base). The backward dequantizes W again rather than keeping it, so a training
+    step holds no full-precision copy of the base."""
+
+    @staticmethod
+    def forward(ctx, x, mode: str, group: int, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        ctx.mode, ctx.group, ctx.in_f, ctx.x_dtype = mode, group, x.shape[-1], x.dtype
+        ctx.save_for_backward(values, scales)  # the quantized buffers themselves: no copy
+        w = _dequantize(mode, group, values, scales, values.shape[0], x.shape[-1])
+        return F.linear(x, w.to(x.dtype))  # under autocast, in the autocast dtype like any Linear
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, scales = ctx.saved_tensors
+        w = _dequantize(ctx.mode, ctx.group, values, scales, values.shape[0], ctx.in_f)
+        return (grad @ w.to(grad.dtype)).to(ctx.x_dtype), None, None, None, None
 
 
 class QuantLinear(nn.Module):
@@ -232,9 +258,9 @@ class QuantExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden: int, spec: QuantSpec, dtype: torch.dtype,
                  device: torch.device | str = "meta"):
         super().__init__()
-        self.num_experts, self.mode, self.group = num_experts, spec.mode, spec.group
+        self.num_experts, self.mode, self.group, self.dims = num_experts, spec.mode, spec.group, (dim, hidden)
         self.shapes = {"w1": (hidden, dim), "w3": (hidden, dim), "w2": (dim, hidden)}
-        self.adapter = None
+        self.adapter: nn.Module | None = None  # as Experts' (LoRA: QLoRA in training)
         self.names = [name for name, _, _ in _shapes(spec, dim, dim, dtype)]  # values, scales
         for proj, (out_f, in_f) in self.shapes.items():
             for name, shape, dt in _shapes(spec, out_f, in_f, dtype):
@@ -248,8 +274,13 @@ class QuantExperts(nn.Module):
 
     def one(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens [N, D] -> [N, D]; touches only expert e's weights."""
-        h = F.silu(self.product("w1", e, x_ND)) * self.product("w3", e, x_ND)
-        return self.product("w2", e, h)
+        a = self.adapter
+        gate, up = self.product("w1", e, x_ND), self.product("w3", e, x_ND)
+        if a is not None:
+            gate, up = gate + a.delta("w1", e, x_ND), up + a.delta("w3", e, x_ND)
+        h = F.silu(gate) * up
+        y = self.product("w2", e, h)
+        return y if a is None else y + a.delta("w2", e, h)
 
     def dequantized(self, proj: str, e: int) -> torch.Tensor:
         return _dequantize(self.mode, self.group, *self._state(proj, e), *self.shapes[proj])
@@ -277,18 +308,6 @@ def _stored(mode: str, group: int, values: torch.Tensor, scales: torch.Tensor, N
         return QuantizedWeight(values, scales[:, None], None, (N, K), K, 8, "int")
     q = (unpack_int4(values, N, K).to(torch.int8) - 8)
     return QuantizedWeight(q, scales[..., 0].t().contiguous(), int4_zero_points(scales) - 8, (N, K), group, 4, "int")
-
-
-def plain_state(model: TextModel) -> dict:
-    """The model's state by herd tensor name, each quantized weight as a `QuantizedWeight`."""
-    out = {k: v for k, v in model.state_dict().items()}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            out = {k: v for k, v in out.items() if not k.startswith(name + ".")} | {f"{name}.weight": stored(m)}
-        elif isinstance(m, QuantExperts):
-            out = {k: v for k, v in out.items() if not k.startswith(name + ".")}
-            out |= {f"{name}.{p}": stored(m, p) for p in m.shapes}
-    return out
 
 
 # ---- whole models ---------------------------------------------------------------------------------
@@ -413,3 +432,22 @@ def quantize_model(model: TextModel, spec: QuantSpec) -> TextModel:
         for key, value in state.items():
             setattr(module, key[len(name) + 1:], value)
     return model
+
+
+def plain_state(model: nn.Module, dequantized: bool = False) -> dict:
+    """The state dict of the plain model a quantized one stands for, under the unquantized names
+    (``weight``; ``w1``, ``w3``, ``w2`` [E, out, in]): each quantized weight as a `QuantizedWeight`
+    (a checkpoint's integer form), or with ``dequantized`` as the weight it computes with, in its
+    scales' dtype, and then every tensor new (none shares memory with ``model``; adapters included)."""
+    state, replaced = {}, set()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            state[f"{name}.weight"] = m.dequantized() if dequantized else stored(m)
+            replaced |= {f"{name}.{n}" for n in m.names}
+        elif isinstance(m, QuantExperts):
+            for proj in m.shapes:
+                state[f"{name}.{proj}"] = (torch.stack([m.dequantized(proj, e) for e in range(m.num_experts)])
+                                           if dequantized else stored(m, proj))
+                replaced |= {f"{name}.{proj}_{n}" for n in m.names}
+    rest = {k: v for k, v in model.state_dict().items() if k not in replaced}
+    return state | ({k: v.detach().clone() for k, v in rest.items()} if dequantized else rest)

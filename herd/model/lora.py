@@ -3,10 +3,10 @@ the output head.
 
 An adapted projection computes x W^T + (alpha / r) * (x A^T) B^T with A [r, in] ~ N(0, 1/r) and
 B [out, r] = 0, so training starts from the base model exactly (Hu et al., 2021). The adapters hang
-on the model's hooks (`Linear.adapter`, `Experts.adapter`): no base weight is copied or replaced,
-and the delta of a routed expert is computed on that expert's tokens only. ``merge`` folds
-W += (alpha / r) B A into the weights and removes the adapters (herd.checkpoint.adapters writes
-and reads adapters alone).
+on the model's hooks (`Linear.adapter`, `Experts.adapter`, and the same hooks of the quantized
+modules herd.kernels.quant swaps in: QLoRA): no base weight is copied or replaced, and the delta of
+a routed expert is computed on that expert's tokens only. ``merge`` folds W += (alpha / r) B A into
+the weights and removes the adapters (herd.checkpoint.adapters writes and reads adapters alone).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from herd.model.layers import Linear, SwiGLU
-from herd.model.moe import MoE
+from herd.model.moe import Experts, MoE
 from herd.model.transformer import TextModel
 
 class LoRA(nn.Module):
@@ -62,7 +62,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _targets(model: TextModel, targets: list[str]) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every Linear / Experts the targets name."""
+    """(name, module) of every Linear / Experts (or quantized twin) the targets name."""
     found = []
     for i, block in enumerate(model.layers):
         prefix = f"layers.{i}."
@@ -88,13 +88,12 @@ def add_adapters(model: TextModel, rank: int, alpha: float, targets: list[str], 
     gen = torch.Generator().manual_seed(seed)
     model.requires_grad_(False)
     for _, module in _targets(model, targets):
-        w = module.weight if isinstance(module, Linear) else module.w1
-        if isinstance(module, Linear):
+        # Linear or a quantized linear (both have in/out_features), Experts or quantized experts (dims).
+        if hasattr(module, "in_features"):
             adapter = LoRA(module.in_features, module.out_features, rank, alpha, gen)
         else:
-            E, F, D = module.w1.shape
-            adapter = ExpertsLoRA(E, D, F, rank, alpha, gen)
-        module.adapter = adapter.to(device=w.device)
+            adapter = ExpertsLoRA(module.num_experts, *module.dims, rank, alpha, gen)
+        module.adapter = adapter.to(device=next(iter(module.state_dict().values())).device)
     n = sum(p.numel() for _, m in _targets(model, targets) for p in m.adapter.parameters())
     if n == 0:
         raise ValueError(f"lora.targets {targets} match no layer of this model")
@@ -103,9 +102,13 @@ def add_adapters(model: TextModel, rank: int, alpha: float, targets: list[str], 
 
 @torch.no_grad()
 def merge(model: TextModel) -> None:
-    """W += (alpha / r) B A for every adapter, then drop the adapters: a plain model again."""
-    for module in model.modules():
+    """W += (alpha / r) B A for every adapter, then drop the adapters: a plain model again. A quantized
+    base cannot take the sum: merge into its dequantized state (herd.kernels.quant.plain_state)."""
+    for name, module in model.named_modules():
         adapter = getattr(module, "adapter", None)
+        if adapter is not None and not isinstance(module, (Linear, Experts)):
+            raise ValueError(f"{name}: a quantized {type(module).__name__} cannot take merged weights; merge into "
+                             "the model's dequantized state (herd.kernels.quant.plain_state)")
         if isinstance(adapter, LoRA):
             module.weight += adapter.delta_weight().to(module.weight.dtype)
         elif isinstance(adapter, ExpertsLoRA):

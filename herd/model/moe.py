@@ -58,6 +58,11 @@ class Experts(nn.Module):
     def num_experts(self) -> int:
         return self.w1.shape[0]
 
+    @property
+    def dims(self) -> tuple[int, int]:
+        """(D, F): the model width and each expert's width."""
+        return self.w1.shape[2], self.w1.shape[1]
+
     def one(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens [N, D] -> [N, D]; touches only expert e's weights."""
         a, linear = self.adapter, self.product

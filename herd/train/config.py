@@ -38,6 +38,11 @@ class ModelSection:
                                   "scaled by 1/sqrt(2 * n_layers) as in GPT-2; false: at init_std like the rest "
                                   "(in-context lookups formed sooner so in herd-tiny's probes)", True)
     vision: bool = doc("build / keep the vision encoder when the architecture has one", True)
+    quantize: str = doc("lora: the base model quantized as it loads, int8 (per output channel) or int4 (groups), "
+                        "and frozen: QLoRA (adapters in float32; one process on the CPU so far); '' = off", "")
+    quantize_group: int = doc("int4: inputs per scale and zero: 32, 64, 128 or 256", 128)
+    quantize_modules: list = doc("what model.quantize quantizes: some of experts (every routed expert), "
+                                 "shared_expert, dense_ffn, attention, output", ["experts", "shared_expert"])
     text_init: str = doc("pretrain: the decoder's starting weights (a .safetensors file with herd's TextModel "
                          "names, e.g. from `python -m experiments.herd_tiny probe --save`); default: random init", "")
     vision_init: str = doc("pretrain: the vision encoder's starting weights (a .safetensors file with herd's "
@@ -146,6 +151,18 @@ class TrainConfig:
             need(bool(m.checkpoint), "model.checkpoint", f"{self.job} starts from a checkpoint; none given")
             need(not m.vision_init, "model.vision_init", f"only for pretrain; {self.job} takes the checkpoint's encoder")
             need(not m.text_init, "model.text_init", f"only for pretrain; {self.job} takes the checkpoint's decoder")
+        if m.quantize:
+            from herd.kernels import quant
+            need(m.quantize in quant.MODES, "model.quantize", f"must be int8, int4 or '', got {m.quantize!r}")
+            need(self.job == "lora", "model.quantize", f"a quantized base is frozen, but {self.job} trains every "
+                 "weight: use job = 'lora' (QLoRA), or drop model.quantize")
+            need(self.device == "cpu", "model.quantize", f"quantized weights run on the CPU so far; device "
+                 f"{self.device!r} needs an unquantized base")
+            need(m.quantize_group in quant.GROUPS, "model.quantize_group",
+                 f"must be one of {', '.join(map(str, quant.GROUPS))}, got {m.quantize_group}")
+            bad = set(m.quantize_modules) - set(quant.MODULES)
+            need(not bad and bool(m.quantize_modules), "model.quantize_modules", f"unknown or empty: {sorted(bad)} "
+                 f"(known: {', '.join(quant.MODULES)})")
         need(bool(self.data.train), "data.train", "no training files given")
         need(self.data.seq_len >= 8, "data.seq_len", f"must be >= 8, got {self.data.seq_len}")
         need(0 <= self.data.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.data.val_fraction}")

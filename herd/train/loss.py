@@ -82,7 +82,9 @@ def summed_loss(model: TextModel, tokens_BT: torch.Tensor, targets_BT: torch.Ten
     def loss(m: TextModel, h_BTD: torch.Tensor) -> torch.Tensor:
         lora = m.output.adapter
         extra = (lora.A, lora.B, lora.scale) if lora is not None else ()
-        return LinearCrossEntropy.apply(m.norm(h_BTD)[learn], m.output.weight, targets_BT[learn], *extra)
+        # A quantized head (QLoRA, herd.kernels.quant) is frozen: dequantized for this step only.
+        w = m.output.weight if hasattr(m.output, "weight") else m.output.dequantized()
+        return LinearCrossEntropy.apply(m.norm(h_BTD)[learn], w, targets_BT[learn], *extra)
 
     return model(tokens_BT, image_mask_BT, image_features_ND, segments_BT=segments_BT, positions_BT=positions_BT,
                  head=loss)

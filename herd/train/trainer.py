@@ -23,13 +23,14 @@ from torch import nn
 from herd.checkpoint.errors import CheckpointError, check_tensors
 from herd.checkpoint.folder import carried_files, folder_max_tiles
 from herd.config import from_hf_config, preset
+from herd.kernels.quant import plain_state
 from herd.model.init import init_weights
 from herd.model.lora import add_adapters, merge
 from herd.model.moe import MoE
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
 from herd.train import resume as ckpt
-from herd.train.config import TrainConfig, as_dict
+from herd.train.config import TrainConfig, TrainConfigError, as_dict
 from herd.train.loss import summed_loss
 from herd.train.data import Batch, DataError, Documents, Encoder, PackedData, expand_sources, split_documents, tokenise
 from herd.train.metrics import Metrics
@@ -131,15 +132,20 @@ def build(cfg: TrainConfig) -> Built:
             warnings.warn(f"model.config: {missing} beside {m.config}: pictures are cut into up to {max_tiles} "
                           f"tiles (Llama 4's default max_patches)", stacklevel=2)
     else:
+        # QLoRA: the base quantized tensor by tensor as it loads, so it never exists whole in float32.
+        quantize = dict(quantize=m.quantize, quantize_group=m.quantize_group,
+                        quantize_modules=tuple(m.quantize_modules)) if m.quantize else {}
         try:
-            llm = herd.load(m.checkpoint, dtype="float32", device="cpu", vision=m.vision, progress=cfg.train.progress)
+            llm = herd.load(m.checkpoint, dtype="float32", device="cpu", vision=m.vision, progress=cfg.train.progress,
+                            **quantize)
         except CheckpointError as e:
             raise CheckpointError(f"model.checkpoint: {e}") from None
         model, vision, tok, mcfg, base = llm.model, llm.vision, llm.tokenizer, llm.config, m.checkpoint
         # llm.source: the folder itself, also for a name herd.load knows ("herd-tiny"), whose tokenizer
         # and processor configs the export carries along.
         folder, max_tiles = Path(llm.source), llm.tiler.max_tiles if llm.tiler is not None else DEFAULT_MAX_TILES
-        model.output.weight.data = model.output.weight.data.contiguous()  # inference may keep it column-major
+        if isinstance(model.output, nn.Linear):  # not when quantized
+            model.output.weight.data = model.output.weight.data.contiguous()  # inference may keep it column-major
     device = torch.device(cfg.device)
     model.to(device).train().requires_grad_(cfg.job != "lora")
     if vision is not None:
@@ -246,6 +252,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.world = init_world(cfg.distributed.backend, cfg.device, cfg.distributed.tensor_parallel)
+        if self.world.size > 1 and cfg.model.quantize:  # FSDP and expert parallelism shard parameters, not buffers
+            raise TrainConfigError(f"model.quantize: a quantized base trains in one process so far; this run has "
+                                   f"{self.world.size} (drop model.quantize, or run one process)")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.seed)
@@ -421,7 +430,12 @@ class Trainer:
         from herd.checkpoint.adapters import save_adapters
         from herd.checkpoint.load import save_hf
         cfg = self.cfg
-        state = gather_state(self.model, self.world)
+        quantized = bool(cfg.model.quantize)  # QLoRA, in one process (checked at the start)
+        if quantized and not cfg.lora.merge:  # the adapters alone: no full-precision model is ever built
+            return save_adapters(self.model, _fresh(self.out / "adapters"), cfg.lora.rank, cfg.lora.alpha,
+                                 cfg.lora.targets, self.built.base)
+        # QLoRA: the dequantized base, a new float32 copy that the export model takes over below (assign).
+        state = plain_state(self.model, dequantized=True) if quantized else gather_state(self.model, self.world)
         vision_state = None
         if self.vision is not None:
             from herd.train.parallel import full_tensor
@@ -429,10 +443,11 @@ class Trainer:
         if not self.world.main:
             self.world.barrier()
             return self.out / "final"
-        model = TextModel(self.model.cfg)
+        with torch.device("meta" if quantized else "cpu"):
+            model = TextModel(self.model.cfg)
         if cfg.job == "lora":
             add_adapters(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=quantized)
         vision = None
         if vision_state is not None:
             vision = VisionModel(self.vision.cfg, model.cfg.dim)
