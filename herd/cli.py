@@ -191,16 +191,21 @@ def cmd_info(args) -> int:
     else:
         print("vision: none (text only)")
     from herd.engine.cache import resolve_kv_dtype
-    from herd.kernels.quant import QuantSpec
-    from herd.llm import memory, plan, resolve_dtype
+    import herd
+    from herd.kernels import quant
+    from herd.llm import memory, resolve_dtype
 
     dtype = resolve_dtype(args.dtype)
-    model, encoder = plan(cfg, dtype, QuantSpec(args.quantize, args.quantize_group) if args.quantize else None)
+    # The meta device plans from the config (and a quantized checkpoint's headers), reading no weight.
+    planned = herd.load(args.model, dtype=dtype, device="meta", quantize=args.quantize,
+                        quantize_group=args.quantize_group, progress=False)
+    model, encoder = planned.model, planned.vision
     # The cache herd.load would give on that device.
     kv_dtype = kernels.cache_dtype(dtype, args.device) if args.kv_dtype == "auto" else resolve_kv_dtype(args.kv_dtype)
     mem = memory(model, encoder, kv_dtype, args.context)
-    how = args.dtype + (f", {args.quantize} experts" + (f" (group {args.quantize_group})" if args.quantize == "int4"
-                                                      else "") if args.quantize else "")
+    held = sorted({f"{m.mode}" + (f" (group {m.group})" if m.mode == "int4" else "") for m in model.modules()
+                   if isinstance(m, (quant.QuantLinear, quant.QuantExperts))})
+    how = args.dtype + (f", quantized in {', '.join(held)}" if held else "")
     kv = str(kv_dtype).removeprefix("torch.") + (" with float32 scales" if kv_dtype == torch.int8 else "")
     per_token = f" ({mem['kv_cache'] / args.context / 2**10:.1f} KiB per token)" if args.context else ""
     print(f"memory ({how}; KV cache in {kv} for {args.context} tokens on "
@@ -222,20 +227,23 @@ def cmd_perplexity(args) -> int:
     except (OSError, UnicodeDecodeError) as e:
         print(f"herd: --text {args.text}: {e}", file=sys.stderr)
         return 2
-    if args.compare and args.quantize is None and args.kv_dtype == "auto":
+    if args.compare and args.quantize is None and args.kv_dtype == "auto" and args.reference is None:
         print("herd: --compare scores a quantized model (--quantize) or KV cache (--kv-dtype) against the "
-              "model without them; add one", file=sys.stderr)
+              "model without them, or against --reference; add one", file=sys.stderr)
         return 2
     llm = _load(args)
     ids = llm.tokenizer.encode(text, bos=True)
     # A chosen cache only matters where K/V are read back from it: score through the cache then.
     cached = args.kv_dtype != "auto"
-    reference = herd.load(args.model, dtype=args.dtype, device=args.device) if args.compare else None
+    reference = None
+    if args.compare or args.reference:  # a quantized checkpoint's reference is its unquantized original
+        reference = herd.load(args.reference or args.model, dtype=args.dtype, device=args.device)
     q = quality(llm, ids, reference, window=args.window, cached=cached)
     print(f"{q.tokens} tokens of {args.text}" + (f" (through a KV cache in {args.kv_dtype})" if cached else "")
           + f": perplexity {q.perplexity:.4f}")
     if reference is not None:
-        print(f"reference (unquantized, default KV cache) perplexity {q.reference_perplexity:.4f}; mean KL "
+        what = args.reference or "unquantized, default KV cache"
+        print(f"reference ({what}) perplexity {q.reference_perplexity:.4f}; mean KL "
               f"divergence {q.mean_kl:.5f} nats/token; top-1 agreement {100 * q.top1_agreement:.2f}%")
     return 0
 
@@ -428,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--window", type=int, default=1024, help="tokens per scored window (default 1024)")
     q.add_argument("--compare", action="store_true",
                    help="also load the model unquantized with the default KV cache, and compare")
+    q.add_argument("--reference", default=None, metavar="MODEL",
+                   help="compare against this model instead (e.g. the bf16 original of a quantized checkpoint)")
     q.set_defaults(func=cmd_perplexity)
 
     c = sub.add_parser("convert", help="load any supported checkpoint and write it in Hugging Face format")

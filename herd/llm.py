@@ -13,7 +13,7 @@ from herd.kernels import quant
 from herd.checkpoint.adapters import load_adapters
 from herd.checkpoint.errors import CheckpointError
 from herd.checkpoint.folder import carried_files, folder_max_tiles
-from herd.checkpoint.load import load_model, quantization, read_config, save_hf
+from herd.checkpoint.load import load_model, quantization, read_config, save_hf, stored_quantized
 from herd.config import PRESETS, ModelConfig, preset
 from herd.engine import prompts as prompting
 from herd.engine.cache import kv_cache_bytes, resolve_kv_dtype
@@ -312,7 +312,7 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
     if spec is None:  # a quantized checkpoint runs as it was quantized
         spec, only = _stored_spec(name, dt, device, progress), set()
     if torch.device(device).type == "meta":  # a plan: shapes and bytes from the config, no weight read
-        model, encoder = plan(cfg, dt, spec, vision)
+        model, encoder = plan(cfg, dt, spec, vision, None if only is None else stored_quantized(name, cfg))
         return LLM(cfg, Tokenizer.from_folder(name, cfg.text.vocab_size), model, name, encoder, **limits)
     if max_tiles is None:
         limits["max_tiles"] = folder_max_tiles(name) or DEFAULT_MAX_TILES
@@ -338,7 +338,7 @@ def _stored_spec(folder, dtype: torch.dtype, device, say: bool) -> quant.QuantSp
     stored = quantization(folder)
     if stored is None:
         return None
-    ints = [s for s in stored.schemes if s.kind == "int"] if torch.device(device).type == "cpu" else []
+    ints = [s for s in stored.schemes if s.kind == "int"] if torch.device(device).type in ("cpu", "meta") else []
     if not ints:
         if say:
             print(f"herd: {Path(folder).name}: quantized weights dequantized to {str(dtype).removeprefix('torch.')} "
@@ -350,13 +350,13 @@ def _stored_spec(folder, dtype: torch.dtype, device, say: bool) -> quant.QuantSp
 
 
 def plan(cfg: ModelConfig, dtype: torch.dtype, spec: quant.QuantSpec | None = None,
-         vision: bool = True) -> tuple[TextModel, VisionModel | None]:
-    """The text model (quantized per ``spec``) and vision encoder on the meta device: every shape and
-    byte, no memory."""
+         vision: bool = True, only: set[str] | None = None) -> tuple[TextModel, VisionModel | None]:
+    """The text model (quantized per ``spec``, for the weights in ``only`` if given) and vision encoder
+    on the meta device: every shape and byte, no memory."""
     with torch.device("meta"):
         model = TextModel(cfg.text).to(dtype)
         if spec is not None:
-            quant.install(model, spec, dtype)
+            quant.install(model, spec, dtype, only)
         encoder = VisionModel(cfg.vision, cfg.text.dim).to(dtype) if vision and cfg.vision is not None else None
     return model, encoder
 

@@ -132,7 +132,7 @@ def test_info_plans_memory_with_quantization(capsys):
     from herd.cli import main
     assert main(["info", "scout", "--quantize", "int4", "--context", "131072"]) == 0
     out = capsys.readouterr().out
-    assert "int4 experts (group 128)" in out and "experts 50.80 GiB" in out and "total 76.16 GiB" in out
+    assert "quantized in int4 (group 128)" in out and "experts 50.80 GiB" in out and "total 76.16 GiB" in out
     assert main(["info", "scout", "--context", "131072"]) == 0
     assert "experts 191.25 GiB" in capsys.readouterr().out
 

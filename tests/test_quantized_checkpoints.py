@@ -211,6 +211,13 @@ def test_convert_writes_a_quantized_checkpoint(plain_folder, tmp_path, capsys):
     assert isinstance(llm.model.layers[1].feed_forward.experts, quant.QuantExperts)
     again = herd.load(plain_folder, dtype="bfloat16", quantize="int4", quantize_group=32, progress=False)
     assert torch.equal(_logits(llm), _logits(again))
+    text = tmp_path / "text.txt"
+    text.write_text(PROMPT * 4)
+    capsys.readouterr()
+    assert main(["perplexity", "--model", str(tmp_path / "q"), "--reference", plain_folder, "--text", str(text),
+                 "--window", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"reference ({plain_folder}) perplexity" in out and "mean KL divergence" in out
 
 
 def _edit(folder, tensors=None, config=None):
@@ -298,3 +305,15 @@ def test_meta_fp8_release_loads_dequantized(mp, tmp_path):
     torch.save({k: v for k, v in list(scales[0].items())[1:]}, tmp_path / "fp8" / "fp8_scales_0.pt")
     with pytest.raises(CheckpointError, match=r"fp8_scales_0.pt: missing scale 'layers.1.feed_forward.experts.w1'"):
         herd.load(tmp_path / "fp8", progress=False)
+
+
+def test_info_plans_a_quantized_folder_as_stored(tmp_path, capsys):
+    """`herd info` on a quantized folder counts the modules the file quantized, from its headers."""
+    from herd.cli import main
+
+    herd.load(MODEL, quantize="int4", quantize_group=32, quantize_modules=("experts",),
+              progress=False).save_pretrained(tmp_path / "q")
+    loaded = herd.load(tmp_path / "q", progress=False).memory(context=64)
+    assert herd.load(tmp_path / "q", device="meta", progress=False).memory(context=64) == loaded
+    assert main(["info", str(tmp_path / "q"), "--context", "64", "--dtype", "float32"]) == 0
+    assert "quantized in int4 (group 32)" in capsys.readouterr().out

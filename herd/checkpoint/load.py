@@ -366,6 +366,18 @@ def _plan_and_source(folder: Path, cfg: ModelConfig, fmt: str, vision: bool, dty
     return plan, source, meta.skipped
 
 
+def _stored(plan: dict[str, hf.Recipe], source) -> set[str]:
+    """herd tensor names whose weights the checkpoint stores quantized."""
+    quantized = getattr(source, "quantized", lambda key: False)
+    return {k for k, r in plan.items() if any(quantized(s) for s in r.sources)}
+
+
+def stored_quantized(folder: str | os.PathLike, cfg: ModelConfig) -> set[str]:
+    """`_stored` of a Hugging Face folder, from the file headers alone."""
+    plan, source, _ = _plan_and_source(Path(folder), cfg, "hf", vision=False)
+    return _stored(plan, source)
+
+
 def check_plan(plan: dict[str, hf.Recipe], source, expected: Mapping[str, torch.Tensor],
                ignore: Callable[[str], bool]) -> int:
     """Validate names, shapes and dtypes on meta tensors; return the bytes the source will supply."""
@@ -448,8 +460,7 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
         expected |= {"vision." + k: v for k, v in encoder.state_dict().items()}
     plan, source, ignore = _plan_and_source(folder, cfg, fmt, vision, dtype)
     total = check_plan(plan, source, expected, ignore)
-    stored = {k for k, r in plan.items() if any(getattr(source, "quantized", lambda s: False)(s) for s in r.sources)}
-    quantizers = quantize(text, stored) if quantize is not None else {}
+    quantizers = quantize(text, _stored(plan, source)) if quantize is not None else {}
     bar = _Progress(f"loading {folder.name}", total, progress)
     state, counted = {}, set()  # a fused source tensor feeds several keys: count its bytes once
     for key, recipe in plan.items():
