@@ -38,7 +38,8 @@ def test_quantized_linear_is_its_dequantized_weight_times_x(spec, dtype):
         setattr(m, key, value)
     deq = m.dequantized()
     assert _rel(deq, w) < (0.01 if spec.mode == "int8" else 0.07)
-    for rows in (1, 3, quant.FEW_ROWS, quant.FEW_ROWS + 1, 40):
+    few = quant.FEW_ROWS[spec.mode]
+    for rows in (1, 3, few, few + 1, 40):
         x = torch.randn(rows, 256, generator=g).to(dtype)
         y = m(x)
         assert y.dtype == dtype and y.shape == (rows, 96)
