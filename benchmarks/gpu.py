@@ -5,11 +5,14 @@
 Checks (float32 unless said): tiny presets' logits on the GPU against the CPU; cached greedy
 generation against full forwards on the GPU, crossing several attention chunks; a batch of
 prompts of different lengths against one by one; in bf16 the grouped-GEMM MoE path against the
-every-expert reference. Exits non-zero when a check fails.
+every-expert reference; int8 and int4 weights (torch's tinygemm) against the model holding their
+dequantized weights, against the same quantization on the CPU, and saved and reloaded. Exits
+non-zero when a check fails.
 
 Speed: the generation benchmark's model (width 1024, 8 layers, 16 experts top-1, 202,048
 vocabulary), random weights made on the GPU, bf16, herd against transformers' Llama4ForCausalLM
-on the same weights: prefill tokens/s at 512 and 4096 tokens, decode tokens/s at batch 1 and 8.
+on the same weights: prefill tokens/s at 512 and 4096 tokens, decode tokens/s at batch 1 and 8;
+then the same model with int8 and int4 (group 128) weights against bf16: decode batch 1, prefill 512.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import herd  # noqa: E402
 from herd.checkpoint.load import save_hf  # noqa: E402
 from herd.engine.generate import full_forward_tokens  # noqa: E402
 from herd import kernels  # noqa: E402
+from herd.kernels import quant  # noqa: E402
 from herd.model.init import init_weights  # noqa: E402
 from herd.model.transformer import TextModel  # noqa: E402
 
@@ -67,6 +71,49 @@ def checks() -> list[tuple[str, bool, str]]:
     return out
 
 
+def quant_checks(device: str = "cuda") -> list[tuple[str, bool, str]]:
+    out = []
+    for mode, group in (("int8", 128), ("int4", 32), ("int4", 64)):
+        what = f"{mode}" + (f" g{group}" if mode == "int4" else "")
+        kw = dict(seed=3, dtype="bfloat16", quantize=mode, quantize_group=group, quantize_modules=quant.MODULES)
+        gpu = herd.load("tiny-interleaved", device=device, **kw)
+        cpu = herd.load("tiny-interleaved", **kw)
+        twin = herd.load("tiny-interleaved", seed=3, dtype="bfloat16", device=device, kernels=False)
+        twin.model.load_state_dict(quant.plain_state(gpu.model, dequantized=True))
+        ids = gpu.tokenizer.encode(PROMPT, bos=True)
+        a = gpu.logits([ids]).float().cpu()
+        for name, ref in (("dequantized model on GPU", twin.logits([ids]).float().cpu()),
+                          ("same quantization on CPU", cpu.logits([ids]).float())):
+            gap = float((a - ref).abs().max() / ref.abs().max())
+            out.append((f"{what}: bf16 logits GPU vs {name}", gap < 3e-2, f"{gap:.2e}"))  # bf16: CPU 1.7e-2
+        new = gpu.generate(ids, max_new_tokens=30).token_ids
+        ref = full_forward_tokens(gpu.model, ids, 30, gpu.tokenizer.stop_ids)
+        same = next((i for i, (x, y) in enumerate(zip(new, ref)) if x != y), len(ref))
+        out.append((f"{what}: cached greedy vs full forwards on GPU (bf16: first 10 must agree)", same >= 10,
+                    f"first {same}/{len(ref)} equal"))
+        folder = Path(tempfile.mkdtemp()) / "q"
+        gpu.save_pretrained(folder)
+        back = herd.load(folder, device=device, dtype="bfloat16")
+        gap = float((back.logits([ids]).float().cpu() - a).abs().max())
+        out.append((f"{what}: saved (compressed-tensors) and reloaded on GPU", gap == 0.0, f"{gap:.2e}"))
+    return out
+
+
+def quant_speeds(cfg, steps: int) -> dict:
+    """Decode batch 1 and prefill 512 with bf16, int8 and int4 (group 128) weights, every linear quantized."""
+    res = {}
+    for name, spec in (("bf16", None), ("int8", quant.QuantSpec("int8", 128, quant.MODULES)),
+                       ("int4", quant.QuantSpec("int4", 128, quant.MODULES))):
+        model = init_weights(TextModel(cfg)).to(device="cuda", dtype=torch.bfloat16).eval().requires_grad_(False)
+        if spec is not None:
+            quant.to_device(quant.quantize_model(model, spec), "cuda")
+        kernels.apply(model)
+        res[name] = (herd_decode(model, 1, steps, repeat=3), herd_prefill(model, 512, repeat=3))
+        del model
+        torch.cuda.empty_cache()
+    return res
+
+
 def speeds(prefill, decode, prompts: list[int], batches: list[int], steps: int) -> dict:
     """Best of 3 (the first run of a shape pays for kernel selection and caches)."""
     res = {f"prefill {n}": prefill(n, repeat=3) for n in prompts}
@@ -83,6 +130,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     results = checks()
+    try:
+        results += quant_checks()
+    except Exception as e:  # report it as a failed check; the speed tables still run
+        results.append(("quantized weights on CUDA", False, f"{type(e).__name__}: {e}"))
     for name, ok, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
     cfg = bench_config(args.layers, args.experts)
@@ -105,8 +156,19 @@ def main(argv=None) -> int:
     for case, v in ours.items():
         t = theirs.get(case)
         print(f"{case:16} {v:10.1f} {t or float('nan'):13.1f} {v / t if t else float('nan'):6.2f}x")
+    quantized = {}
+    try:
+        quantized = quant_speeds(cfg, args.steps)
+        print("\nquantized weights (every linear), tokens/s")
+        print(f"{'weights':8} {'decode b1':>10} {'vs bf16':>8} {'prefill 512':>12} {'vs bf16':>8}")
+        for name, (dec, pre) in quantized.items():
+            print(f"{name:8} {dec:10.1f} {dec / quantized['bf16'][0]:7.2f}x {pre:12.1f} "
+                  f"{pre / quantized['bf16'][1]:7.2f}x")
+    except Exception as e:
+        print(f"quantized speed could not run: {type(e).__name__}: {e}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"checks": results, "herd": ours, "transformers": theirs}, indent=1))
+        Path(args.json).write_text(json.dumps({"checks": results, "herd": ours, "transformers": theirs,
+                                               "quantized": quantized}, indent=1))
     return 0 if all(ok for _, ok, _ in results) else 1
 
 

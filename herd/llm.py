@@ -243,9 +243,12 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
     spec = None
     if quantize is not None:
         spec = quant.QuantSpec(quantize, quantize_group, tuple(quantize_modules))
-        if torch.device(device).type not in ("cpu", "meta"):
-            raise ValueError(f"quantize={quantize!r} runs on the CPU so far; device {device!r} has no quantized "
+        if torch.device(device).type not in ("cpu", "meta", "cuda"):
+            raise ValueError(f"quantize={quantize!r} runs on the CPU and CUDA; device {device!r} has no quantized "
                              "kernels in herd yet (load in bfloat16, or on the CPU)")
+        if quantize == "int4" and torch.device(device).type == "cuda" and resolve_dtype(dtype) != torch.bfloat16:
+            raise ValueError("quantize='int4' on CUDA runs in bfloat16 (torch's tinygemm kernel); "
+                             "load with dtype='bfloat16'")
         if adapters is not None:
             raise ValueError("adapters are merged into full-precision weights; load them without quantize")
     llm = _load(path_or_preset, dtype, device, seed=seed, progress=progress, vision=vision, max_images=max_images,
@@ -300,7 +303,7 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
         _check_fits(cfg, dt, name)
         model = init_weights(TextModel(cfg.text), seed=seed).to(device=device, dtype=dt)
         if spec is not None:
-            quant.quantize_model(model, spec)
+            quant.to_device(quant.quantize_model(model, spec), device)  # quantized on the CPU
         encoder = None
         if with_vision:
             encoder = init_weights(VisionModel(cfg.vision, cfg.text.dim), seed=seed + 1).to(device=device, dtype=dt)
@@ -328,6 +331,8 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
                                 column_major=column_major,
                                 quantize=None if spec is None else
                                 lambda m, stored: quant.install(m, spec, dt, None if only is None else stored))
+    if spec is not None:
+        quant.to_device(model, device)  # quantized on the CPU as it loaded; the kernels' layout on ``device``
     return LLM(cfg, tok, model, name, encoder, **limits)
 
 
@@ -338,7 +343,9 @@ def _stored_spec(folder, dtype: torch.dtype, device, say: bool) -> quant.QuantSp
     stored = quantization(folder)
     if stored is None:
         return None
-    ints = [s for s in stored.schemes if s.kind == "int"] if torch.device(device).type in ("cpu", "meta") else []
+    kernels_here = torch.device(device).type in ("cpu", "meta") or (torch.device(device).type == "cuda" and
+                                                                     dtype == torch.bfloat16)
+    ints = [s for s in stored.schemes if s.kind == "int"] if kernels_here else []
     if not ints:
         if say:
             print(f"herd: {Path(folder).name}: quantized weights dequantized to {str(dtype).removeprefix('torch.')} "

@@ -139,8 +139,14 @@ def _int4_slot_major(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
-def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """torch's CPU int4 packing [N, K/2] back to values [N, K] (uint8, 0..15)."""
+def unpack_int4(packed: torch.Tensor, N: int, K: int, scale_zero: torch.Tensor | None = None,
+                group: int = 0) -> torch.Tensor:
+    """torch's int4 packing [N, K/2] back to values [N, K] (uint8, 0..15, on the CPU). The CUDA packing
+    needs the matrix's ``scale_zero`` and ``group``: its values are read back from the dequantized weight."""
+    if packed.device.type == "cuda":
+        w = dequantize_int4(packed, scale_zero, group, N, K, torch.float32)
+        s, z = (scale_zero[..., i].float().t().repeat_interleave(group, dim=1) for i in (0, 1))
+        return (torch.round((w - z) / s) + 8).clamp(0, 15).to(torch.uint8).cpu()
     out = torch.empty(N, K, dtype=torch.uint8)
     out[_int4_rows(N)] = _int4_slot_major(packed, N, K).t()
     return out
@@ -157,6 +163,9 @@ def _dequantize_slot_major(packed: torch.Tensor, scale_zero: torch.Tensor, group
 def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, N: int, K: int,
                     dtype: torch.dtype) -> torch.Tensor:
     """W [N, K] in ``dtype``: w = (q - 8) * scale + zero."""
+    if packed.device.type == "cuda":  # the kernel times the identity: Wᵀ, as the kernel computes with it
+        eye = torch.eye(K, dtype=scale_zero.dtype, device=packed.device)
+        return torch.ops.aten._weight_int4pack_mm(eye, packed, group, scale_zero).t().to(dtype)
     w = torch.empty(N, K, dtype=dtype)
     w[_int4_rows(N)] = _dequantize_slot_major(packed, scale_zero, group, N, K, dtype).t()
     return w
@@ -173,7 +182,9 @@ def _int4_matmul(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tenso
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] <= FEW_ROWS["int8"]:
+    if q.device.type == "cuda":  # no weight-only int8 kernel in torch for CUDA: the products, then the scales
+        y = F.linear(x2, q.to(x.dtype)) * scale
+    elif x2.shape[0] <= FEW_ROWS["int8"]:
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
     else:
         y = F.linear(x2, q.to(x.dtype) * scale[:, None])
@@ -183,7 +194,9 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     N = scale_zero.shape[1]
-    if x2.shape[0] <= FEW_ROWS["int4"]:
+    if packed.device.type == "cuda":  # tinygemm, any number of rows (bfloat16 only)
+        y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), packed, group, scale_zero)
+    elif x2.shape[0] <= FEW_ROWS["int4"]:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, scale_zero)
     else:
         y = _int4_matmul(x2, packed, scale_zero, group)
@@ -307,9 +320,48 @@ def stored(module: QuantLinear | QuantExperts, proj: str | None = None) -> Quant
 
 def _stored(mode: str, group: int, values: torch.Tensor, scales: torch.Tensor, N: int, K: int) -> QuantizedWeight:
     if mode == "int8":
-        return QuantizedWeight(values, scales[:, None], None, (N, K), K, 8, "int")
-    q = (unpack_int4(values, N, K).to(torch.int8) - 8)
+        return QuantizedWeight(values.cpu(), scales[:, None].cpu(), None, (N, K), K, 8, "int")
+    q = (unpack_int4(values, N, K, scales, group).to(torch.int8) - 8)
+    scales = scales.cpu()
     return QuantizedWeight(q, scales[..., 0].t().contiguous(), int4_zero_points(scales) - 8, (N, K), group, 4, "int")
+
+
+# ---- CUDA ----------------------------------------------------------------------------------------
+# Unrun so far (no GPU has been lent): int4 through torch's tinygemm kernel (`_weight_int4pack_mm`,
+# bfloat16), int8 as products then scales. benchmarks/gpu.py checks both against the dequantized
+# model and times them.
+
+
+def _inner_k_tiles(K: int) -> int:
+    return 8 if K % 128 == 0 else 4 if K % 64 == 0 else 2
+
+
+def _int4_to_cuda(packed: torch.Tensor, scale_zero: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One matrix's CPU int4 packing as tinygemm's CUDA packing (from [N, K/2] bytes, high nibble first)."""
+    N, K = scale_zero.shape[1], packed.shape[-1] * 2
+    q = unpack_int4(packed, N, K)
+    pairs = (q[:, 0::2] << 4) | q[:, 1::2]
+    return torch.ops.aten._convert_weight_to_int4pack(pairs.to(device), _inner_k_tiles(K))
+
+
+def to_device(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """Every quantized module's state onto ``device`` in its kernel's layout there (CUDA: tinygemm's
+    int4 packing, built expert by expert); a CUDA int4 model computes in bfloat16."""
+    device = torch.device(device)
+    for m in model.modules():
+        if not isinstance(m, (QuantLinear, QuantExperts)):
+            continue
+        if m.mode == "int4" and device.type == "cuda" and getattr(m, m.names[1]).dtype != torch.bfloat16:
+            raise ValueError("int4 on CUDA runs in bfloat16 (torch's tinygemm kernel); load with dtype='bfloat16'")
+        prefixes = [""] if isinstance(m, QuantLinear) else [f"{p}_" for p in m.shapes]
+        for prefix in prefixes:
+            values, scales = (getattr(m, prefix + n) for n in m.names)
+            if m.mode == "int4" and device.type == "cuda" and values.device.type == "cpu":
+                values = (_int4_to_cuda(values, scales, device) if values.dim() == 2 else
+                          torch.stack([_int4_to_cuda(v, s, device) for v, s in zip(values, scales)]))
+            setattr(m, prefix + m.names[0], values.to(device))
+            setattr(m, prefix + m.names[1], scales.to(device))
+    return model
 
 
 # ---- whole models ---------------------------------------------------------------------------------
@@ -422,7 +474,8 @@ def quantize_model(model: TextModel, spec: QuantSpec) -> TextModel:
     """Quantize a model already in memory (presets, tests): each targeted module's weights are
     quantized and the module replaced, one at a time."""
     dtype = model.tok_embeddings.weight.dtype
-    weights = {name: ({p: getattr(m, p).data for p in ("w1", "w3", "w2")} if isinstance(m, Experts) else m.weight.data)
+    weights = {name: ({p: getattr(m, p).data.cpu() for p in ("w1", "w3", "w2")} if isinstance(m, Experts)
+                      else m.weight.data.cpu())  # quantized on the CPU; `to_device` lays a GPU's out
                for name, m in targets(model, spec).items()}
     with torch.device("meta"):
         quantizers = install(model, spec, dtype)
