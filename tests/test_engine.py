@@ -260,8 +260,8 @@ def test_bad_options(moe, kwargs, message):
 
 
 def test_unknown_option_and_bad_prompts(moe):
-    with pytest.raises(TypeError, match="frequency_penalty"):
-        moe.generate("Hi", frequency_penalty=1.0)
+    with pytest.raises(TypeError, match="frobnicate"):
+        moe.generate("Hi", frobnicate=1.0)
     for prompt in ("", [], None):
         with pytest.raises(ValueError, match="empty|prompt must be"):
             moe.generate(prompt)
@@ -275,3 +275,50 @@ def test_context_limit():
     short.model.cfg = short.config.text
     with pytest.raises(ValueError, match=r"prompt 0: \d+ tokens \+ max_new_tokens 30 exceeds the model's context of 32"):
         short.generate(PROMPT, max_new_tokens=30)
+
+
+# ---- penalties and logit bias --------------------------------------------------------------------
+
+
+def test_penalties_and_bias_adjust_the_logits_as_specified():
+    """OpenAI's presence / frequency penalties over the output, then the bias; the repetition penalty
+    over prompt and output exactly as transformers' RepetitionPenaltyLogitsProcessor."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from herd.engine.generate import Sampling, adjusted
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    prompt, output = [1, 2, 3], [3, 7, 7, 9]
+    assert adjusted(logits, Sampling(), prompt, output) is logits  # nothing asked: untouched
+    got = adjusted(logits, Sampling(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={4: 100, 7: -1.5}),
+                   prompt, output)
+    want = logits.clone()
+    for token, count in ((3, 1), (7, 2), (9, 1)):
+        want[token] -= 0.5 + 0.25 * count
+    want[4] += 100
+    want[7] -= 1.5
+    torch.testing.assert_close(got, want)
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + output]), logits[None].clone())[0]
+    torch.testing.assert_close(adjusted(logits, Sampling(repetition_penalty=1.3), prompt, output), theirs)
+
+
+def test_logit_bias_and_penalties_steer_generation(moe):
+    free = moe.generate("Hello there", max_new_tokens=6).token_ids
+    forced = moe.generate("Hello there", max_new_tokens=6, logit_bias={1234: 100}).token_ids
+    assert forced == [1234] * 6
+    banned = moe.generate("Hello there", max_new_tokens=6, logit_bias={free[0]: -100}).token_ids
+    assert banned[0] != free[0]
+    fresh = moe.generate("Hello there", max_new_tokens=12, presence_penalty=2.0, frequency_penalty=2.0,
+                         logit_bias={1234: 5}).token_ids  # a bias the penalties outweigh once it has been said
+    assert fresh[0] == 1234 and fresh.count(1234) <= 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(presence_penalty=3.0), r"presence_penalty must be in \[-2, 2\]"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty must be in \(0, 10\]"),
+    (dict(logit_bias={5: 101}), r"logit_bias maps token ids"),
+    (dict(logit_bias={10**9: 1}), "logit_bias: token id 1000000000 is outside the vocabulary"),
+])
+def test_bad_penalties_are_named(moe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        moe.generate("Hi", **kwargs)

@@ -269,11 +269,29 @@ def test_a_forced_tool_call_that_does_not_parse_is_an_error(tiny):
             list(c.chat.completions.create(tool_choice=choice, stream=True, **args))
 
 
+def test_penalties_and_logit_bias_reach_the_sampler(tiny):
+    """OpenAI's logit_bias forces a token through the server, and the penalties then push it out, as
+    llm.generate does with the same options."""
+    c = tiny.client()
+    msgs = [{"role": "user", "content": "Hi"}]
+    llm = herd.load("tiny-moe", progress=False)
+    prompt = llm.tokenizer.apply_chat_template(msgs)
+    for extra in ({"logit_bias": {"1234": 100}},
+                  {"logit_bias": {"1234": 5}, "presence_penalty": 2.0, "frequency_penalty": 2.0},
+                  {"repetition_penalty": 1.5}):
+        kwargs = {k: ({int(t): b for t, b in v.items()} if k == "logit_bias" else v) for k, v in extra.items()}
+        want = llm.generate(prompt, max_new_tokens=6, **kwargs)
+        got = c.chat.completions.create(model="tiny-moe", messages=msgs, max_tokens=6, temperature=0,
+                                        extra_body=extra)
+        assert got.choices[0].message.content == want.text, extra
+
+
 def test_unsupported_fields_are_refused_by_name_and_developer_is_system(tiny):
     c = tiny.client()
     msgs = [{"role": "user", "content": "Hi"}]
     for extra, name in (({"response_format": {"type": "json_object"}}, "response_format"),
-                        ({"presence_penalty": 0.5}, "presence_penalty"), ({"frobnicate": 1}, "frobnicate"),
+                        ({"presence_penalty": 2.5}, "presence_penalty"), ({"frobnicate": 1}, "frobnicate"),
+                        ({"logit_bias": {"999999999": 1}}, "logit_bias"),
                         ({"parallel_tool_calls": False}, "parallel_tool_calls")):
         with pytest.raises(openai.BadRequestError, match=name) as e:
             c.chat.completions.create(model="tiny-moe", messages=msgs, max_tokens=2, extra_body=extra)
@@ -511,7 +529,8 @@ HOSTILE = [  # (name, method, path, body, status)
     ("top_logprobs 100", "POST", "/v1/chat/completions", _chat(logprobs=True, top_logprobs=100), 400),
     ("tools not a list", "POST", "/v1/chat/completions", _chat(tools={"a": 1}), 400),
     ("bad tool_choice", "POST", "/v1/chat/completions", _chat(tool_choice="always"), 400),
-    ("presence penalty", "POST", "/v1/chat/completions", _chat(presence_penalty=1.0), 400),
+    ("presence penalty out of range", "POST", "/v1/chat/completions", _chat(presence_penalty=3.0), 400),
+    ("logit bias of a huge id", "POST", "/v1/chat/completions", _chat(logit_bias={"99999999": 5}), 400),
     ("integer of 5,000 digits", "POST", "/v1/chat/completions",
      _chat().replace(b'"model"', b'"max_tokens": ' + b"9" * 5000 + b', "model"'), 400),
     ("Infinity literal", "POST", "/v1/chat/completions", _chat().replace(b'"model"', b'"top_p": Infinity, "model"'),

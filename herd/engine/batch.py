@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from herd.engine.generate import Engine, Sampling, sample
+from herd.engine.generate import Engine, Sampling, adjusted, sample
 from herd.tokenizer.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -159,7 +159,7 @@ class Batcher:
 
     def _pick(self, seat: _Seat, logits_V: torch.Tensor) -> None:
         job = seat.job
-        token = sample(logits_V, job.sampling, seat.gen)
+        token = sample(adjusted(logits_V, job.sampling, job.ids, job.token_ids), job.sampling, seat.gen)
         seat.last = token
         job.token_ids.append(token)
         if job.logprobs is not None:

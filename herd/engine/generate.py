@@ -14,7 +14,7 @@ engine must reproduce it token for token (tests/test_engine.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,14 +30,18 @@ GREEDY_BELOW = 1e-5
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to pick each token: greedy at temperature 0 (or below GREEDY_BELOW), else temperature +
-    top-k / top-p / min-p."""
+    """How to pick each token: the logits adjusted by the penalties and biases (`adjusted`), then
+    greedy at temperature 0 (or below GREEDY_BELOW), else temperature + top-k / top-p / min-p."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: minus this for every token the output already holds
+    frequency_penalty: float = 0.0  # minus this times how often the output holds it
+    repetition_penalty: float = 1.0  # HF's and vLLM's: a seen token's (prompt or output) logit / r if > 0, else * r
+    logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
@@ -48,6 +52,43 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p < 1):
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and -2 <= v <= 2):
+                raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
+        r = self.repetition_penalty
+        if not (isinstance(r, (int, float)) and 0 < r <= 10):
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {r!r}")
+        for token, bias in (self.logit_bias or {}).items():
+            if not (isinstance(token, int) and token >= 0 and isinstance(bias, (int, float)) and -100 <= bias <= 100):
+                raise ValueError(f"logit_bias maps token ids (>= 0) to numbers in [-100, 100], got {token!r}: {bias!r}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Every biased token must be in the vocabulary."""
+        outside = [t for t in (self.logit_bias or {}) if t >= vocab_size]
+        if outside:
+            raise ValueError(f"logit_bias: token id {outside[0]} is outside the vocabulary (size {vocab_size})")
+
+
+def adjusted(logits_V: torch.Tensor, s: Sampling, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> torch.Tensor:
+    """The logits the sampler draws from: the repetition penalty over prompt and output, the presence
+    and frequency penalties over the output, then the logit bias (vLLM's order). Untouched when
+    nothing is asked."""
+    if s.repetition_penalty == 1 and not (s.presence_penalty or s.frequency_penalty) and not s.logit_bias:
+        return logits_V
+    out = logits_V.clone()
+    if s.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        if seen.numel():
+            v = out[seen]
+            out[seen] = torch.where(v > 0, v / s.repetition_penalty, v * s.repetition_penalty)
+    if (s.presence_penalty or s.frequency_penalty) and output_ids:
+        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=out.numel())[:out.numel()]
+        out -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0)
+    if s.logit_bias:
+        ids = torch.tensor(list(s.logit_bias), dtype=torch.long)
+        out[ids] += torch.tensor(list(s.logit_bias.values()), dtype=out.dtype)
+    return out
 
 
 def sample(logits_V: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:

@@ -144,7 +144,10 @@ def _sampling(body: GenerationRequest, defaults: Mapping[str, float]) -> Samplin
     return Sampling(temperature=float(pick("temperature", defaults.get("temperature", 1.0))),
                     top_p=float(pick("top_p", defaults.get("top_p", 1.0))),
                     top_k=int(pick("top_k", defaults.get("top_k", 0))), min_p=float(pick("min_p", 0.0)),
-                    seed=None if body.seed is None else body.seed % 2**63)
+                    seed=None if body.seed is None else body.seed % 2**63,
+                    presence_penalty=float(pick("presence_penalty", 0.0)),
+                    frequency_penalty=float(pick("frequency_penalty", 0.0)),
+                    repetition_penalty=float(pick("repetition_penalty", 1.0)), logit_bias=body.logit_bias)
 
 
 async def _read_json(request: Request, limit: int) -> dict:
@@ -398,6 +401,10 @@ async def _complete(request: Request, body: GenerationRequest, prompt: Prompt, m
     scheduler, chat = state.scheduler, isinstance(body, ChatRequest)
     assert scheduler is not None
     sampling = _sampling(body, state.defaults)
+    try:
+        sampling.check_vocab(state.llm.config.text.vocab_size)
+    except ValueError as e:
+        raise ApiError(400, str(e), "logit_bias") from None
     room = scheduler.max_len - len(prompt.ids)
     if room < 1 or (max_tokens is not None and max_tokens > room):
         raise ApiError(400, f"the prompt has {len(prompt.ids)} tokens; with {name} {max_tokens or 1} that is more "

@@ -20,6 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # biased tokens per request
 
 
 class ApiError(Exception):
@@ -70,8 +71,9 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: Annotated[int, Field(ge=-2 ** 63, lt=2 ** 64)] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None  # vLLM's extension
     logit_bias: dict[str, Any] | None = None
     user: str | None = None  # OpenAI's end-user id: accepted, unused
 
@@ -83,19 +85,23 @@ class GenerationRequest(BaseModel):
             raise ValueError("empty or too many")
         return stops
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v):
-        if v not in (None, 0):
-            raise ValueError("is not supported (only 0)")
-        return v
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, v):
-        if v:
-            raise ValueError("is not supported")
-        return v
+    def _bias(cls, v):
+        """Token ids (as strings, OpenAI's JSON keys) to numbers in [-100, 100]; the vocabulary bound is
+        the model's, checked with it."""
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"has {len(v)} entries; at most {MAX_LOGIT_BIAS}")
+        out = {}
+        for key, bias in v.items():
+            if not (key.isascii() and key.isdigit() and len(key) < 10):
+                raise ValueError(f"keys must be token ids, got {brief(key)}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise ValueError(f"values must be numbers in [-100, 100], got {brief(bias)} for token {key}")
+            out[int(key)] = float(bias)
+        return out
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
