@@ -67,6 +67,28 @@ def write_checkpoint(cfg: TextConfig, folder: Path) -> Path:
     return folder
 
 
+def bench_parser(doc: str, **counts: int) -> argparse.ArgumentParser:
+    """The options of the scripts that time the benchmark model's checkpoint: --dir, --rounds,
+    --threads, and one integer option per keyword (name=default)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--dir", default=os.environ.get("HERD_BENCH_DIR"), help="checkpoint folder (kept between runs)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    for name, default in counts.items():
+        ap.add_argument(f"--{name}", type=int, default=default)
+    return ap
+
+
+def bench_folder(args: argparse.Namespace) -> Path:
+    """The benchmark model's checkpoint (written once, with Llama 4's tokenizer), torch on --threads."""
+    torch.set_num_threads(args.threads)
+    folder = Path(args.dir or tempfile.mkdtemp(prefix="herd-bench-"))
+    if not (folder / "config.json").exists():
+        write_checkpoint(bench_config(8, 16), folder)
+    add_llama4_tokenizer(folder)
+    return folder
+
+
 def add_llama4_tokenizer(folder: Path) -> None:
     """llama.cpp's converter needs the checkpoint's tokenizer.json: the real Llama 4 one, built from
     the llama-models package's tiktoken file by ../shared/anchors/llamacpp/make_tokenizer.py."""

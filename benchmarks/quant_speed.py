@@ -11,39 +11,27 @@ like Q4_0.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import herd  # noqa: E402
-from generation import LLAMACPP, add_llama4_tokenizer, bench_config, herd_decode, herd_prefill, write_checkpoint  # noqa: E402
+from generation import LLAMACPP, bench_folder, bench_parser, herd_decode, herd_prefill  # noqa: E402
 from herd.kernels import quant  # noqa: E402
 
 VARIANTS = {"bf16": {}, "int8": dict(quantize="int8"), "int4": dict(quantize="int4", quantize_group=32)}
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", default=os.environ.get("HERD_BENCH_DIR"), help="checkpoint folder (kept between runs)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = bench_parser(__doc__, steps=32)
     ap.add_argument("--llamacpp", action="store_true", help="also run llama.cpp's bench.sh in q8_0 and q4_0")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    folder = Path(args.dir or tempfile.mkdtemp(prefix="herd-bench-"))
-    if not (folder / "config.json").exists():
-        write_checkpoint(bench_config(8, 16), folder)
-    add_llama4_tokenizer(folder)
+    folder = bench_folder(args)
     models = {name: herd.load(folder, dtype="bfloat16", progress=False, quantize_modules=quant.MODULES, **kw)
               for name, kw in VARIANTS.items()}
     decode = {name: [] for name in models}

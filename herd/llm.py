@@ -17,6 +17,7 @@ from herd.checkpoint.load import load_model, quantization, read_config, save_hf,
 from herd.config import PRESETS, ModelConfig, preset
 from herd.engine import prompts as prompting
 from herd.engine.cache import kv_cache_bytes, resolve_kv_dtype
+from herd.engine.constrain import json_grammar
 from herd.engine.generate import Sampling
 from herd.model.init import init_weights
 from herd.model.transformer import TextModel
@@ -112,37 +113,46 @@ class LLM:
     def generate(self, prompt, max_new_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: str | list[str] | None = None,
                  tools: list[dict] | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None):
+                 repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
+                 json_schema: dict | bool | None = None):
         """Generate from a string (raw text), token ids, a ChatPrompt (apply_chat_template's, images
         included), or chat messages (images allowed) — or a list of those, batched — and return a Generation (a
         list of them for a batch).
 
         Greedy at temperature 0; otherwise sampling with top-k / top-p / min-p, reproducible with
         ``seed``. Before either: OpenAI's ``presence_penalty`` / ``frequency_penalty`` over the output,
-        the ``repetition_penalty`` of HF and vLLM over prompt and output, ``logit_bias`` {token id: bias}. A row ends at a stop token (<|eot|>, <|eom|>, <|end_of_text|>), a ``stop`` string
+        the ``repetition_penalty`` of HF and vLLM over prompt and output, ``logit_bias`` {token id: bias}.
+        ``json_schema``: the reply is JSON following that schema (True: any JSON object), decoding
+        constrained by a grammar (herd.engine.constrain); cut off by ``max_new_tokens``, it may be partial. A row ends at a stop token (<|eot|>, <|eom|>, <|end_of_text|>), a ``stop`` string
         (one, or a list), or ``max_new_tokens``. ``tools``: OpenAI-style tool definitions offered to
         chat messages; read the calls with ``llm.tokenizer.parse_assistant(generation.token_ids)``.
         """
         sampling = self._sampling(temperature, top_k, top_p, min_p, seed, presence_penalty, frequency_penalty,
-                                  repetition_penalty, logit_bias)
+                                  repetition_penalty, logit_bias, json_schema)
         batch = prompting.is_batch(prompt)
         prompts = [self.prepare(p, tools) for p in (prompt if batch else [prompt])]
         out = prompting.generate(self._runner(), prompts, max_new_tokens, sampling, stop)
         return out if batch else out[0]
 
     def _sampling(self, *args) -> Sampling:
-        sampling = Sampling(*args)
+        *args, json_schema = args
+        grammar = None
+        if json_schema is not None and json_schema is not False:
+            grammar = json_grammar(None if json_schema is True else json_schema, self.tokenizer,
+                                   self.config.text.vocab_size)
+        sampling = Sampling(*args, grammar=grammar)
         sampling.check_vocab(self.config.text.vocab_size)
         return sampling
 
     def stream(self, prompt, max_new_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: str | list[str] | None = None,
                tools: list[dict] | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-               repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None):
+               repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
+               json_schema: dict | bool | None = None):
         """Like generate for one prompt, but yields the text as it is decoded (whole characters only);
         the generator's return value (StopIteration.value) is the finished Generation."""
         sampling = self._sampling(temperature, top_k, top_p, min_p, seed, presence_penalty, frequency_penalty,
-                                  repetition_penalty, logit_bias)
+                                  repetition_penalty, logit_bias, json_schema)
         if prompting.is_batch(prompt):
             raise ValueError("stream takes one prompt; use generate for a batch")
         pieces = prompting.stream(self._runner(), [self.prepare(prompt, tools)], max_new_tokens, sampling, stop)

@@ -289,7 +289,8 @@ def test_penalties_and_logit_bias_reach_the_sampler(tiny):
 def test_unsupported_fields_are_refused_by_name_and_developer_is_system(tiny):
     c = tiny.client()
     msgs = [{"role": "user", "content": "Hi"}]
-    for extra, name in (({"response_format": {"type": "json_object"}}, "response_format"),
+    for extra, name in (({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                            "type": "object", "properties": {"a": {"type": "wat"}}}}}}, "response_format"),
                         ({"presence_penalty": 2.5}, "presence_penalty"), ({"frobnicate": 1}, "frobnicate"),
                         ({"logit_bias": {"999999999": 1}}, "logit_bias"),
                         ({"parallel_tool_calls": False}, "parallel_tool_calls")):

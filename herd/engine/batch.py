@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from herd.engine.constrain import Constraint
 from herd.engine.generate import Engine, Sampling, adjusted, sample
 from herd.tokenizer.tokenizer import StreamDecoder, Tokenizer
 
@@ -92,6 +93,7 @@ class _Seat:
     gen: torch.Generator | None
     last: int = -1
     started: float = 0.0
+    constraint: Constraint | None = None
 
 
 class Batcher:
@@ -129,7 +131,9 @@ class Batcher:
         for job, row in zip(ready, logits):
             s = job.sampling
             seat = _Seat(job, _Text(self.tokenizer, job.stop),
-                         torch.Generator().manual_seed(s.seed) if s.seed is not None else None, started=now)
+                         torch.Generator().manual_seed(s.seed) if s.seed is not None else None, started=now,
+                         constraint=None if s.grammar is None else
+                         Constraint(s.grammar, self.tokenizer, self.engine.model.cfg.vocab_size))
             job.prefill_s = now - start
             self.seats.append(seat)
             self._choose(seat, row)
@@ -159,7 +163,12 @@ class Batcher:
 
     def _pick(self, seat: _Seat, logits_V: torch.Tensor) -> None:
         job = seat.job
-        token = sample(adjusted(logits_V, job.sampling, job.ids, job.token_ids), job.sampling, seat.gen)
+        logits = adjusted(logits_V, job.sampling, job.ids, job.token_ids)
+        if seat.constraint is not None:
+            logits = seat.constraint.mask(logits)
+        token = sample(logits, job.sampling, seat.gen)
+        if seat.constraint is not None:
+            seat.constraint.advance(token)
         seat.last = token
         job.token_ids.append(token)
         if job.logprobs is not None:

@@ -42,6 +42,7 @@ class Sampling:
     frequency_penalty: float = 0.0  # minus this times how often the output holds it
     repetition_penalty: float = 1.0  # HF's and vLLM's: a seen token's (prompt or output) logit / r if > 0, else * r
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    grammar: str | None = None  # llguidance's grammar the output must follow (herd.engine.constrain)
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from herd.engine.batch import Job
+from herd.engine.constrain import ConstraintError, json_grammar
 from herd.engine.generate import Sampling
 from herd.engine.prompts import Prompt
 from herd.llm import LLM
@@ -405,6 +406,12 @@ async def _complete(request: Request, body: GenerationRequest, prompt: Prompt, m
         sampling.check_vocab(state.llm.config.text.vocab_size)
     except ValueError as e:
         raise ApiError(400, str(e), "logit_bias") from None
+    if body.response_format is not None:
+        try:
+            grammar = json_grammar(body.response_format[1], state.llm.tokenizer, state.llm.config.text.vocab_size)
+        except ConstraintError as e:
+            raise ApiError(400, f"'response_format': {e}", "response_format") from None
+        sampling = Sampling(**{**sampling.__dict__, "grammar": grammar})
     room = scheduler.max_len - len(prompt.ids)
     if room < 1 or (max_tokens is not None and max_tokens > room):
         raise ApiError(400, f"the prompt has {len(prompt.ids)} tokens; with {name} {max_tokens or 1} that is more "

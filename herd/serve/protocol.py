@@ -76,6 +76,26 @@ class GenerationRequest(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None  # vLLM's extension
     logit_bias: dict[str, Any] | None = None
     user: str | None = None  # OpenAI's end-user id: accepted, unused
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v):
+        """OpenAI's {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema",
+        "strict"}} as (True, schema or None) for JSON, None for text; the schema is compiled later."""
+        if v is None:
+            return None
+        kind = v.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return (True, None)
+        if kind != "json_schema":
+            raise ValueError(f"type must be 'text', 'json_object' or 'json_schema', got {brief(kind)}")
+        spec = v.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ValueError("json_schema must be an object with a 'schema' object (and a 'name')")
+        return (True, spec.get("schema", {}))
 
     @field_validator("stop")
     @classmethod
@@ -165,7 +185,7 @@ _FIELD_MESSAGES = {
     "suffix": "'suffix' is not supported",
     "best_of": "'best_of' is not supported (only 1)",
 }
-_NOT_YET = {"response_format": "structured outputs are not supported yet: the reply is not constrained to JSON"}
+_NOT_YET: dict[str, str] = {}
 _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string", "dict": "an object",
           "list": "a list"}
 
