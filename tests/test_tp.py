@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,30 @@ def test_sizes_that_cannot_be_split_are_refused_naming_the_field(size, changes, 
         check_sizes(cfg, size)
     with pytest.raises(ValueError, match=re.escape(message)):  # before any weight is touched
         shard(TextModel(cfg), TensorParallel(0, size))
+
+
+def test_generate_tp_without_torchrun_says_how_to_run_it(capsys, monkeypatch):
+    from herd.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["generate", "hi", "--tp", "2"]) == 2
+    assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
+
+
+def _herd(*args: str, nproc: int = 0) -> subprocess.CompletedProcess:
+    launch = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *launch, "-m", "herd", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_herd_generate_under_torchrun_prints_one_process_reply():
+    args = ["generate", "Tell me about cows", "--max-new-tokens", "32"]
+    one = _herd(*args)
+    two = _herd(*args, "--tp", "2", nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout and len(one.stdout) > 40  # printed once, by rank 0: the same 32 greedy tokens
+    assert "herd: 32 tokens" in two.stderr
+    refused = _herd("generate", "hi", "--tensor-parallel-size", "4", nproc=4)  # herd-tiny has 2 KV heads
+    assert refused.returncode != 0 and "exceeds n_kv_heads (2)" in refused.stderr

@@ -23,7 +23,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from herd.distributed.tensor import COUNTS, TensorParallel, shard
+from herd.distributed.tensor import COUNTS, TensorParallel, check_sizes, shard
 from herd.engine.cache import KV_DTYPES
 from herd.engine.generate import Engine, default_prefill_chunk
 from herd.model.transformer import TextModel
@@ -141,8 +141,14 @@ def load(path_or_preset, tp_size: int, device: str = "cpu", **load_options):
     LLM generates as usual (its engine broadcasts each step); the others call `follow(llm.model, tp)`.
     Every rank reads the whole checkpoint and keeps its slices (per-rank slice reading is not done yet)."""
     from herd import kernels
+    from herd.bundled import model_folder
+    from herd.checkpoint.load import read_config
+    from herd.config import PRESETS
     from herd.llm import load as load_llm, resolve_dtype
 
+    name = os.fspath(path_or_preset)
+    is_preset = name in PRESETS and not os.path.exists(name)
+    check_sizes((PRESETS[name] if is_preset else read_config(model_folder(name))[0]).text, tp_size)  # before loading
     tp = init(tp_size, device, dtype=resolve_dtype(load_options.get("dtype", "float32")))
     if torch.device(device).type == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
