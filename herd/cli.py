@@ -88,7 +88,7 @@ def _generate_tensor_parallel(args) -> int:
     if args.quantize:
         raise ValueError("--quantize with --tp is not supported yet")
     llm, tp = steps.load(args.model, args.tp, device=args.device, dtype=args.dtype, compile=args.compile,
-                         kv_dtype=args.kv_dtype)
+                         kv_dtype=args.kv_dtype, vision=False)
     try:
         if tp.leader:
             _warn_if_random(args.model)
