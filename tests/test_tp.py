@@ -109,9 +109,12 @@ def test_tensor_parallel_follows_one_process(tmp_path, size, kv_heads):
     assert max(gaps) <= 1e-5, gaps
     # Each decode step: the plan's broadcast, 2 all-reduces per layer, the head's gather; nothing else.
     assert ours["steps"] == [{"broadcast": 1, "all_reduce": 2 * cfg.n_layers, "gather": 1}] * (2 * NEW_TOKENS)
-    # Every rank issued the same collectives (the followers' forward steps are rank 0's).
+    # Every rank issued the same collectives; prefill steps too: 2 all-reduces per layer per step.
     assert all(o["counts"] == ours["counts"] for o in outs)
-    assert all(o["forward_steps"] == outs[1]["forward_steps"] for o in outs[1:])
+    steps = outs[1]["forward_steps"]
+    assert all(o["forward_steps"] == steps for o in outs[1:])
+    assert ours["counts"]["all_reduce"] == 2 * cfg.n_layers * steps
+    print(f"T={size} G={kv_heads}: {steps} forward steps, collectives per rank {ours['counts']}")
 
 
 @pytest.mark.parametrize("size,changes,message", [

@@ -69,7 +69,8 @@ class LeaderEngine(Engine):
         B, T = ids_BT.shape
         starts = pos_BT[:, 0]
         # The plan sends one start per row: the engine's steps are consecutive positions per row.
-        assert torch.equal(pos_BT, starts[:, None] + torch.arange(T, device=pos_BT.device)), "positions not consecutive"
+        if not torch.equal(pos_BT, starts[:, None] + torch.arange(T, device=pos_BT.device)):
+            raise ValueError("a tensor-parallel step takes consecutive positions in each row")
         _send(self.tp, [FORWARD, rows.start, B, T, take.numel()], ids_BT, starts, take)
         return super()._step(ids_BT, pos_BT, rows, take)
 
