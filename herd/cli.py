@@ -67,10 +67,40 @@ def cmd_generate(args) -> int:
         raise ValueError("--image needs the chat format (drop --raw)")
     for i, path in enumerate(args.image):  # before loading the model, not after
         load_image(path, index=i)
+    if args.tp > 1:
+        return _generate_tensor_parallel(args)
     llm = _load(args)
     content = [{"type": "image", "image": path} for path in args.image] + [{"type": "text", "text": args.prompt}]
     prompt = args.prompt if args.raw else [{"role": "user", "content": content}]
     _stream_reply(llm, prompt, args)
+    return 0
+
+
+def _generate_tensor_parallel(args) -> int:
+    """`herd generate --tp T` under torchrun: every rank loads and keeps its shard; rank 0 tokenizes,
+    samples and prints, the others run the steps it plans (docs/distributed.md)."""
+    import torch.distributed as dist
+
+    from herd.distributed import steps
+
+    if args.image:
+        raise ValueError("--image with --tp is not supported yet")
+    if args.quantize:
+        raise ValueError("--quantize with --tp is not supported yet")
+    llm, tp = steps.load(args.model, args.tp, device=args.device, dtype=args.dtype, compile=args.compile,
+                         kv_dtype=args.kv_dtype, vision=False)
+    try:
+        if tp.leader:
+            _warn_if_random(args.model)
+            try:
+                prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+                _stream_reply(llm, prompt, args)
+            finally:
+                steps.stop(tp)
+        else:
+            steps.follow(llm.model, tp)
+    finally:
+        dist.destroy_process_group()
     return 0
 
 
@@ -376,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--image", action="append", default=[], help="attach an image (repeatable)")
     g.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    g.add_argument("--tp", "--tensor-parallel-size", type=int, default=1, metavar="T",
+                   help="split the model over T processes (run under torchrun --nproc-per-node T; "
+                        "docs/distributed.md)")
     c = sub.add_parser("chat", help="interactive chat with history (images with /image PATH)")
     c.add_argument("--system", default=None, help="a system prompt")
     for sp in (g, c):

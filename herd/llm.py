@@ -18,7 +18,7 @@ from herd.config import PRESETS, ModelConfig, preset
 from herd.engine import prompts as prompting
 from herd.engine.cache import kv_cache_bytes, resolve_kv_dtype
 from herd.engine.constrain import json_grammar
-from herd.engine.generate import Sampling
+from herd.engine.generate import Engine, Sampling
 from herd.model.init import init_weights
 from herd.model.transformer import TextModel
 from herd.model.vision import VisionModel
@@ -58,6 +58,8 @@ class LLM:
         # choice. It is the KV cache's dtype, unless that is int8, whose entries are read back in it.
         self.kv_read_dtype = self.dtype
         self.kv_dtype = self.dtype
+        # What makes each request's Engine (herd.distributed sets a tensor-parallel leader's).
+        self.engine = Engine
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -168,7 +170,8 @@ class LLM:
         return prompting.prepare(self.tokenizer, prompt, tools, self.image_features if self.vision is not None else None)
 
     def _runner(self) -> prompting.Runner:
-        return prompting.Runner(self.model, self.tokenizer, self.prefill_chunk, self.kv_dtype, self.kv_read_dtype)
+        return prompting.Runner(self.model, self.tokenizer, self.prefill_chunk, self.kv_dtype, self.kv_read_dtype,
+                                self.engine)
 
     def preprocess_image(self, image, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
         """An image (PIL image, path, bytes or data: URL) -> (float32 tiles [n, 3, S, S], (rows, cols))."""

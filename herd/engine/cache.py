@@ -147,11 +147,12 @@ class KVCache:
     """Per layer K and V entries [rows, G, capacity, Dh]; ``lengths[r]`` = tokens of row r seen so far.
 
     ``dtype``: the entries' dtype (a name or torch dtype, see `KV_DTYPES`); for int8, ``read_dtype``
-    is the float dtype they are read back in (default float32).
+    is the float dtype they are read back in (default float32). ``kv_heads``: KV heads per row (default
+    the config's; a tensor-parallel rank keeps only its own).
     """
 
     def __init__(self, cfg: TextConfig, rows: int, max_len: int, dtype: str | torch.dtype,
-                 device: torch.device | str, read_dtype: torch.dtype | None = None):
+                 device: torch.device | str, read_dtype: torch.dtype | None = None, kv_heads: int | None = None):
         self.cfg, self.rows, self.max_len = cfg, rows, max_len
         self.dtype = resolve_kv_dtype(dtype)
         if self.dtype == torch.int8:
@@ -161,7 +162,8 @@ class KVCache:
             make = lambda shape: Int8Entries(shape, read, device)  # noqa: E731
         else:
             make = lambda shape: Entries(shape, self.dtype, device)  # noqa: E731
-        shape = lambda i: (rows, cfg.n_kv_heads, layer_capacity(cfg, i, max_len), cfg.head_dim)  # noqa: E731
+        G = kv_heads or cfg.n_kv_heads
+        shape = lambda i: (rows, G, layer_capacity(cfg, i, max_len), cfg.head_dim)  # noqa: E731
         self.k = [make(shape(i)) for i in range(cfg.n_layers)]
         self.v = [make(shape(i)) for i in range(cfg.n_layers)]
         self.lengths = [0] * rows

@@ -122,15 +122,32 @@ def default_prefill_chunk(dtype: torch.dtype, device: torch.device) -> int:
 class Engine:
     """A model plus a KV cache of ``rows`` sequences of up to ``max_len`` tokens. ``kv_dtype``: the
     cache's dtype (a name or torch dtype; the weights' dtype unless given; herd.kernels.cache_dtype
-    is the fast float choice); an int8 cache is read back in ``kv_read_dtype`` (default: the weights')."""
+    is the fast float choice); an int8 cache is read back in ``kv_read_dtype`` (default: the weights').
+    ``kv_heads``: KV heads per cache row (default the config's; a tensor-parallel rank keeps its own).
+
+    Every model call goes through `_step`, one plan per call (herd.distributed replays them on the
+    other ranks of a tensor-parallel group).
+    """
 
     def __init__(self, model: TextModel, rows: int, max_len: int, prefill_chunk: int | None = None,
-                 kv_dtype: str | torch.dtype | None = None, kv_read_dtype: torch.dtype | None = None):
+                 kv_dtype: str | torch.dtype | None = None, kv_read_dtype: torch.dtype | None = None,
+                 kv_heads: int | None = None):
         w = model.tok_embeddings.weight
         self.model = model
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(w.dtype, w.device)
-        self.cache = KVCache(model.cfg, rows, max_len, kv_dtype or w.dtype, w.device, kv_read_dtype or w.dtype)
+        self.cache = KVCache(model.cfg, rows, max_len, kv_dtype or w.dtype, w.device, kv_read_dtype or w.dtype,
+                             kv_heads=kv_heads)
         self.device = w.device
+
+    def _step(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor, rows: slice, take: torch.Tensor,
+              image_mask_BT: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+              ) -> torch.Tensor | None:
+        """One model call: new tokens ids [B, T] at positions [B, T] (image features in place of the
+        masked ones) through every block over cache rows ``rows``; float32 logits [n, V] of the n tokens
+        ``take`` names (indices into the B*T tokens, row-major), or None when it names none."""
+        h = self.model.decode_cached(self.model.embed(ids_BT, image_mask_BT, image_features), pos_BT,
+                                     self.cache.k, self.cache.v, rows)  # (B, T, D)
+        return self.model.head(h.flatten(0, 1)[take]) if take.numel() else None
 
     def _segment_end(self, start: int, end: int, size: int) -> int:
         """Where a prefill segment from ``start`` stops: at most ``size`` tokens and ``end``, and
@@ -183,6 +200,7 @@ class Engine:
             a = sum(length > start for length in lengths)  # rows still in their prompt
             end = self._segment_end(start, T, max(1, self.prefill_chunk // a))
             seg = ids[:a, start:end]
+            mask = feats = None
             if masks is not None and masks[:a, start:end].any():
                 mask = masks[:a, start:end]
                 parts = []
@@ -191,18 +209,17 @@ class Engine:
                     if k:
                         parts.append(prompts[i][2][used[i]:used[i] + k])
                         used[i] += k
-                h = self.model.embed(seg, mask.to(self.device), torch.cat(parts))
-            else:
-                h = self.model.embed(seg)
+                mask, feats = mask.to(self.device), torch.cat(parts)
             pos = torch.arange(start, end, device=self.device)[None].expand(a, -1)
-            h = self.model.decode_cached(h, pos, self.cache.k, self.cache.v, slice(first, first + a))
-            for i in range(a):
-                if lengths[i] <= end:
-                    last[i] = h[i, lengths[i] - 1 - start]
+            ending = [i for i in range(a) if lengths[i] <= end]  # rows whose last prompt token is here
+            take = torch.tensor([i * (end - start) + lengths[i] - 1 - start for i in ending], dtype=torch.long)
+            logits = self._step(seg, pos, slice(first, first + a), take.to(self.device), mask, feats)
+            for j, i in enumerate(ending):
+                last[i] = logits[j]
             start = end
         for i, length in enumerate(lengths):
             self.cache.lengths[first + i] = length
-        return self.model.head(torch.stack(last))
+        return torch.stack(last)
 
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
@@ -214,10 +231,10 @@ class Engine:
             raise ValueError(f"a row reached the cache's {self.cache.max_len} tokens")
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]
         pos = torch.as_tensor(lengths, dtype=torch.long, device=self.device)[:, None]
-        h = self.model.decode_cached(self.model.embed(ids), pos, self.cache.k, self.cache.v, slice(0, B))
+        logits = self._step(ids, pos, slice(0, B), torch.arange(B, device=self.device))
         for r in range(B):
             self.cache.lengths[r] += 1
-        return self.model.head(h[:, -1])
+        return logits
 
     @torch.inference_mode()
     def prefill_logits(self, row: int, tokens: Sequence[int]) -> torch.Tensor:
@@ -232,9 +249,7 @@ class Engine:
         while start < T:
             end = self._segment_end(start, T, self.prefill_chunk)
             pos = torch.arange(start, end, device=self.device)[None]
-            h = self.model.decode_cached(self.model.embed(ids[:, start:end]), pos, self.cache.k, self.cache.v,
-                                         slice(row, row + 1))
-            out.append(self.model.head(h[0]))
+            out.append(self._step(ids[:, start:end], pos, slice(row, row + 1), torch.arange(end - start, device=self.device)))
             start = end
         self.cache.lengths[row] = T
         return torch.cat(out)

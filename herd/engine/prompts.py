@@ -131,6 +131,7 @@ class Runner:
     prefill_chunk: int | None = None
     kv_dtype: torch.dtype | None = None
     kv_read_dtype: torch.dtype | None = None  # an int8 cache's float dtype for attention
+    engine: Callable[..., Engine] = Engine  # makes each request's Engine (herd.distributed: a leader's)
 
 
 def run(runner: Runner, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling,
@@ -139,7 +140,7 @@ def run(runner: Runner, prompts: Sequence[Prompt], max_new_tokens: int, sampling
     (StopIteration.value). All prompts join one batch; each leaves it when it ends."""
     stop = stop_strings(stop)
     check_request(runner.model, prompts, max_new_tokens)
-    engine = Engine(runner.model, rows=len(prompts), max_len=max(len(p.ids) for p in prompts) + max_new_tokens,
+    engine = runner.engine(runner.model, rows=len(prompts), max_len=max(len(p.ids) for p in prompts) + max_new_tokens,
                     prefill_chunk=runner.prefill_chunk, kv_dtype=runner.kv_dtype, kv_read_dtype=runner.kv_read_dtype)
     batcher = Batcher(engine, runner.tokenizer)
     pieces: list[tuple[int, str]] = []
