@@ -269,6 +269,41 @@ def test_a_forced_tool_call_that_does_not_parse_is_an_error(tiny):
             list(c.chat.completions.create(tool_choice=choice, stream=True, **args))
 
 
+STRICT_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "set_alarm", "strict": True, "parameters": {
+        "type": "object", "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23},
+                                         "label": {"enum": ["work", "gym"]}},
+        "required": ["hour", "label"], "additionalProperties": False}}},
+]
+
+
+def test_strict_tools_with_a_forced_call_follow_their_schemas(tiny):
+    """tool_choice required or named with strict tools: the call is decoded under the functions'
+    JSON schemas, so even a random model's arguments validate, streamed or not."""
+    import jsonschema
+
+    c = tiny.client()
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in STRICT_TOOLS}
+    for choice in ("required", {"type": "function", "function": {"name": "set_alarm"}}):
+        for seed in range(3):
+            r = c.chat.completions.create(model="tiny-moe", messages=msgs, tools=STRICT_TOOLS, tool_choice=choice,
+                                          max_tokens=80, temperature=1.0, seed=seed)
+            (call,) = r.choices[0].message.tool_calls
+            assert r.choices[0].finish_reason == "tool_calls"
+            if isinstance(choice, dict):
+                assert call.function.name == "set_alarm"
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        chunks = list(c.chat.completions.create(model="tiny-moe", messages=msgs, tools=STRICT_TOOLS,
+                                                tool_choice=choice, max_tokens=80, stream=True))
+        deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+        assert deltas and deltas[0].function.name in schemas
+
+
 def test_penalties_and_logit_bias_reach_the_sampler(tiny):
     """OpenAI's logit_bias forces a token through the server, and the penalties then push it out, as
     llm.generate does with the same options."""

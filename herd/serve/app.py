@@ -351,6 +351,9 @@ async def chat(request: Request, body: ChatRequest = Depends(_body(ChatRequest))
     state = _state(request)
     llm, tools = state.llm, body.tools
     forced = _forced_call_prefix(body.tool_choice, tools)
+    call_schema = _strict_call_schema(body.tool_choice, tools) if forced else None
+    if call_schema is not None:  # the grammar makes the reply a call in JSON; no start is forced
+        forced = ""
     if body.tool_choice == "none":
         tools = None
     messages = _image_parts(body.messages, state.options.allowed_image_dir)
@@ -369,7 +372,8 @@ async def chat(request: Request, body: ChatRequest = Depends(_body(ChatRequest))
     max_tokens, name = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
                         else (body.max_tokens, "max_tokens"))
     return await _complete(request, body, prompt, max_tokens, name,
-                           logprobs=(body.top_logprobs or 0) if body.logprobs else None, tools=forced if tools else None)
+                           logprobs=(body.top_logprobs or 0) if body.logprobs else None, tools=forced if tools else None,
+                           call_schema=call_schema)
 
 
 @router.post("/v1/completions")
@@ -395,9 +399,10 @@ async def _prepare(fn) -> Prompt:
 
 
 async def _complete(request: Request, body: GenerationRequest, prompt: Prompt, max_tokens: int | None, name: str,
-                    logprobs: int | None, tools: str | None):
+                    logprobs: int | None, tools: str | None, call_schema: dict | None = None):
     """Queue the request's n jobs and answer: one body, or a stream of chunks. ``tools``: None without
-    tools, else the text the reply was forced to start with ("" if none)."""
+    tools, else the text the reply was forced to start with ("" if none). ``call_schema``: the JSON
+    schema a strict forced tool call must follow."""
     state = _state(request)
     scheduler, chat = state.scheduler, isinstance(body, ChatRequest)
     assert scheduler is not None
@@ -406,11 +411,15 @@ async def _complete(request: Request, body: GenerationRequest, prompt: Prompt, m
         sampling.check_vocab(state.llm.config.text.vocab_size)
     except ValueError as e:
         raise ApiError(400, str(e), "logit_bias") from None
-    if body.response_format is not None:
+    for param, wanted, schema in (("response_format", body.response_format is not None,
+                                   body.response_format and body.response_format[1]),
+                                  ("tools", call_schema is not None, call_schema)):
+        if not wanted:
+            continue
         try:
-            grammar = json_grammar(body.response_format[1], state.llm.tokenizer, state.llm.config.text.vocab_size)
+            grammar = json_grammar(schema, state.llm.tokenizer, state.llm.config.text.vocab_size)
         except ConstraintError as e:
-            raise ApiError(400, f"'response_format': {e}", "response_format") from None
+            raise ApiError(400, f"'{param}': {e}", param) from None
         sampling = Sampling(**{**sampling.__dict__, "grammar": grammar})
     room = scheduler.max_len - len(prompt.ids)
     if room < 1 or (max_tokens is not None and max_tokens > room):
@@ -635,6 +644,21 @@ def _finish_reason(job: Job, tool_calls: bool) -> str:
     if tool_calls:
         return "tool_calls"
     return "length" if job.stop_reason == "length" else "stop"
+
+
+def _strict_call_schema(choice: Any, tools: list) -> dict | None:
+    """For a forced call (tool_choice 'required' or named) whose tools are all ``strict``: the JSON
+    schema of the call, {"name": ..., "parameters": ...} (Llama 4's JSON call form), one branch per
+    function; else None."""
+    functions = [t.get("function") for t in tools if isinstance(t.get("function"), Mapping)]
+    if isinstance(choice, Mapping):
+        functions = [f for f in functions if f.get("name") == choice.get("function", {}).get("name")]
+    if not functions or not all(f.get("strict") is True for f in functions):
+        return None
+    calls = [{"type": "object", "properties": {"name": {"const": f["name"]},
+                                               "parameters": f.get("parameters") or {"type": "object"}},
+              "required": ["name", "parameters"], "additionalProperties": False} for f in functions]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
 def _forced_call_prefix(choice: Any, tools: Any) -> str:
