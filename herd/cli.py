@@ -56,8 +56,11 @@ def _load(args):
     import herd
 
     _warn_if_random(args.model)
-    return herd.load(args.model, dtype=args.dtype, device=args.device, compile=args.compile, quantize=args.quantize,
-                     quantize_group=args.quantize_group, kv_dtype=args.kv_dtype)
+    llm = herd.load(args.model, dtype=args.dtype, device=args.device, compile=args.compile, quantize=args.quantize,
+                    quantize_group=args.quantize_group, kv_dtype=args.kv_dtype)
+    if getattr(args, "speculate", None) == "ngram":
+        llm.speculate = args.speculate_tokens
+    return llm
 
 
 def cmd_generate(args) -> int:
@@ -377,6 +380,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_speculate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", choices=["ngram"], default=None,
+                   help="prompt-lookup decoding: draft tokens from the prompt, verify them in one forward "
+                        "(same output; faster where replies repeat the prompt)")
+    p.add_argument("--speculate-tokens", type=int, default=4, help="draft tokens per step (default 4)")
+
+
 def _add_load_options(p: argparse.ArgumentParser) -> None:
     """The options `_load` reads: the same on every command that loads a model."""
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -413,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="a system prompt")
     for sp in (g, c):
         _add_load_options(sp)
+        _add_speculate_options(sp)
         sp.add_argument("--max-new-tokens", type=int, default=256 if sp is c else 32)
         sp.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
         sp.add_argument("--top-k", type=int, default=0, help="0: off")
@@ -424,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming, tools)")
     _add_load_options(s)
+    _add_speculate_options(s)
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     s.add_argument("--port", type=int, default=8000)

@@ -100,6 +100,10 @@ class LLM:
     # Tokens per prefill segment (bounds activation memory for long prompts); None: the engine's
     # default_prefill_chunk (512 on a CPU in float32, 2048 in half precision, 4096 on a GPU).
     prefill_chunk: int | None = None
+    # Prompt-lookup decoding: draft up to this many tokens per step from the prompt and the reply so
+    # far, verified in the same forward (0: off). The tokens are the same either way; it pays where
+    # replies repeat their prompt (quotes, summaries, code edits).
+    speculate: int = 0
 
     def memory(self, context: int = 0, batch: int = 1) -> dict[str, int]:
         """Bytes by part: the text weights (``experts``: routed and shared experts; ``other``), the
@@ -171,7 +175,7 @@ class LLM:
 
     def _runner(self) -> prompting.Runner:
         return prompting.Runner(self.model, self.tokenizer, self.prefill_chunk, self.kv_dtype, self.kv_read_dtype,
-                                self.engine)
+                                self.engine, self.speculate)
 
     def preprocess_image(self, image, index: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
         """An image (PIL image, path, bytes or data: URL) -> (float32 tiles [n, 3, S, S], (rows, cols))."""

@@ -322,3 +322,74 @@ def test_logit_bias_and_penalties_steer_generation(moe):
 def test_bad_penalties_are_named(moe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         moe.generate("Hi", **kwargs)
+
+
+# ---- prompt-lookup decoding ----------------------------------------------------------------------
+
+
+def test_lookup_drafts_what_followed_the_last_occurrence():
+    from herd.engine.batch import lookup
+
+    assert lookup([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]  # the last 3 recur at 0
+    assert lookup([5, 2, 3, 7, 8, 0, 2, 3], 2) == [7, 8]  # only the last 2 recur
+    assert lookup([1, 2, 3, 4], 4) == [] and lookup([7], 2) == []
+
+
+def _run_batch(llm, prompts, sampling, speculate, max_new=40):
+    from herd.engine.batch import Batcher, Job
+    from herd.engine.generate import Engine
+
+    engine = Engine(llm.model, rows=len(prompts), max_len=200)
+    batcher = Batcher(engine, llm.tokenizer, speculate)
+    jobs = [Job(llm.tokenizer.encode(p, bos=True), max_new, sampling) for p in prompts]
+    batcher.add(*jobs)
+    while batcher.seats:
+        batcher.step()
+    return [j.token_ids for j in jobs], batcher
+
+
+@pytest.mark.parametrize("name", ["tiny-interleaved", "tiny-moe"])
+def test_prompt_lookup_decoding_changes_no_token(name, monkeypatch):
+    """Drafts verified in one forward give the tokens plain decoding gives (greedy, seeded sampling,
+    a JSON schema) for a batch of different lengths whose steps cross attention chunks. A random
+    model never repeats itself, so the drafts are an oracle's: the plain run's own next tokens, with
+    every third one wrong, so that drafts are kept whole, in part, and not at all."""
+    import herd.engine.batch as batch
+    from herd.engine.generate import Sampling
+
+    llm = herd.load(name)
+    prompts = ["the cat the cat the cat the", "a b c a b c a b", "Hello there, how are you today my friend?"]
+    for sampling in (Sampling(), Sampling(temperature=0.8, seed=5), Sampling(grammar=json_grammar_for(llm))):
+        plain, _ = _run_batch(llm, prompts, sampling, 0)
+        starts = [llm.tokenizer.encode(p, bos=True) for p in prompts]
+
+        def oracle(tokens, k, calls=[0]):
+            row = next(i for i, s in enumerate(starts) if tokens[:len(s)] == s)
+            done = len(tokens) - len(starts[row])
+            calls[0] += 1
+            draft = list(plain[row][done:done + k])
+            if calls[0] % 3 == 0 and len(draft) > 1:
+                draft[1] = (draft[1] + 1) % llm.config.text.vocab_size
+            return draft
+
+        monkeypatch.setattr(batch, "lookup", oracle)
+        fast, batcher = _run_batch(llm, prompts, sampling, 4)
+        monkeypatch.undo()
+        assert fast == plain
+        assert batcher.accepted > 20 and batcher.drafted > batcher.accepted, (batcher.drafted, batcher.accepted)
+        assert sum(map(len, plain)) > 3 * 8  # several attention chunks crossed
+
+
+def test_prompt_lookup_through_llm_generate():
+    llm = herd.load("herd-tiny", progress=False)
+    prompt = "Mia saw a big green frog near the old mill. Mia saw a big green frog near the old"
+    plain = llm.generate(prompt, max_new_tokens=30).token_ids
+    llm.speculate = 4
+    assert llm.generate(prompt, max_new_tokens=30).token_ids == plain
+
+
+def json_grammar_for(llm):
+    from herd.engine.constrain import json_grammar
+
+    return json_grammar({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}}}},
+                        llm.tokenizer, llm.config.text.vocab_size)

@@ -281,6 +281,24 @@ STRICT_TOOLS = [
 ]
 
 
+def test_speculate_ngram_serves_the_same_replies(tiny, tmp_path):
+    """`--speculate ngram`: the same greedy replies as a server without it, its drafts on /metrics."""
+    fast = Server("tiny-moe", tmp_path, "--max-batch", "4", "--speculate", "ngram")
+    try:
+        for prompt in ("the cat the cat the cat the", "Hello there, how are you?"):
+            msgs = [{"role": "user", "content": prompt}]
+            want = tiny.client().chat.completions.create(model="tiny-moe", messages=msgs, max_tokens=24,
+                                                         temperature=0)
+            got = fast.client().chat.completions.create(model="tiny-moe", messages=msgs, max_tokens=24,
+                                                        temperature=0)
+            assert got.choices[0].message.content == want.choices[0].message.content
+        req = urllib.request.Request(fast.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        metrics = urllib.request.urlopen(req).read().decode()
+        assert "herd_draft_tokens_total" in metrics and "herd_draft_tokens_kept_total" in metrics
+    finally:
+        fast.stop()
+
+
 def test_strict_tools_with_a_forced_call_follow_their_schemas(tiny):
     """tool_choice required or named with strict tools: the call is decoded under the functions'
     JSON schemas, so even a random model's arguments validate, streamed or not."""

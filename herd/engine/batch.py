@@ -94,15 +94,34 @@ class _Seat:
     last: int = -1
     started: float = 0.0
     constraint: Constraint | None = None
+    wait: int = 0  # steps before this seat drafts again (after drafts that were all rejected)
+    backoff: int = 0
+
+
+def lookup(tokens: Sequence[int], k: int, sizes: Sequence[int] = (3, 2)) -> list[int]:
+    """Prompt-lookup draft: up to ``k`` tokens that followed the latest earlier occurrence of the last
+    n tokens (n in ``sizes``, longest first); [] when none recurs."""
+    for n in sizes:
+        if len(tokens) <= n:
+            continue
+        tail = list(tokens[-n:])
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start] == tail[0] and list(tokens[start:start + n]) == tail:
+                return list(tokens[start + n:start + n + k])
+    return []
 
 
 class Batcher:
     """Drives an Engine: `add` prefills jobs into the next free rows and picks their first tokens;
     `step` decodes every seated job by one token. Not thread-safe: one thread calls both."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, speculate: int = 0):
         self.engine, self.tokenizer = engine, tokenizer
         self.seats: list[_Seat] = []  # seats[i] owns cache row i
+        # Prompt-lookup decoding: up to this many draft tokens per step, verified in the same forward.
+        # Only on a plain Engine (a tensor-parallel leader replays plain decode steps).
+        self.speculate = speculate if type(engine) is Engine else 0
+        self.drafted = self.accepted = 0  # draft tokens proposed and kept, for metrics
 
     @property
     def free(self) -> int:
@@ -147,10 +166,53 @@ class Batcher:
         self._leave_finished()
         if not self.seats:
             return
-        logits = self.engine.decode([seat.last for seat in self.seats]).float().cpu()
-        for seat, row in zip(self.seats, logits):
-            self._choose(seat, row)
+        drafts = self._drafts() if self.speculate else None
+        if drafts is None:
+            logits = self.engine.decode([seat.last for seat in self.seats]).float().cpu()
+            for seat, row in zip(self.seats, logits):
+                self._choose(seat, row)
+        else:
+            self._verify(drafts)
         self._leave_finished()
+
+    def _drafts(self) -> list[list[int]] | None:
+        """Each seat's draft (prompt lookup: what followed the last earlier occurrence of its last 3,
+        else 2, tokens), all cut to the tokens every row can take this step: the step's positions stay
+        inside each row's attention chunk (a chunked layer's cache holds one chunk, so a rejected
+        draft must not have overwritten the current one) and inside the cache. None: nothing to try."""
+        C, cache = self.engine.model.cfg.attention_chunk_size, self.engine.cache
+        room = self.speculate
+        for r in range(len(self.seats)):
+            L = cache.lengths[r]
+            room = min(room, cache.max_len - 1 - L, (C - 1 - L % C) if C is not None else room)
+        if room < 1:
+            return None
+        drafts = []
+        for seat in self.seats:
+            seat.wait = max(0, seat.wait - 1)
+            drafts.append([] if seat.wait else lookup(seat.job.ids + seat.job.token_ids, room))
+        return drafts if any(drafts) else None
+
+    def _verify(self, drafts: list[list[int]]) -> None:
+        """One forward over each seat's last token and its draft; tokens are then chosen one position
+        at a time as a plain step would (same sampler, same generator draws), keeping the draft while
+        it agrees. Exact for greedy and for sampling alike: each kept token was drawn from the model's
+        own distribution at its position."""
+        T = 1 + max(len(d) for d in drafts)
+        rows = [[seat.last] + d + [seat.last] * (T - 1 - len(d)) for seat, d in zip(self.seats, drafts)]
+        logits = self.engine.decode_drafts(rows).float().cpu()  # [B, T, V]
+        for r, (seat, draft) in enumerate(zip(self.seats, drafts)):
+            kept = 0
+            for j in range(T):
+                self._choose(seat, logits[r, j])
+                if seat.job.stop_reason is not None or j >= len(draft) or seat.last != draft[j]:
+                    break
+                kept += 1
+            self.engine.cache.lengths[r] += 1 + kept
+            self.drafted, self.accepted = self.drafted + len(draft), self.accepted + kept
+            if draft:  # where drafts keep failing (text that repeats nothing), draft ever more rarely
+                seat.backoff = 0 if kept else min(2 * seat.backoff + 1, 32)
+                seat.wait = seat.backoff
 
     def _choose(self, seat: _Seat, logits_V: torch.Tensor) -> None:
         """Pick ``seat``'s next token. A failure here (sampling, stop strings, detokenizing, the

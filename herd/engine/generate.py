@@ -237,6 +237,17 @@ class Engine:
         return logits
 
     @torch.inference_mode()
+    def decode_drafts(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Each of rows 0..B-1 takes T tokens (its next token, then a draft) at its next positions, all
+        inside its attention chunk and cache; returns float32 logits [B, T, V]. The cache lengths are
+        left to the caller, who knows how much of each draft it kept."""
+        B, T = len(rows), len(rows[0])
+        lengths = torch.as_tensor(self.cache.lengths[:B], dtype=torch.long, device=self.device)
+        ids = torch.as_tensor([list(r) for r in rows], dtype=torch.long, device=self.device)
+        pos = lengths[:, None] + torch.arange(T, device=self.device)
+        return self._step(ids, pos, slice(0, B), torch.arange(B * T, device=self.device)).view(B, T, -1)
+
+    @torch.inference_mode()
     def prefill_logits(self, row: int, tokens: Sequence[int]) -> torch.Tensor:
         """Run ``tokens`` [T] into cache row ``row`` from position 0, as `prefill` does, and return the
         float32 logits [T, V] of every position (how herd.evaluate scores through the cache)."""

@@ -132,6 +132,7 @@ class Runner:
     kv_dtype: torch.dtype | None = None
     kv_read_dtype: torch.dtype | None = None  # an int8 cache's float dtype for attention
     engine: Callable[..., Engine] = Engine  # makes each request's Engine (herd.distributed: a leader's)
+    speculate: int = 0  # prompt-lookup draft tokens per step (herd.engine.batch.Batcher)
 
 
 def run(runner: Runner, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling,
@@ -142,7 +143,7 @@ def run(runner: Runner, prompts: Sequence[Prompt], max_new_tokens: int, sampling
     check_request(runner.model, prompts, max_new_tokens)
     engine = runner.engine(runner.model, rows=len(prompts), max_len=max(len(p.ids) for p in prompts) + max_new_tokens,
                     prefill_chunk=runner.prefill_chunk, kv_dtype=runner.kv_dtype, kv_read_dtype=runner.kv_read_dtype)
-    batcher = Batcher(engine, runner.tokenizer)
+    batcher = Batcher(engine, runner.tokenizer, runner.speculate)
     pieces: list[tuple[int, str]] = []
     jobs = [Job(p.ids, max_new_tokens, sampling, stop or (), image_mask=p.image_mask, image_features=p.image_features,
                 on_event=lambda job, text, i=i: pieces.append((i, text))) for i, p in enumerate(prompts)]

@@ -112,22 +112,20 @@ class CacheSlots:
 
 
 def cache_slots(pos_BT: torch.Tensor, rows: slice, chunk: int | None) -> CacheSlots:
-    """Either B rows whose T new tokens share consecutive positions inside one chunk (prefill of
-    prompts side by side), or B rows with one token each at their own positions (decode); slot
-    p % chunk, or p for global layers."""
+    """B rows of T new tokens at consecutive positions inside one chunk: sharing their positions
+    (prompts side by side), one token each at its own position (decode), or several at their own
+    positions (a decode step with drafts); slot p % chunk, or p for global layers."""
     B, T = pos_BT.shape
     slots = pos_BT % chunk if chunk is not None else pos_BT
     row_ids = torch.arange(rows.start, rows.stop, device=pos_BT.device)[:, None]
     seen = slots[:, -1] + 1  # entries each row's last query may see (chunk start or 0 .. itself)
-    if B == 1 or T > 1:
-        if B > 1 and not torch.equal(pos_BT, pos_BT[:1].expand(B, T)):
-            raise ValueError("cached attention takes rows of many tokens at the same positions, or rows of one token")
-        length = int(seen[0])
+    length = int(seen.max())
+    if B == 1 or (T > 1 and torch.equal(pos_BT, pos_BT[:1].expand(B, T))):
         # The T queries are the last T of the keys: causal aligned to the bottom right.
         return CacheSlots(rows, row_ids, slots, length, causal_lower_right(T, length) if T > 1 else None)
-    length = int(seen.max())
-    mask = (torch.arange(length, device=pos_BT.device)[None, :] < seen[:, None])[:, None, None, :]
-    return CacheSlots(rows, row_ids, slots, length, mask)
+    # Each query sees the entries up to its own slot: those of its chunk (or sequence) so far.
+    mask = torch.arange(length, device=pos_BT.device)[None, None, :] <= slots[:, :, None]  # (B, T, L)
+    return CacheSlots(rows, row_ids, slots, length, mask[:, None])
 
 
 class CacheEntries(Protocol):

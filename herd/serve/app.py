@@ -744,6 +744,8 @@ def _metrics(scheduler: Scheduler | EngineProcess | None, requests_total: dict[t
                 ("herd_running", "gauge", scheduler.running, "Sequences in the running batch."),
                 ("herd_time_to_first_token_seconds_sum", "counter", st.ttft_sum, "Queue + prefill time, summed."),
                 ("herd_time_to_first_token_seconds_count", "counter", st.ttft_count, "Sequences with a first token."),
-                ("herd_decode_tokens_per_second", "gauge", st.decode_tokens_per_s, "Tokens/s of the last step.")):
+                ("herd_decode_tokens_per_second", "gauge", st.decode_tokens_per_s, "Tokens/s of the last step."),
+                ("herd_draft_tokens_total", "counter", st.draft_tokens, "Prompt-lookup draft tokens verified."),
+                ("herd_draft_tokens_kept_total", "counter", st.draft_tokens_kept, "Draft tokens kept.")):
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
     return "\n".join(lines) + "\n"

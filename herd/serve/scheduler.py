@@ -48,6 +48,8 @@ class Stats:
     ttft_sum: float = 0.0  # time to first token, summed over jobs that produced one
     ttft_count: int = 0
     decode_tokens_per_s: float = 0.0  # over the last decode step, all rows together
+    draft_tokens: int = 0  # prompt-lookup decoding: tokens drafted, and kept
+    draft_tokens_kept: int = 0
 
 
 class Scheduler:
@@ -60,7 +62,7 @@ class Scheduler:
         self.max_len = min(llm.config.text.max_seq_len, max_context or llm.config.text.max_seq_len)
         self.engine = Engine(llm.model, rows=max_batch, max_len=self.max_len, prefill_chunk=llm.prefill_chunk,
                              kv_dtype=llm.kv_dtype, kv_read_dtype=llm.kv_read_dtype)
-        self.batcher = Batcher(self.engine, llm.tokenizer)
+        self.batcher = Batcher(self.engine, llm.tokenizer, llm.speculate)
         self.max_queue = max_queue
         self.waiting: collections.deque[tuple[Job, float]] = collections.deque()
         self.cond = threading.Condition()
@@ -171,6 +173,7 @@ class Scheduler:
         self.stats.generated_tokens += made
         self.stats.decode_tokens_per_s = made / max(time.perf_counter() - start, 1e-9)
         self.stats.finished += sum(j.stop_reason is not None for j in jobs)
+        self.stats.draft_tokens, self.stats.draft_tokens_kept = self.batcher.drafted, self.batcher.accepted
 
     @staticmethod
     def _fail(jobs: list[Job], error: Exception) -> None:
