@@ -330,8 +330,9 @@ def test_bad_penalties_are_named(moe, kwargs, message):
 def test_lookup_drafts_what_followed_the_last_occurrence():
     from herd.engine.batch import lookup
 
-    assert lookup([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]  # the last 3 recur at 0
-    assert lookup([5, 2, 3, 7, 8, 0, 2, 3], 2) == [7, 8]  # only the last 2 recur
+    assert lookup([0, 1, 2, 3, 9, 0, 1, 2, 3], 3) == [9, 0, 1]  # the last 4 recur at 0
+    assert lookup([5, 1, 2, 3, 7, 8, 0, 1, 2, 3], 2) == [7, 8]  # only the last 3 recur
+    assert lookup([6, 2, 3, 7, 0, 2, 3], 2) == []  # a pair is not enough
     assert lookup([1, 2, 3, 4], 4) == [] and lookup([7], 2) == []
 
 

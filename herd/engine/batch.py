@@ -98,7 +98,7 @@ class _Seat:
     backoff: int = 0
 
 
-def lookup(tokens: Sequence[int], k: int, sizes: Sequence[int] = (3, 2)) -> list[int]:
+def lookup(tokens: Sequence[int], k: int, sizes: Sequence[int] = (4, 3)) -> list[int]:
     """Prompt-lookup draft: up to ``k`` tokens that followed the latest earlier occurrence of the last
     n tokens (n in ``sizes``, longest first); [] when none recurs."""
     for n in sizes:
@@ -176,8 +176,8 @@ class Batcher:
         self._leave_finished()
 
     def _drafts(self) -> list[list[int]] | None:
-        """Each seat's draft (prompt lookup: what followed the last earlier occurrence of its last 3,
-        else 2, tokens), all cut to the tokens every row can take this step: the step's positions stay
+        """Each seat's draft (prompt lookup: what followed the last earlier occurrence of its last 4,
+        else 3, tokens; pairs recur too often by chance in prose to be worth a wider step), all cut to the tokens every row can take this step: the step's positions stay
         inside each row's attention chunk (a chunked layer's cache holds one chunk, so a rejected
         draft must not have overwritten the current one) and inside the cache. None: nothing to try."""
         C, cache = self.engine.model.cfg.attention_chunk_size, self.engine.cache
