@@ -349,6 +349,9 @@ def cmd_serve(args) -> int:
     on_cpu = torch.device(args.device).type == "cpu"
     torch.set_num_threads(1 if on_cpu else threads)
     llm = _load(args)
+    if args.prefix_cache_gb < 0:
+        raise ValueError(f"--prefix-cache-gb must be >= 0, got {args.prefix_cache_gb}")
+    llm.prefix_cache_bytes = int(args.prefix_cache_gb * 2**30)
     key = args.api_key or os.environ.get("HERD_API_KEY") or None
     name = served_name(args.model, args.served_model_name)
     options = ServeOptions(name, key, args.max_batch, args.max_queue, args.max_context, args.max_body_mb << 20,
@@ -442,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set HERD_API_KEY)")
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     s.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond the batch; then 429")
+    s.add_argument("--prefix-cache-gb", type=float, default=0.0,
+                   help="keep the KV state of recent prompts, up to this many GB, and reuse it for prompts that "
+                        "start the same way (a system prompt, earlier turns); 0: off")
     s.add_argument("--max-context", type=int, default=8192, help="tokens per sequence (prompt + reply)")
     s.add_argument("--max-body-mb", type=int, default=32, help="largest request body (413 beyond)")
     s.add_argument("--allow-images-from", default=None, metavar="DIR",

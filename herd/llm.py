@@ -104,6 +104,9 @@ class LLM:
     # far, verified in the same forward (0: off). The tokens are the same either way; it pays where
     # replies repeat their prompt (quotes, summaries, code edits).
     speculate: int = 0
+    # Automatic prefix caching for `herd serve`: the KV state of recent prompts, up to this many bytes
+    # (0: off), reused by prompts that start the same way (herd.engine.prefix).
+    prefix_cache_bytes: int = 0
 
     def memory(self, context: int = 0, batch: int = 1) -> dict[str, int]:
         """Bytes by part: the text weights (``experts``: routed and shared experts; ``other``), the

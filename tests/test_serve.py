@@ -8,6 +8,7 @@ known reply (a tool call, a stop string) out of a model nobody trained.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import json
 import os
@@ -297,6 +298,33 @@ def test_speculate_ngram_serves_the_same_replies(tiny, tmp_path):
         assert "herd_draft_tokens_total" in metrics and "herd_draft_tokens_kept_total" in metrics
     finally:
         fast.stop()
+
+
+def test_prefix_cache_under_load_keeps_its_budget_and_the_replies(tiny, tmp_path):
+    """`--prefix-cache-gb`: 24 requests cycling 6 long system prompts (more than fit), 3 at a time:
+    the replies are the cache-less server's, prefixes are reused, and the cache stays in budget."""
+    budget_gb = 0.0004  # ~420 KB: room for a few of tiny-moe's 200-token prompts, not six
+    warm = Server("tiny-moe", tmp_path, "--max-batch", "4", "--prefix-cache-gb", str(budget_gb))
+    try:
+        def ask(server, i):
+            msgs = [{"role": "system", "content": f"You are helper number {i % 6}. " * 20},
+                    {"role": "user", "content": f"Question {i}?"}]
+            r = server.client().chat.completions.create(model="tiny-moe", messages=msgs, max_tokens=6,
+                                                        temperature=0)
+            return r.choices[0].message.content
+
+        want = [ask(tiny, i) for i in range(24)]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda i: ask(warm, i), range(24)))
+        assert got == want
+        req = urllib.request.Request(warm.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        metrics = dict(line.rsplit(" ", 1) for line in urllib.request.urlopen(req).read().decode().splitlines()
+                       if line and not line.startswith("#"))
+        assert float(metrics["herd_prefix_cache_hits_total"]) > 0
+        assert float(metrics["herd_prefix_cache_reused_tokens_total"]) > 0
+        assert 0 < float(metrics["herd_prefix_cache_bytes"]) <= budget_gb * 2**30
+    finally:
+        warm.stop()
 
 
 def test_strict_tools_with_a_forced_call_follow_their_schemas(tiny):

@@ -17,6 +17,7 @@ import torch
 
 from herd.engine.constrain import Constraint
 from herd.engine.generate import Engine, Sampling, adjusted, sample
+from herd.engine.prefix import PrefixCache, images_key
 from herd.tokenizer.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -115,8 +116,11 @@ class Batcher:
     """Drives an Engine: `add` prefills jobs into the next free rows and picks their first tokens;
     `step` decodes every seated job by one token. Not thread-safe: one thread calls both."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, speculate: int = 0):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, speculate: int = 0,
+                 prefixes: PrefixCache | None = None):
         self.engine, self.tokenizer = engine, tokenizer
+        # Automatic prefix caching (herd.engine.prefix), on a plain Engine only.
+        self.prefixes = prefixes if type(engine) is Engine else None
         self.seats: list[_Seat] = []  # seats[i] owns cache row i
         # Prompt-lookup decoding: up to this many draft tokens per step, verified in the same forward.
         # Only on a plain Engine (a tensor-parallel leader replays plain decode steps).
@@ -144,8 +148,28 @@ class Batcher:
             return
         ready.sort(key=lambda job: -len(job.ids))  # engine.prefill_rows takes the longest first
         start = time.perf_counter()
-        logits = self.engine.prefill_rows(len(self.seats), [(j.ids, j.image_mask, j.image_features) for j in ready])
-        logits = logits.float().cpu()
+        resumed, fresh, images = [], [], {}
+        for job in ready:
+            images[id(job)] = images_key(job.image_mask, job.image_features)
+            found = self.prefixes.find(self.engine.cache, job.ids, images[id(job)]) if self.prefixes else None
+            (resumed if found else fresh).append((job, found))
+        first = len(self.seats)
+        logits = []
+        if fresh:
+            logits += list(self.engine.prefill_rows(first, [(j.ids, j.image_mask, j.image_features)
+                                                            for j, _ in fresh]))
+        for i, (job, (snap, r)) in enumerate(resumed):  # each from its reused prefix, alone
+            row = first + len(fresh) + i
+            self.engine.cache.restore(row, snap, r)
+            mask, feats = job.image_mask, job.image_features
+            if mask is not None:
+                feats, mask = feats[int(mask[:r].sum()):] if feats is not None else None, mask[r:]
+            logits.append(self.engine.prefill_from(row, job.ids[r:], r, mask, feats))
+        ready = [job for job, _ in fresh + resumed]
+        if self.prefixes is not None:
+            for i, job in enumerate(ready):
+                self.prefixes.add(self.engine.cache, first + i, job.ids, images[id(job)])
+        logits = torch.stack(logits).float().cpu()
         now = time.perf_counter()
         for job, row in zip(ready, logits):
             s = job.sampling

@@ -19,6 +19,8 @@ tokens per row, L entries read.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from herd.config import TextConfig
@@ -82,6 +84,18 @@ class Entries:
         n = min(n, self.data.shape[2])
         self.data[dst, :, :n] = self.data[src, :, :n]
 
+    def save(self, row: int, n: int) -> list[torch.Tensor]:
+        """Copies of row ``row``'s first ``n`` slots (values, and scales where there are)."""
+        return [t[row, :, :n].clone() for t in self._tensors()]
+
+    def load(self, row: int, parts: list[torch.Tensor], n: int) -> None:
+        """The first ``n`` slots of `save`'s parts into row ``row``."""
+        for t, part in zip(self._tensors(), parts):
+            t[row, :, :n] = part[:, :n]
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.data]
+
 
 class Int8Entries(Entries):
     """Entries as int8 values [R, G, S, Dh] with a float32 scale per (row, KV head, slot) [R, G, S];
@@ -109,6 +123,9 @@ class Int8Entries(Entries):
         # The reference path: a dequantized copy of what this layer reads (one layer at a time, so the
         # extra memory is one layer's K or V for the step, not the cache's).
         return dequantize_int8(self.data[at.rows, :, :at.length], self.scales[at.rows, :, :at.length], self.read_dtype)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.data, self.scales]
 
     def copy_row(self, src: int, dst: int, n: int) -> None:
         super().copy_row(src, dst, n)
@@ -141,6 +158,18 @@ def full_cache_bytes(cfg: TextConfig, context_len: int, batch: int = 1,
                      dtype: str | torch.dtype = torch.bfloat16) -> int:
     """Bytes of a cache that keeps every layer's entries for the whole context (the usual design)."""
     return batch * entry_bytes(cfg, dtype) * cfg.n_layers * context_len
+
+
+@dataclass
+class Snapshot:
+    """A row's cache entries for its first ``n`` positions: per layer (K parts, V parts)."""
+
+    n: int
+    parts: list[tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for k, v in self.parts for t in k + v)
 
 
 class KVCache:
@@ -183,3 +212,29 @@ class KVCache:
         for e in self.k + self.v:
             e.copy_row(src, dst, n)
         self.lengths[dst], self.lengths[src] = n, 0
+
+    def _held(self, layer: int, n: int) -> int:
+        """Slots layer ``layer`` holds for the first ``n`` positions: all of them in a global layer;
+        in a chunked one, those of the chunk position n falls in (none at a chunk's start)."""
+        C = self.cfg.attention_chunk_size
+        return n - n // C * C if self.cfg.uses_rope[layer] and C is not None else n
+
+    def snapshot(self, row: int, n: int) -> Snapshot:
+        """Copies of what row ``row`` holds for its first ``n`` positions (prefix caching)."""
+        parts = [(k.save(row, self._held(i, n)), v.save(row, self._held(i, n)))
+                 for i, (k, v) in enumerate(zip(self.k, self.v))]
+        return Snapshot(n, parts)
+
+    def resumable(self, snap: Snapshot, r: int) -> bool:
+        """Whether a snapshot of n positions can resume at r <= n: its chunked layers hold the chunk of
+        position n - 1 only, so r must lie in that chunk, or begin a chunk (nothing to hold)."""
+        C = self.cfg.attention_chunk_size
+        return r <= snap.n and (C is None or r // C == snap.n // C or r % C == 0)
+
+    def restore(self, row: int, snap: Snapshot, r: int) -> None:
+        """Row ``row`` as it was after the first ``r`` positions of the snapshot (`resumable`)."""
+        for i, (k, v) in enumerate(zip(self.k, self.v)):
+            held = self._held(i, r)
+            k.load(row, snap.parts[i][0], held)
+            v.load(row, snap.parts[i][1], held)
+        self.lengths[row] = r

@@ -237,6 +237,30 @@ class Engine:
         return logits
 
     @torch.inference_mode()
+    def prefill_from(self, row: int, tokens: Sequence[int], start: int, image_mask: torch.Tensor | None = None,
+                     image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the rest of a prompt, ``tokens`` at positions ``start``.., into cache row ``row`` whose
+        first ``start`` positions are already there (a reused prefix); float32 logits [V] of the last."""
+        T = len(tokens)
+        if not (0 < T and start + T <= self.cache.max_len):
+            raise ValueError(f"need 1 to {self.cache.max_len - start} tokens after position {start}, got {T}")
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)[None]
+        used, a, last = 0, 0, None
+        while a < T:
+            b = self._segment_end(start + a, start + T, self.prefill_chunk) - start
+            mask = feats = None
+            if image_mask is not None and image_mask[a:b].any():
+                k = int(image_mask[a:b].sum())
+                mask, feats = image_mask[a:b].to(self.device)[None], image_features[used:used + k]
+                used += k
+            pos = torch.arange(start + a, start + b, device=self.device)[None]
+            last = self._step(ids[:, a:b], pos, slice(row, row + 1), torch.tensor([b - a - 1], device=self.device),
+                              mask, feats)
+            a = b
+        self.cache.lengths[row] = start + T
+        return last[0]
+
+    @torch.inference_mode()
     def decode_drafts(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         """Each of rows 0..B-1 takes T tokens (its next token, then a draft) at its next positions, all
         inside its attention chunk and cache; returns float32 logits [B, T, V]. The cache lengths are

@@ -746,6 +746,10 @@ def _metrics(scheduler: Scheduler | EngineProcess | None, requests_total: dict[t
                 ("herd_time_to_first_token_seconds_count", "counter", st.ttft_count, "Sequences with a first token."),
                 ("herd_decode_tokens_per_second", "gauge", st.decode_tokens_per_s, "Tokens/s of the last step."),
                 ("herd_draft_tokens_total", "counter", st.draft_tokens, "Prompt-lookup draft tokens verified."),
-                ("herd_draft_tokens_kept_total", "counter", st.draft_tokens_kept, "Draft tokens kept.")):
+                ("herd_draft_tokens_kept_total", "counter", st.draft_tokens_kept, "Draft tokens kept."),
+                ("herd_prefix_cache_lookups_total", "counter", st.prefix_lookups, "Prompts looked up."),
+                ("herd_prefix_cache_hits_total", "counter", st.prefix_hits, "Prompts that reused a prefix."),
+                ("herd_prefix_cache_reused_tokens_total", "counter", st.prefix_reused_tokens, "Prompt tokens reused."),
+                ("herd_prefix_cache_bytes", "gauge", st.prefix_cache_bytes, "Bytes the prefix cache holds.")):
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
     return "\n".join(lines) + "\n"

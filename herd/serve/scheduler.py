@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from herd.engine.batch import Batcher, Job
+from herd.engine.prefix import PrefixCache
 from herd.engine.generate import Engine
 from herd.llm import LLM
 
@@ -50,6 +51,10 @@ class Stats:
     decode_tokens_per_s: float = 0.0  # over the last decode step, all rows together
     draft_tokens: int = 0  # prompt-lookup decoding: tokens drafted, and kept
     draft_tokens_kept: int = 0
+    prefix_lookups: int = 0  # prompts looked up in the prefix cache, those that reused one, tokens reused
+    prefix_hits: int = 0
+    prefix_reused_tokens: int = 0
+    prefix_cache_bytes: int = 0
 
 
 class Scheduler:
@@ -62,7 +67,8 @@ class Scheduler:
         self.max_len = min(llm.config.text.max_seq_len, max_context or llm.config.text.max_seq_len)
         self.engine = Engine(llm.model, rows=max_batch, max_len=self.max_len, prefill_chunk=llm.prefill_chunk,
                              kv_dtype=llm.kv_dtype, kv_read_dtype=llm.kv_read_dtype)
-        self.batcher = Batcher(self.engine, llm.tokenizer, llm.speculate)
+        self.batcher = Batcher(self.engine, llm.tokenizer, llm.speculate,
+                               PrefixCache(llm.prefix_cache_bytes) if llm.prefix_cache_bytes else None)
         self.max_queue = max_queue
         self.waiting: collections.deque[tuple[Job, float]] = collections.deque()
         self.cond = threading.Condition()
@@ -158,6 +164,11 @@ class Scheduler:
                 self.stats.ttft_count += 1
                 self.stats.generated_tokens += 1
             self.stats.finished += job.stop_reason is not None
+        p = self.batcher.prefixes
+        if p is not None:
+            st = self.stats
+            st.prefix_lookups, st.prefix_hits, st.prefix_reused_tokens = p.lookups, p.hits, p.reused_tokens
+            st.prefix_cache_bytes = p.bytes
 
     def _step(self) -> None:
         jobs = [seat.job for seat in self.batcher.seats]

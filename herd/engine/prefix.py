@@ -1,0 +1,82 @@
+"""Automatic prefix caching: the KV state of recent prompts, reused by a new prompt that starts the
+same way (a system prompt, earlier turns of a chat), so only the rest is prefilled.
+
+Each finished prefill leaves a `Snapshot` of its prompt's entries (herd.engine.cache), kept in
+least-recently-used order within a byte budget. A new prompt resumes from the snapshot sharing its
+longest prefix, cut to a length Llama 4's layers allow: a chunked layer holds one attention chunk,
+so the cut must lie in the chunk the snapshot ends in, or on a chunk boundary. Images are part of
+the key: past its first image, a prefix is shared only with a prompt that has the same images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from herd.engine.cache import KVCache, Snapshot
+
+
+def images_key(image_mask: torch.Tensor | None, image_features: torch.Tensor | None) -> tuple[int, str]:
+    """(position of the first image token, or -1; a digest of the images' features)."""
+    if image_mask is None or image_features is None or not bool(image_mask.any()):
+        return -1, ""
+    first = int(image_mask.nonzero()[0, 0])
+    return first, hashlib.sha256(image_features.detach().float().cpu().numpy().tobytes()).hexdigest()
+
+
+@dataclass
+class _Entry:
+    ids: tuple[int, ...]
+    images: tuple[int, str]
+    snapshot: Snapshot
+
+
+class PrefixCache:
+    """Snapshots of recent prompts within ``budget_bytes``; `hits`, `reused_tokens` for metrics."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.entries: OrderedDict[int, _Entry] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.reused_tokens = self.lookups = 0
+        self._next = 0
+
+    def find(self, cache: KVCache, ids: Sequence[int], images: tuple[int, str]) -> tuple[Snapshot, int] | None:
+        """The snapshot to resume ``ids`` from and the length to resume at (>= 1 token left to run)."""
+        self.lookups += 1
+        best, best_r, best_key = None, 0, None
+        ids = list(ids)
+        for key, e in self.entries.items():
+            n = min(len(e.ids), len(ids) - 1)
+            r = next((i for i in range(n) if e.ids[i] != ids[i]), n)
+            if e.images != images:  # different pictures: share only what comes before both first images
+                r = min(r, *(f for f in (e.images[0], images[0]) if f >= 0))
+            C = cache.cfg.attention_chunk_size
+            if not cache.resumable(e.snapshot, r) and C is not None:
+                r = r // C * C  # a chunk's start needs nothing from the chunked layers
+            if r > best_r:
+                best, best_r, best_key = e.snapshot, r, key
+        if best is None:
+            return None
+        self.entries.move_to_end(best_key)
+        self.hits += 1
+        self.reused_tokens += best_r
+        return best, best_r
+
+    def add(self, cache: KVCache, row: int, ids: Sequence[int], images: tuple[int, str]) -> None:
+        """Keep what row ``row`` holds for ``ids`` (just prefilled), evicting the least recently used."""
+        if any(e.ids == tuple(ids) and e.images == images for e in self.entries.values()):
+            return
+        snap = cache.snapshot(row, len(ids))
+        if snap.nbytes > self.budget:
+            return
+        while self.bytes + snap.nbytes > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.snapshot.nbytes
+        self.entries[self._next] = _Entry(tuple(ids), images, snap)
+        self._next += 1
+        self.bytes += snap.nbytes
