@@ -263,7 +263,8 @@ class Batcher:
             job.token_logprobs.append(TokenLogprob(token, float(lp[token]), list(zip(
                 top.indices.tolist(), top.values.tolist())) if top is not None else []))
         piece = seat.text.push(token)
-        if seat.text.hit or token in self.tokenizer.stop_ids:
+        if seat.text.hit or token in self.tokenizer.stop_ids or (
+                seat.constraint is not None and seat.constraint.complete(self.tokenizer.stop_ids)):
             reason = "stop"
         elif len(job.token_ids) >= job.max_new_tokens:
             reason = "length"

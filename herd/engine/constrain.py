@@ -102,13 +102,26 @@ class Constraint:
         self._matcher = LLMatcher(_lltokenizer(tok, vocab_size), grammar)
         self.vocab_size = vocab_size
 
+    def _allowed(self) -> torch.Tensor:
+        bits = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.uint8)
+        return ((bits[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[:self.vocab_size].bool()
+
     def mask(self, logits_V: torch.Tensor) -> torch.Tensor:
         """The logits with every token the grammar forbids at -inf."""
-        bits = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.uint8)
-        allowed = ((bits[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[:self.vocab_size]
+        allowed = self._allowed()
         if self._matcher.is_error() or not bool(allowed.any()):
             raise ConstraintError(f"the grammar allows no next token ({self._matcher.get_error() or 'dead end'})")
-        return logits_V.masked_fill(~allowed.bool()[:logits_V.numel()], float("-inf"))
+        return logits_V.masked_fill(~allowed[:logits_V.numel()], float("-inf"))
+
+    def complete(self, stop_ids) -> bool:
+        """Whether the value is whole and nothing but a stop token may follow: the reply is over
+        (it ends as if the model had chosen the stop token, a step earlier)."""
+        if self._matcher.is_stopped():
+            return True
+        if not self._matcher.is_accepting():
+            return False
+        allowed = self._allowed().nonzero().flatten().tolist()
+        return bool(allowed) and set(allowed) <= set(stop_ids)
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
