@@ -83,11 +83,11 @@ def json_grammar(schema: dict | None, tok: Tokenizer, vocab_size: int, max_bytes
         raise ConstraintError(f"the schema has {len(text)} bytes; the limit is {max_bytes}")
     if _depth(schema, max_depth) > max_depth:
         raise ConstraintError(f"the schema nests deeper than {max_depth} levels")
-    try:
+    try:  # llguidance reports bad schemas in several exception types
         grammar = LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
-    except ValueError as e:
-        raise ConstraintError(f"the schema is not valid JSON Schema ({e})") from None
-    error = LLMatcher.validate_grammar(grammar, _lltokenizer(tok, vocab_size))
+        error = LLMatcher.validate_grammar(grammar, _lltokenizer(tok, vocab_size))
+    except Exception as e:  # noqa: BLE001
+        raise ConstraintError(f"the schema is not valid JSON Schema ({type(e).__name__}: {e})") from None
     if error:
         raise ConstraintError(f"the schema cannot be compiled: {error}")
     return grammar

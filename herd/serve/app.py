@@ -650,10 +650,11 @@ def _strict_call_schema(choice: Any, tools: list) -> dict | None:
     """For a forced call (tool_choice 'required' or named) whose tools are all ``strict``: the JSON
     schema of the call, {"name": ..., "parameters": ...} (Llama 4's JSON call form), one branch per
     function; else None."""
-    functions = [t.get("function") for t in tools if isinstance(t.get("function"), Mapping)]
+    functions = [t.get("function") for t in tools if isinstance(t, Mapping) and isinstance(t.get("function"), Mapping)]
     if isinstance(choice, Mapping):
-        functions = [f for f in functions if f.get("name") == choice.get("function", {}).get("name")]
-    if not functions or not all(f.get("strict") is True for f in functions):
+        named = choice.get("function")
+        functions = [f for f in functions if isinstance(named, Mapping) and f.get("name") == named.get("name")]
+    if not functions or not all(f.get("strict") is True and isinstance(f.get("name"), str) for f in functions):
         return None
     calls = [{"type": "object", "properties": {"name": {"const": f["name"]},
                                                "parameters": f.get("parameters") or {"type": "object"}},
