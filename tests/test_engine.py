@@ -349,7 +349,7 @@ def _run_batch(llm, prompts, sampling, speculate, max_new=40):
     return [j.token_ids for j in jobs], batcher
 
 
-@pytest.mark.parametrize("name", ["tiny-interleaved", "tiny-moe"])
+@pytest.mark.parametrize("name", ["tiny-interleaved", pytest.param("tiny-moe", marks=pytest.mark.slow)])
 def test_prompt_lookup_decoding_changes_no_token(name, monkeypatch):
     """Drafts verified in one forward give the tokens plain decoding gives (greedy, seeded sampling,
     a JSON schema) for a batch of different lengths whose steps cross attention chunks. A random

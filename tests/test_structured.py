@@ -40,7 +40,7 @@ def tiny_llm():
     return herd.load("herd-tiny", progress=False)
 
 
-@pytest.mark.parametrize("schema", [s if i in (0, 4, 5) else pytest.param(s, marks=pytest.mark.slow)
+@pytest.mark.parametrize("schema", [s if i == 5 else pytest.param(s, marks=pytest.mark.slow)
                                     for i, s in enumerate(SCHEMAS)], ids=range(len(SCHEMAS)))
 def test_generate_follows_the_schema(tiny_llm, schema):
     """Greedy and sampled replies of herd-tiny parse and validate whenever they end by themselves."""
