@@ -137,14 +137,14 @@ class LLM:
         chat messages; read the calls with ``llm.tokenizer.parse_assistant(generation.token_ids)``.
         """
         sampling = self._sampling(temperature, top_k, top_p, min_p, seed, presence_penalty, frequency_penalty,
-                                  repetition_penalty, logit_bias, json_schema)
+                                  repetition_penalty, logit_bias, json_schema=json_schema)
         batch = prompting.is_batch(prompt)
         prompts = [self.prepare(p, tools) for p in (prompt if batch else [prompt])]
         out = prompting.generate(self._runner(), prompts, max_new_tokens, sampling, stop)
         return out if batch else out[0]
 
-    def _sampling(self, *args) -> Sampling:
-        *args, json_schema = args
+    def _sampling(self, *args, json_schema: dict | bool | None) -> Sampling:
+        """Sampling(*args), with ``json_schema``'s grammar, its biased ids checked against the vocabulary."""
         grammar = None
         if json_schema is not None and json_schema is not False:
             grammar = json_grammar(None if json_schema is True else json_schema, self.tokenizer,
@@ -161,7 +161,7 @@ class LLM:
         """Like generate for one prompt, but yields the text as it is decoded (whole characters only);
         the generator's return value (StopIteration.value) is the finished Generation."""
         sampling = self._sampling(temperature, top_k, top_p, min_p, seed, presence_penalty, frequency_penalty,
-                                  repetition_penalty, logit_bias, json_schema)
+                                  repetition_penalty, logit_bias, json_schema=json_schema)
         if prompting.is_batch(prompt):
             raise ValueError("stream takes one prompt; use generate for a batch")
         pieces = prompting.stream(self._runner(), [self.prepare(prompt, tools)], max_new_tokens, sampling, stop)

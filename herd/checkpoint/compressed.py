@@ -290,6 +290,9 @@ class CompressedSource(Mapping):
             zero = zero.reshape(N, K // group)
         return QuantizedWeight(data, scale, zero, (N, K), group, scheme.bits, scheme.kind)
 
+    def __contains__(self, key) -> bool:  # from the headers, never by reading a tensor
+        return key in self._meta
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 

@@ -217,6 +217,9 @@ class SafetensorsSource(Mapping):
             raw = raw.clone()
         return raw.view(info["dtype"]).reshape(info["shape"])
 
+    def __contains__(self, key) -> bool:  # Mapping's own would map the tensor to find out
+        return key in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
