@@ -63,6 +63,42 @@ def _load(args):
     return llm
 
 
+def _run(args, lead) -> int:
+    """``lead(llm)`` on the model ``args`` name; with ``--tp T`` (under torchrun) every rank loads its
+    shard, rank 0 runs ``lead`` and the others the steps it plans (docs/distributed.md)."""
+    if args.tp == 1:
+        return lead(_load(args))
+    import torch.distributed as dist
+
+    from herd.distributed import steps
+
+    if args.quantize:
+        raise ValueError("--quantize with --tp is not supported yet")
+    llm, tp = steps.load(args.model, args.tp, device=args.device, dtype=args.dtype, compile=args.compile,
+                         kv_dtype=args.kv_dtype)
+    try:
+        if not tp.leader:
+            steps.follow(llm.model, tp)
+            return 0
+        _warn_if_random(args.model)
+        if getattr(args, "speculate", None) == "ngram":
+            llm.speculate = args.speculate_tokens
+        failed = False
+        try:
+            return lead(llm)
+        except steps.GroupFailed:
+            failed = True
+            raise
+        finally:
+            if not failed:
+                steps.stop(tp)  # the followers return
+    except steps.GroupFailed as e:
+        print(f"herd: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.destroy_process_group()
+
+
 def cmd_generate(args) -> int:
     from herd.images import load_image
 
@@ -70,41 +106,13 @@ def cmd_generate(args) -> int:
         raise ValueError("--image needs the chat format (drop --raw)")
     for i, path in enumerate(args.image):  # before loading the model, not after
         load_image(path, index=i)
-    if args.tp > 1:
-        return _generate_tensor_parallel(args)
-    llm = _load(args)
     content = [{"type": "image", "image": path} for path in args.image] + [{"type": "text", "text": args.prompt}]
     prompt = args.prompt if args.raw else [{"role": "user", "content": content}]
-    _stream_reply(llm, prompt, args)
-    return 0
 
-
-def _generate_tensor_parallel(args) -> int:
-    """`herd generate --tp T` under torchrun: every rank loads and keeps its shard; rank 0 tokenizes,
-    samples and prints, the others run the steps it plans (docs/distributed.md)."""
-    import torch.distributed as dist
-
-    from herd.distributed import steps
-
-    if args.image:
-        raise ValueError("--image with --tp is not supported yet")
-    if args.quantize:
-        raise ValueError("--quantize with --tp is not supported yet")
-    llm, tp = steps.load(args.model, args.tp, device=args.device, dtype=args.dtype, compile=args.compile,
-                         kv_dtype=args.kv_dtype, vision=False)
-    try:
-        if tp.leader:
-            _warn_if_random(args.model)
-            try:
-                prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
-                _stream_reply(llm, prompt, args)
-            finally:
-                steps.stop(tp)
-        else:
-            steps.follow(llm.model, tp)
-    finally:
-        dist.destroy_process_group()
-    return 0
+    def lead(llm) -> int:
+        _stream_reply(llm, prompt, args)
+        return 0
+    return _run(args, lead)
 
 
 CHAT_HELP = ("commands: /image PATH attaches an image to the next message, /reset clears the history, "
@@ -119,7 +127,10 @@ def cmd_chat(args) -> int:
         import readline  # noqa: F401  (input() then edits lines, keeps history, and takes long pastes)
     except ImportError:  # not on every platform
         pass
-    llm = _load(args)
+    return _run(args, lambda llm: _chat(llm, args))
+
+
+def _chat(llm, args) -> int:
     history = [{"role": "system", "content": args.system}] if args.system else []
     images: list[str] = []
     print(f"herd chat: type a message. {CHAT_HELP}.", file=sys.stderr)
@@ -301,8 +312,9 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def serve_threads(requested: int | None) -> int:
-    """torch's threads for `herd serve`'s engine: as asked, else every core this process may use but one.
+def serve_threads(requested: int | None, ranks: int = 1) -> int:
+    """torch's threads for `herd serve`'s engine: as asked, else every core this process may use but one
+    (under --tp, each of the ``ranks`` processes on a host takes its share of them).
 
     The HTTP side (request parsing, one streamed chunk per token per client) needs a core of its
     own: when it shares one with a torch thread, every parallel product waits for the descheduled
@@ -312,7 +324,7 @@ def serve_threads(requested: int | None) -> int:
             raise ValueError(f"--threads must be >= 1, got {requested}")
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, cores - 1) if ranks == 1 else max(1, cores // ranks)
 
 
 def served_name(model: str, given: str | None) -> str:
@@ -327,42 +339,64 @@ def cmd_serve(args) -> int:
     import socket
 
     import torch
-    import uvicorn
-
-    from herd.serve.app import ServeOptions, create_app
 
     # What can be checked without the model is checked before minutes of loading.
-    threads = serve_threads(args.threads)
+    threads = serve_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if args.tp > 1 else 1)
     if args.allow_images_from is not None and not Path(args.allow_images_from).is_dir():
         raise ValueError(f"--allow-images-from {args.allow_images_from}: not a folder")
     if args.image_megapixels <= 0:
         raise ValueError(f"--image-megapixels must be > 0, got {args.image_megapixels}")
-    try:
-        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-        with socket.create_server((args.host, args.port), family=family):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); is another server "
-                         "there? Choose another --port") from None
-    # On a CPU the engine runs in a forked process (EngineProcess), and OpenMP's thread pool does
-    # not survive a fork: load on one thread, and let the child and this process take `threads` after.
-    on_cpu = torch.device(args.device).type == "cpu"
-    torch.set_num_threads(1 if on_cpu else threads)
-    llm = _load(args)
     if args.prefix_cache_gb < 0:
         raise ValueError(f"--prefix-cache-gb must be >= 0, got {args.prefix_cache_gb}")
+    if args.tp > 1 and args.prefix_cache_gb:
+        raise ValueError("--prefix-cache-gb with --tp is not supported yet")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 listens
+        try:
+            family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+            with socket.create_server((args.host, args.port), family=family):
+                pass
+        except OSError as e:
+            raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); is another server "
+                             "there? Choose another --port") from None
+    # On a CPU the engine runs in a forked process (EngineProcess), and OpenMP's thread pool does
+    # not survive a fork: load on one thread, and let the child and this process take `threads` after.
+    # Under --tp the engine is a thread of rank 0 (a fork would leave the group behind).
+    engine_process = torch.device(args.device).type == "cpu" and args.tp == 1
+    torch.set_num_threads(1 if engine_process else threads)
+    return _run(args, lambda llm: _serve(llm, args, threads if engine_process else 0))
+
+
+def _serve(llm, args, engine_process_threads: int) -> int:
+    import torch
+    import uvicorn
+
+    from herd.serve.app import ServeOptions, create_app
+
     llm.prefix_cache_bytes = int(args.prefix_cache_gb * 2**30)
     key = args.api_key or os.environ.get("HERD_API_KEY") or None
     name = served_name(args.model, args.served_model_name)
     options = ServeOptions(name, key, args.max_batch, args.max_queue, args.max_context, args.max_body_mb << 20,
                            args.allow_images_from, args.metrics_key or os.environ.get("HERD_METRICS_KEY") or None,
-                           args.image_megapixels, engine_process_threads=threads if on_cpu else 0)
+                           args.image_megapixels, engine_process_threads=engine_process_threads)
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"herd: WARNING: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
+    threads = engine_process_threads or torch.get_num_threads()
+    tp = f", {args.tp} tensor-parallel ranks" if args.tp > 1 else ""
     print(f"herd: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1; "
-          f"{threads} torch thread{'s' * (threads > 1)})", file=sys.stderr)
-    uvicorn.run(create_app(llm, options), host=args.host, port=args.port, log_level=args.log_level)
+          f"{threads} torch thread{'s' * (threads > 1)}{tp})", file=sys.stderr)
+    if args.tp == 1:
+        uvicorn.run(create_app(llm, options), host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    # Under --tp the server stops once a rank is gone (the requests it had got an error), and on
+    # SIGTERM within seconds (streams still open after 5 s are cut); then the caller releases the
+    # other ranks or reports the one that is gone. uvicorn re-raises the signal it caught once it
+    # is done: the handler it restores is this no-op, so the process lives on to do that.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server = uvicorn.Server(uvicorn.Config(create_app(llm, options), host=args.host, port=args.port,
+                                           log_level=args.log_level, timeout_graceful_shutdown=5))
+    options.on_engine_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
     return 0
 
 
@@ -388,6 +422,12 @@ def _add_speculate_options(p: argparse.ArgumentParser) -> None:
                    help="prompt-lookup decoding: draft tokens from the prompt, verify them in one forward "
                         "(same output; faster where replies repeat the prompt)")
     p.add_argument("--speculate-tokens", type=int, default=4, help="draft tokens per step (default 4)")
+
+
+def _add_parallel_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", "--tensor-parallel-size", type=int, default=1, metavar="T",
+                   help="split the model over T processes (run under torchrun --nproc-per-node T; "
+                        "docs/distributed.md)")
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
@@ -419,13 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--image", action="append", default=[], help="attach an image (repeatable)")
     g.add_argument("--raw", action="store_true", help="plain completion, no chat template")
-    g.add_argument("--tp", "--tensor-parallel-size", type=int, default=1, metavar="T",
-                   help="split the model over T processes (run under torchrun --nproc-per-node T; "
-                        "docs/distributed.md)")
     c = sub.add_parser("chat", help="interactive chat with history (images with /image PATH)")
     c.add_argument("--system", default=None, help="a system prompt")
     for sp in (g, c):
         _add_load_options(sp)
+        _add_parallel_options(sp)
         _add_speculate_options(sp)
         sp.add_argument("--max-new-tokens", type=int, default=256 if sp is c else 32)
         sp.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
@@ -438,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming, tools)")
     _add_load_options(s)
+    _add_parallel_options(s)
     _add_speculate_options(s)
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")

@@ -41,13 +41,16 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: str, tmp: Path, *extra: str):
+    def __init__(self, model: str, tmp: Path, *extra: str, nproc: int = 0):
+        """`herd serve` in a subprocess; with ``nproc``, under torchrun with that many processes."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp / f"serve-{self.port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--model", model, "--port",
+        launch = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc else []
+        self.proc = subprocess.Popen([sys.executable, *launch, "-m", "herd", "serve", "--model", model, "--port",
                                       str(self.port), "--api-key", KEY, "--max-context", "1024", *extra],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -62,6 +65,10 @@ class Server:
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, **kw)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -130,6 +137,7 @@ def script(tmp_path_factory):
     llm = scripted(llm, [[start, *reply], forced])
     folder = llm.save_pretrained(tmp / "ckpt")
     server = Server(str(folder), tmp, "--served-model-name", "scripted")
+    server.folder = folder
     yield server
     server.stop()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def _model(cfg) -> TextModel:
 
 def _run(engine: Engine) -> dict:
     """Every prompt position's logits, then NEW_TOKENS greedy decode steps; then two rows side by side,
-    one leaving (a row move). Returns the logits and tokens of each phase, and collectives per step."""
+    one leaving (a row move); then an image prompt and a draft. Returns the logits and tokens of each
+    phase, and collectives per step."""
     out = {"logits": [], "tokens": [], "steps": []}
     for prompt in PROMPTS:
         logits = engine.prefill_logits(0, prompt)
@@ -65,6 +67,13 @@ def _run(engine: Engine) -> dict:
     for _ in range(4):
         one = engine.decode(one.argmax(-1).tolist())
         out["logits"].append(one)
+    # Image features in place of 20 tokens across a chunk boundary (on rank 0 only: sent with the plan),
+    # then a prompt-lookup step: 4 tokens of one row verified in one forward.
+    mask = torch.zeros(len(PROMPTS[1]), dtype=torch.bool)
+    mask[5:25] = True
+    features = torch.randn(20, engine.model.cfg.dim, generator=torch.Generator().manual_seed(1))
+    out["logits"].append(engine.prefill(0, PROMPTS[1], mask, features)[None])
+    out["logits"].append(engine.decode_drafts([[3, 1, 4, 1]])[0])
     return out
 
 
@@ -156,3 +165,19 @@ def test_herd_generate_under_torchrun_prints_one_process_reply():
     assert "herd: 32 tokens" in two.stderr
     refused = _herd("generate", "hi", "--tensor-parallel-size", "4", nproc=4)  # herd-tiny has 2 KV heads
     assert refused.returncode != 0 and "exceeds n_kv_heads (2)" in refused.stderr
+
+
+def test_ctrl_c_during_a_step_lands_after_it():
+    """A step left halfway would leave the other ranks in its collectives: SIGINT waits for its end."""
+    import signal
+
+    from herd.distributed.steps import _whole_step
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _whole_step():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal is delivered here, and only noted
+            done.append(True)
+    assert done == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

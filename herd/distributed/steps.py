@@ -9,48 +9,86 @@ gather when the step takes logits. Which collectives run depends on the plan onl
 (a rank whose experts got no tokens still reaches the same all-reduces).
 
 Plan layout (N = ``tp.step_tokens``): 8 header ints, then N token ids, N row start positions, N
-taken token indices. Kinds:
+taken token indices, N image-mask flags. Kinds:
   ENGINE  rows, max_len, KV dtype, read dtype        a new Engine (a new KV cache)
-  FORWARD first row, B, T, n taken                   `Engine._step`; positions start[b] + t
+  FORWARD first row, B, T, n taken, n image rows     `Engine._step`; positions start[b] + t; with
+                                                     image rows, their features follow in a second
+                                                     broadcast ([n, D], encoded on rank 0 only)
   MOVE    src, dst, entries                          `Engine.move_row`
   STOP                                               `follow` returns
+
+Faults: the model's collectives time out (`init`'s ``timeout``); the plans' group waits as long as
+the server idles. A step that fails on rank 0 raises `GroupFailed` naming the ranks that are gone
+(each follower leaves its host and pid, and a note when it raises, in the group's store).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+import signal
+import socket
+import threading
+import time
 
 import torch
 import torch.distributed as dist
 
 from herd.distributed.tensor import COUNTS, TensorParallel, check_sizes, shard
 from herd.engine.cache import KV_DTYPES
-from herd.engine.generate import Engine, default_prefill_chunk
+from herd.engine.generate import Engine, EngineFailed, default_prefill_chunk
 from herd.model.transformer import TextModel
 
 ENGINE, FORWARD, MOVE, STOP = 1, 2, 3, 4
 HEADER = 8
+PARTS = 4  # token ids, row starts, taken indices, image mask
 _DTYPES = list(KV_DTYPES.values())  # a dtype travels as its index here
 
 
-def _send(tp: TensorParallel, header: list[int], ids=None, starts=None, take=None) -> None:
+class GroupFailed(EngineFailed):
+    """A collective failed: a rank of the group is gone, and no step can run any more."""
+
+
+def _send(tp: TensorParallel, header: list[int], ids=None, starts=None, take=None, mask=None) -> None:
     N = tp.step_tokens
-    plan = torch.zeros(HEADER + 3 * N, dtype=torch.long)
+    plan = torch.zeros(HEADER + PARTS * N, dtype=torch.long)
     plan[:len(header)] = torch.tensor(header, dtype=torch.long)
-    for i, part in enumerate((ids, starts, take)):
+    for i, part in enumerate((ids, starts, take, mask)):
         if part is not None:
             plan[HEADER + i * N:HEADER + i * N + part.numel()] = part.reshape(-1).cpu()
     _broadcast(plan, tp)
 
 
-def _broadcast(plan: torch.Tensor, tp: TensorParallel) -> None:
+def _broadcast(t: torch.Tensor, tp: TensorParallel) -> None:
     COUNTS["broadcast"] += 1
     src = dist.get_global_rank(tp.control, 0) if tp.control is not None else 0
-    dist.broadcast(plan, src=src, group=tp.control)
+    dist.broadcast(t, src=src, group=tp.control)
+
+
+@contextlib.contextmanager
+def _whole_step():
+    """Ctrl-C during a step takes effect after it: a step left halfway would leave the other ranks
+    waiting in its collectives."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):  # what it would have done (Python's default raises KeyboardInterrupt)
+            previous(signal.SIGINT, None)
+        elif caught and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
 
 
 class LeaderEngine(Engine):
     """Rank 0's Engine: every step and cache change is broadcast as a plan before it runs here."""
+
+    snapshots = False  # prefix caching would copy cache rows on rank 0 only
 
     def __init__(self, tp: TensorParallel, model: TextModel, rows: int, max_len: int,
                  prefill_chunk: int | None = None, kv_dtype=None, kv_read_dtype: torch.dtype | None = None):
@@ -61,21 +99,35 @@ class LeaderEngine(Engine):
                              f"{tp.step_tokens} (TensorParallel.step_tokens)")
         self.tp = tp
         read = self.cache.k[0].dtype  # the dtype attention reads entries in
-        _send(tp, [ENGINE, rows, max_len, _DTYPES.index(self.cache.dtype), _DTYPES.index(read)])
+        self._run(_send, tp, [ENGINE, rows, max_len, _DTYPES.index(self.cache.dtype), _DTYPES.index(read)])
+
+    def _run(self, fn, *args):
+        """Run a step's collectives. Any failure leaves the group unusable (the other ranks would wait
+        in a collective this rank never reaches): it becomes GroupFailed."""
+        try:
+            with _whole_step():
+                return fn(*args)
+        except Exception as e:
+            raise GroupFailed(_failure(self.tp, e)) from e
 
     def _step(self, ids_BT, pos_BT, rows, take, image_mask_BT=None, image_features=None):
-        if image_mask_BT is not None:
-            raise NotImplementedError("images under tensor parallelism are not supported yet")
         B, T = ids_BT.shape
         starts = pos_BT[:, 0]
         # The plan sends one start per row: the engine's steps are consecutive positions per row.
         if not torch.equal(pos_BT, starts[:, None] + torch.arange(T, device=pos_BT.device)):
             raise ValueError("a tensor-parallel step takes consecutive positions in each row")
-        _send(self.tp, [FORWARD, rows.start, B, T, take.numel()], ids_BT, starts, take)
-        return super()._step(ids_BT, pos_BT, rows, take)
+        n = 0 if image_mask_BT is None else image_features.shape[0]
+
+        def step():
+            _send(self.tp, [FORWARD, rows.start, B, T, take.numel(), n], ids_BT, starts, take,
+                  None if image_mask_BT is None else image_mask_BT.long())
+            if n:  # encoded here only: the other ranks get the features
+                _broadcast(image_features.float().cpu().contiguous(), self.tp)
+            return Engine._step(self, ids_BT, pos_BT, rows, take, image_mask_BT, image_features)
+        return self._run(step)
 
     def move_row(self, src: int, dst: int) -> None:
-        _send(self.tp, [MOVE, src, dst, self.cache.lengths[src]])
+        self._run(_send, self.tp, [MOVE, src, dst, self.cache.lengths[src]])
         super().move_row(src, dst)
 
 
@@ -85,21 +137,39 @@ def leader_engine(tp: TensorParallel):
 
 
 def stop(tp: TensorParallel) -> None:
-    """Rank 0: release the followers (`follow` returns)."""
-    _send(tp, [STOP])
+    """Rank 0: release the followers (`follow` returns). Raises GroupFailed where one is gone."""
+    try:
+        _send(tp, [STOP])
+    except Exception as e:
+        raise GroupFailed(_failure(tp, e)) from e
+
+
+def _failure(tp: TensorParallel, e: Exception) -> str:
+    if isinstance(e, dist.DistError) or any(word in str(e).lower() for word in ("gloo", "nccl", "connection")):
+        return f"the tensor-parallel group failed: {describe_gone(tp)} ({type(e).__name__}: {e})"
+    return f"rank 0 failed in a step, which leaves the tensor-parallel group unusable: {type(e).__name__}: {e}"
 
 
 @torch.inference_mode()
 def follow(model: TextModel, tp: TensorParallel) -> int:
     """Ranks 1..T-1: run every step rank 0 plans, on this rank's shard, until STOP; returns the
-    number of forward steps run."""
+    number of forward steps run. An error is left in the group's store for rank 0 to report."""
+    _register(tp)
+    try:
+        return _follow(model, tp)
+    except BaseException as e:
+        _note(tp, f"raised {type(e).__name__}: {e}")
+        raise
+
+
+def _follow(model: TextModel, tp: TensorParallel) -> int:
     N, steps = tp.step_tokens, 0
-    plan = torch.zeros(HEADER + 3 * N, dtype=torch.long)
+    plan = torch.zeros(HEADER + PARTS * N, dtype=torch.long)
     engine = None
     device = model.tok_embeddings.weight.device
     while True:
         _broadcast(plan, tp)
-        kind, a, b, c, d = plan[:5].tolist()
+        kind, a, b, c, d, n = plan[:6].tolist()
         if kind == STOP:
             return steps
         if kind == ENGINE:
@@ -113,10 +183,76 @@ def follow(model: TextModel, tp: TensorParallel) -> int:
             ids = plan[HEADER:HEADER + B * T].view(B, T).to(device)
             starts = plan[HEADER + N:HEADER + N + B].to(device)
             take = plan[HEADER + 2 * N:HEADER + 2 * N + d].to(device)
-            engine._step(ids, starts[:, None] + torch.arange(T, device=device), slice(a, a + B), take)
+            mask = feats = None
+            if n:
+                mask = plan[HEADER + 3 * N:HEADER + 3 * N + B * T].view(B, T).bool().to(device)
+                feats = torch.empty(n, model.cfg.dim)
+                _broadcast(feats, tp)
+                feats = feats.to(device, model.tok_embeddings.weight.dtype)
+            engine._step(ids, starts[:, None] + torch.arange(T, device=device), slice(a, a + B), take, mask, feats)
             steps += 1
         else:
             raise RuntimeError(f"unknown plan kind {kind}")
+
+
+# Where a follower is: each leaves "host pid" in the group's store at start, and a note when it raises.
+_KEY = "herd/tp/{}"
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError):
+        return None
+
+
+def _register(tp: TensorParallel) -> None:
+    store = _store()
+    if store is not None:
+        store.set(_KEY.format(tp.rank), f"{socket.gethostname()} {os.getpid()}")
+
+
+def _note(tp: TensorParallel, text: str) -> None:
+    store = _store()
+    with contextlib.suppress(Exception):  # the store may be gone with the group
+        store.set(_KEY.format(tp.rank) + "/note", text)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+def describe_gone(tp: TensorParallel, wait_s: float = 3.0) -> str:
+    """Which followers are gone and how, as far as this host can tell: a note a follower left when it
+    raised, or a process of this host that no longer runs (killed: SIGKILL, out of memory)."""
+    store = _store()
+    if store is None:
+        return "a rank is gone"
+    deadline = time.monotonic() + wait_s
+    while True:
+        gone = []
+        for r in range(1, tp.size):
+            key = _KEY.format(r)
+            with contextlib.suppress(Exception):
+                if store.check([key + "/note"]):
+                    gone.append(f"rank {r} {store.get(key + '/note').decode()}")
+                elif store.check([key]):
+                    host, pid = store.get(key).decode().split()
+                    if host == socket.gethostname() and not _alive(int(pid)):
+                        gone.append(f"rank {r} (pid {pid}) exited")
+        if gone or time.monotonic() > deadline:
+            return "; ".join(gone) or "a rank is gone (on another host, or it did not say why)"
+        time.sleep(0.2)
+
+
+# The model's collectives wait this long for a rank (a step's work is the same on every rank); the
+# plans' group waits as long as the server idles.
+STEP_TIMEOUT_S = float(os.environ.get("HERD_TP_TIMEOUT", "300"))
+IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
 def init(tp_size: int, device: str = "cpu", step_tokens: int | None = None, dtype=torch.float32) -> TensorParallel:
@@ -128,11 +264,11 @@ def init(tp_size: int, device: str = "cpu", step_tokens: int | None = None, dtyp
                          f"torchrun --nproc-per-node {tp_size} (WORLD_SIZE is {world})")
     cuda = torch.device(device).type == "cuda"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=STEP_TIMEOUT_S))
     rank = dist.get_rank()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    control = dist.new_group(backend="gloo") if cuda else None
+    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     steps = step_tokens or default_prefill_chunk(dtype, torch.device(device))
     return TensorParallel(rank, tp_size, None, control, steps)
 
@@ -140,7 +276,8 @@ def init(tp_size: int, device: str = "cpu", step_tokens: int | None = None, dtyp
 def load(path_or_preset, tp_size: int, device: str = "cpu", **load_options):
     """`herd.load` on every rank of a torchrun group, then this rank's shard: (llm, tp). On rank 0 the
     LLM generates as usual (its engine broadcasts each step); the others call `follow(llm.model, tp)`.
-    Every rank reads the whole checkpoint and keeps its slices (per-rank slice reading is not done yet)."""
+    Every rank reads the whole checkpoint and keeps its slices (per-rank slice reading is not done yet);
+    only rank 0 loads the vision encoder."""
     from herd import kernels
     from herd.bundled import model_folder
     from herd.checkpoint.load import read_config
@@ -153,8 +290,8 @@ def load(path_or_preset, tp_size: int, device: str = "cpu", **load_options):
     tp = init(tp_size, device, dtype=resolve_dtype(load_options.get("dtype", "float32")))
     if torch.device(device).type == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    if not tp.leader:
-        load_options["progress"] = False
+    if not tp.leader:  # images are encoded on rank 0, which sends their features with the plan
+        load_options.update(progress=False, vision=False)
     llm = load_llm(path_or_preset, device=device, **load_options)
     shard(llm.model, tp)
     if load_options.get("kernels", True):

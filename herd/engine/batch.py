@@ -119,12 +119,11 @@ class Batcher:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, speculate: int = 0,
                  prefixes: PrefixCache | None = None):
         self.engine, self.tokenizer = engine, tokenizer
-        # Automatic prefix caching (herd.engine.prefix), on a plain Engine only.
-        self.prefixes = prefixes if type(engine) is Engine else None
+        # Automatic prefix caching (herd.engine.prefix), where the engine's cache rows can be copied.
+        self.prefixes = prefixes if engine.snapshots else None
         self.seats: list[_Seat] = []  # seats[i] owns cache row i
         # Prompt-lookup decoding: up to this many draft tokens per step, verified in the same forward.
-        # Only on a plain Engine (a tensor-parallel leader replays plain decode steps).
-        self.speculate = speculate if type(engine) is Engine else 0
+        self.speculate = speculate
         self.drafted = self.accepted = 0  # draft tokens proposed and kept, for metrics
 
     @property

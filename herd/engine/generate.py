@@ -28,6 +28,10 @@ from herd.model.transformer import TextModel
 GREEDY_BELOW = 1e-5
 
 
+class EngineFailed(RuntimeError):
+    """The engine can run no further step (a rank of its tensor-parallel group is gone)."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How to pick each token: the logits adjusted by the penalties and biases (`adjusted`), then
@@ -128,6 +132,8 @@ class Engine:
     Every model call goes through `_step`, one plan per call (herd.distributed replays them on the
     other ranks of a tensor-parallel group).
     """
+
+    snapshots = True  # cache rows may be copied out and back (prefix caching)
 
     def __init__(self, model: TextModel, rows: int, max_len: int, prefill_chunk: int | None = None,
                  kv_dtype: str | torch.dtype | None = None, kv_read_dtype: torch.dtype | None = None,

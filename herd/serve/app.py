@@ -19,7 +19,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,8 @@ class ServeOptions:
     # > 0: the engine loop runs in a forked child process with this many torch threads (CPU only:
     # CUDA does not survive a fork; see EngineProcess); 0: on a thread of this process.
     engine_process_threads: int = 0
+    # Called (on the engine's thread) once the engine can run no more steps, e.g. to stop the server.
+    on_engine_failure: Callable[[], None] | None = None
 
 
 class Guard:
@@ -552,6 +554,8 @@ def create_app(llm: LLM, options: ServeOptions) -> FastAPI:
         def after_step() -> None:  # engine thread
             if state.pending:
                 loop.call_soon_threadsafe(state.deliver)
+            if options.on_engine_failure is not None and getattr(state.scheduler, "error", None):
+                options.on_engine_failure()
 
         engine = EngineProcess if options.engine_process_threads else Scheduler
         extra = {"threads": options.engine_process_threads} if options.engine_process_threads else {}

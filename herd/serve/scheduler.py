@@ -27,7 +27,7 @@ import torch
 
 from herd.engine.batch import Batcher, Job
 from herd.engine.prefix import PrefixCache
-from herd.engine.generate import Engine
+from herd.engine.generate import EngineFailed
 from herd.llm import LLM
 
 
@@ -65,7 +65,7 @@ class Scheduler:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.max_len = min(llm.config.text.max_seq_len, max_context or llm.config.text.max_seq_len)
-        self.engine = Engine(llm.model, rows=max_batch, max_len=self.max_len, prefill_chunk=llm.prefill_chunk,
+        self.engine = llm.engine(llm.model, rows=max_batch, max_len=self.max_len, prefill_chunk=llm.prefill_chunk,
                              kv_dtype=llm.kv_dtype, kv_read_dtype=llm.kv_read_dtype)
         self.batcher = Batcher(self.engine, llm.tokenizer, llm.speculate,
                                PrefixCache(llm.prefix_cache_bytes) if llm.prefix_cache_bytes else None)
@@ -74,6 +74,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.stats = Stats()
         self.closed = False
+        self.error: str | None = None  # why the engine can run no more steps (EngineFailed)
         self.after_step = after_step
         self.thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
         self.thread.start()
@@ -89,6 +90,8 @@ class Scheduler:
     def submit(self, jobs: list[Job]) -> None:
         """Queue jobs (the n choices of one request go in together, or not at all)."""
         with self.cond:
+            if self.error is not None:
+                raise EngineGone(self.error)
             if self.closed:
                 raise QueueFull("the server is shutting down")
             if len(self.waiting) + len(jobs) > self.max_queue:
@@ -147,8 +150,9 @@ class Scheduler:
         try:
             self.batcher.add(*jobs)
         except Exception as e:  # a bad job must not take the loop down, nor the others with it
-            if len(jobs) == 1:
-                return self._fail(jobs, e)
+            if len(jobs) == 1 or isinstance(e, EngineFailed):
+                self._fail(jobs, e)
+                return self._broken(e) if isinstance(e, EngineFailed) else None
             seated = {id(seat.job) for seat in self.batcher.seats}
             for job in jobs:
                 if job.stop_reason is not None or id(job) in seated:
@@ -179,12 +183,22 @@ class Scheduler:
         except Exception as e:
             self._fail(jobs, e)
             self.batcher.seats.clear()
+            if isinstance(e, EngineFailed):
+                self._broken(e)
             return
         made = sum(len(j.token_ids) for j in jobs) - before
         self.stats.generated_tokens += made
         self.stats.decode_tokens_per_s = made / max(time.perf_counter() - start, 1e-9)
         self.stats.finished += sum(j.stop_reason is not None for j in jobs)
         self.stats.draft_tokens, self.stats.draft_tokens_kept = self.batcher.drafted, self.batcher.accepted
+
+    def _broken(self, e: EngineFailed) -> None:
+        """No step can run any more: fail what waits, refuse what comes (health reports it)."""
+        with self.cond:
+            self.error = str(e)
+            waiting = [job for job, _ in self.waiting]
+            self.waiting.clear()
+        self._fail(waiting, e)
 
     @staticmethod
     def _fail(jobs: list[Job], error: Exception) -> None:
@@ -256,6 +270,8 @@ class EngineProcess:
         with self.lock:
             if self.error:
                 raise EngineGone(f"{self.error}; restart the server")
+            if self.error is not None:
+                raise EngineGone(self.error)
             if self.closed:
                 raise QueueFull("the server is shutting down")
             waiting = self._waiting()
