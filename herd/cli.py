@@ -66,15 +66,15 @@ def _load(args):
 def _run(args, lead) -> int:
     """``lead(llm)`` on the model ``args`` name; with ``--tp T`` (under torchrun) every rank loads its
     shard, rank 0 runs ``lead`` and the others the steps it plans (docs/distributed.md)."""
-    if args.tp == 1:
+    if args.tp * args.pp == 1:
         return lead(_load(args))
     import torch.distributed as dist
 
     from herd.distributed import steps
 
     if args.quantize:
-        raise ValueError("--quantize with --tp is not supported yet")
-    llm, tp = steps.load(args.model, args.tp, device=args.device, dtype=args.dtype, compile=args.compile,
+        raise ValueError("--quantize with --tp or --pp is not supported yet")
+    llm, tp = steps.load(args.model, args.tp, device=args.device, pp_size=args.pp, dtype=args.dtype, compile=args.compile,
                          kv_dtype=args.kv_dtype)
     try:
         if not tp.leader:
@@ -341,15 +341,16 @@ def cmd_serve(args) -> int:
     import torch
 
     # What can be checked without the model is checked before minutes of loading.
-    threads = serve_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if args.tp > 1 else 1)
+    ranks = args.tp * args.pp
+    threads = serve_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ranks > 1 else 1)
     if args.allow_images_from is not None and not Path(args.allow_images_from).is_dir():
         raise ValueError(f"--allow-images-from {args.allow_images_from}: not a folder")
     if args.image_megapixels <= 0:
         raise ValueError(f"--image-megapixels must be > 0, got {args.image_megapixels}")
     if args.prefix_cache_gb < 0:
         raise ValueError(f"--prefix-cache-gb must be >= 0, got {args.prefix_cache_gb}")
-    if args.tp > 1 and args.prefix_cache_gb:
-        raise ValueError("--prefix-cache-gb with --tp is not supported yet")
+    if ranks > 1 and args.prefix_cache_gb:
+        raise ValueError("--prefix-cache-gb with --tp or --pp is not supported yet")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 listens
         try:
             family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -361,7 +362,7 @@ def cmd_serve(args) -> int:
     # On a CPU the engine runs in a forked process (EngineProcess), and OpenMP's thread pool does
     # not survive a fork: load on one thread, and let the child and this process take `threads` after.
     # Under --tp the engine is a thread of rank 0 (a fork would leave the group behind).
-    engine_process = torch.device(args.device).type == "cpu" and args.tp == 1
+    engine_process = torch.device(args.device).type == "cpu" and ranks == 1
     torch.set_num_threads(1 if engine_process else threads)
     return _run(args, lambda llm: _serve(llm, args, threads if engine_process else 0))
 
@@ -382,10 +383,10 @@ def _serve(llm, args, engine_process_threads: int) -> int:
         print(f"herd: WARNING: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     threads = engine_process_threads or torch.get_num_threads()
-    tp = f", {args.tp} tensor-parallel ranks" if args.tp > 1 else ""
+    tp = f", {args.tp} tensor-parallel x {args.pp} pipeline ranks" if args.tp * args.pp > 1 else ""
     print(f"herd: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1; "
           f"{threads} torch thread{'s' * (threads > 1)}{tp})", file=sys.stderr)
-    if args.tp == 1:
+    if args.tp * args.pp == 1:
         uvicorn.run(create_app(llm, options), host=args.host, port=args.port, log_level=args.log_level)
         return 0
     # Under --tp the server stops once a rank is gone (the requests it had got an error), and on
@@ -426,8 +427,10 @@ def _add_speculate_options(p: argparse.ArgumentParser) -> None:
 
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", "--tensor-parallel-size", type=int, default=1, metavar="T",
-                   help="split the model over T processes (run under torchrun --nproc-per-node T; "
+                   help="split each layer over T processes (run under torchrun --nproc-per-node T x P; "
                         "docs/distributed.md)")
+    p.add_argument("--pp", "--pipeline-parallel-size", type=int, default=1, metavar="P",
+                   help="split the layers into P stages of T processes each")
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from herd.config import MoEConfig
-from herd.distributed.steps import LeaderEngine, follow, stop
+from herd.distributed import pipeline
+from herd.distributed.steps import LeaderEngine, follow, init, stop
 from herd.distributed.tensor import COUNTS, TensorParallel, check_sizes, shard
 from herd.engine.generate import Engine
 from herd.model.transformer import TextModel
@@ -81,14 +82,18 @@ def _rows(cfg) -> int:
     return max(len(p) for p in PROMPTS) + NEW_TOKENS + 10
 
 
-def _worker(rank: int, size: int, kv_heads: int, rendezvous: str, result: str) -> None:
+def _worker(rank: int, size: int, stages: int, kv_heads: int, rendezvous: str, result: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size * stages)
     try:
         cfg = _config(kv_heads)
-        tp = TensorParallel(rank, size, step_tokens=STEP_TOKENS)
-        model = shard(_model(cfg), tp)
+        tp = init(size, step_tokens=STEP_TOKENS, pp_size=stages)
+        model = _model(cfg)
+        if size > 1:
+            shard(model, tp)
+        if stages > 1:
+            pipeline.split(model, tp)
         if rank == 0:
             engine = LeaderEngine(tp, model, rows=2, max_len=_rows(cfg), prefill_chunk=STEP_TOKENS)
             out = _run(engine)
@@ -96,34 +101,51 @@ def _worker(rank: int, size: int, kv_heads: int, rendezvous: str, result: str) -
         else:
             out = {"forward_steps": follow(model, tp)}
         out["counts"] = dict(COUNTS)
+        out["layers"] = len(model.layers)
         torch.save(out, f"{result}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size,kv_heads", [(2, 2), (2, 4), (4, 4)])
-def test_tensor_parallel_follows_one_process(tmp_path, size, kv_heads):
+@pytest.mark.parametrize("size,stages,kv_heads", [(2, 1, 2), (2, 1, 4), (4, 1, 4), (1, 2, 2), (2, 2, 2)])
+def test_tensor_and_pipeline_parallel_follow_one_process(tmp_path, size, stages, kv_heads):
     cfg = _config(kv_heads)
     with torch.inference_mode():
         ref = _run(Engine(_model(cfg), rows=2, max_len=_rows(cfg), prefill_chunk=STEP_TOKENS))
-    mp.start_processes(_worker, args=(size, kv_heads, str(tmp_path / "rdv"), str(tmp_path / "out")), nprocs=size,
-                       start_method="spawn")
-    outs = [torch.load(tmp_path / f"out.{r}") for r in range(size)]
+    world = size * stages
+    mp.start_processes(_worker, args=(size, stages, kv_heads, str(tmp_path / "rdv"), str(tmp_path / "out")),
+                       nprocs=world, start_method="spawn")
+    outs = [torch.load(tmp_path / f"out.{r}") for r in range(world)]
     ours = outs[0]
     assert ours["tokens"] == ref["tokens"]  # 32 greedy tokens after each prompt
     assert len(ours["logits"]) == len(ref["logits"])
     gaps = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours["logits"], ref["logits"])]
-    print(f"T={size} G={kv_heads}: worst relative logit gap {max(gaps):.2e} over {len(gaps)} steps")
+    print(f"T={size} P={stages} G={kv_heads}: worst relative logit gap {max(gaps):.2e} over {len(gaps)} steps")
     assert max(gaps) <= 1e-5, gaps
-    # Each decode step: the plan's broadcast, 2 all-reduces per layer, the head's gather; nothing else.
-    assert ours["steps"] == [{"broadcast": 1, "all_reduce": 2 * cfg.n_layers, "gather": 1}] * (2 * NEW_TOKENS)
-    # Every rank issued the same collectives; prefill steps too: 2 all-reduces per layer per step.
-    assert all(o["counts"] == ours["counts"] for o in outs)
     steps = outs[1]["forward_steps"]
     assert all(o["forward_steps"] == steps for o in outs[1:])
-    assert ours["counts"]["all_reduce"] == 2 * cfg.n_layers * steps
-    print(f"T={size} G={kv_heads}: {steps} forward steps, collectives per rank {ours['counts']}")
+    assert sum(o["layers"] for o in outs[::size]) == cfg.n_layers  # the stages' layers, each once
+    # Each decode step: the plan's broadcast, 2 all-reduces per layer of the stage (under tensor
+    # parallelism), and the logits: gathered from the ranks (P = 1), or sent on and back (P > 1).
+    layers = cfg.n_layers // stages
+    step = {"broadcast": 1, **({"all_reduce": 2 * layers} if size > 1 else {})}
+    step.update({"send": 1, "recv": 1} if stages > 1 else {"gather": 1})
+    assert ours["steps"] == [step] * (2 * NEW_TOKENS)
+    # Every rank, prefill steps included: the same plans; 2 all-reduces per layer of its stage per step;
+    # hidden states received from the stage before and sent to the next; the logits of the steps that
+    # take some (`taken`) gathered on the last stage, whose rank 0 sends them to rank 0.
+    taken = ours["counts"]["recv" if stages > 1 else "gather"]
+    for r, o in enumerate(outs):
+        stage, t = divmod(r, size)
+        last = stage == stages - 1
+        want = {"broadcast": ours["counts"]["broadcast"], "all_reduce": 2 * layers * steps * (size > 1),
+                "gather": taken * (size > 1 and last),
+                "send": steps * (not last) + taken * (last and t == 0 and stages > 1),
+                "recv": steps * (stage > 0) + taken * (r == 0 and stages > 1)}
+        assert o["counts"] == {k: v for k, v in want.items() if v}, (r, o["counts"])
+    print(f"T={size} P={stages}: {steps} forward steps, collectives of rank 0 {ours['counts']}, "
+          f"of the last {outs[-1]['counts']}")
 
 
 @pytest.mark.parametrize("size,changes,message", [
@@ -138,6 +160,18 @@ def test_sizes_that_cannot_be_split_are_refused_naming_the_field(size, changes, 
         check_sizes(cfg, size)
     with pytest.raises(ValueError, match=re.escape(message)):  # before any weight is touched
         shard(TextModel(cfg), TensorParallel(0, size))
+
+
+def test_pipeline_stages_need_a_layer_each():
+    cfg = tiny_text("tiny-interleaved", n_heads=8, n_kv_heads=2)
+    check_sizes(cfg, 2, cfg.n_layers)
+    with pytest.raises(ValueError, match=re.escape(f"pipeline-parallel size {cfg.n_layers + 1} exceeds n_layers")):
+        check_sizes(cfg, 1, cfg.n_layers + 1)
+    with pytest.raises(ValueError, match="pipeline-parallel size must be an integer >= 1"):
+        check_sizes(cfg, 1, 0)
+    # Stage s holds layers [s L / P, (s + 1) L / P): every layer once, in order.
+    held = [list(TensorParallel(0, 1, stage=s, stages=3).layers(cfg.n_layers)) for s in range(3)]
+    assert sum(held, []) == list(range(cfg.n_layers)) and all(held)
 
 
 def test_generate_tp_without_torchrun_says_how_to_run_it(capsys, monkeypatch):
@@ -163,6 +197,8 @@ def test_herd_generate_under_torchrun_prints_one_process_reply():
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert two.stdout == one.stdout and len(one.stdout) > 40  # printed once, by rank 0: the same 32 greedy tokens
     assert "herd: 32 tokens" in two.stderr
+    stages = _herd(*args, "--pipeline-parallel-size", "2", nproc=2)
+    assert stages.returncode == 0 and stages.stdout == one.stdout, stages.stderr[-3000:]
     refused = _herd("generate", "hi", "--tensor-parallel-size", "4", nproc=4)  # herd-tiny has 2 KV heads
     assert refused.returncode != 0 and "exceeds n_kv_heads (2)" in refused.stderr
 

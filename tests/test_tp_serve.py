@@ -137,6 +137,20 @@ def test_staggered_mixed_streams_and_a_cancel_give_one_process_tokens(pair):
     assert run(two) == run(one)
 
 
+def test_pipeline_stages_serve_one_process_replies(pair, tmp_path):
+    one, _ = pair
+    stages = Server(MODEL, tmp_path, "--max-batch", "4", "--pp", "2", nproc=2)
+    try:
+        image = [{"type": "image_url", "image_url": {"url": _png((20, 20, 220))}},
+                 {"type": "text", "text": "What color is the square?"}]
+        for stream in (False, True):
+            for content in ("Tell me a story about a fox.", image):
+                fields = {"messages": [{"role": "user", "content": content}]}
+                assert _ask(stages, stream, **fields) == _ask(one, stream, **fields)
+    finally:
+        stages.stop()
+
+
 def test_only_rank_0_listens(pair):
     _, two = pair
     assert _listening_pids(two.port) == {_rank_pid(two.proc.pid, 0)}

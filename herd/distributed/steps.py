@@ -92,8 +92,7 @@ class LeaderEngine(Engine):
 
     def __init__(self, tp: TensorParallel, model: TextModel, rows: int, max_len: int,
                  prefill_chunk: int | None = None, kv_dtype=None, kv_read_dtype: torch.dtype | None = None):
-        super().__init__(model, rows, max_len, prefill_chunk, kv_dtype, kv_read_dtype,
-                         kv_heads=model.cfg.n_kv_heads // tp.size)
+        super().__init__(model, rows, max_len, prefill_chunk, kv_dtype, kv_read_dtype, **_cache_shape(model, tp))
         if max(self.prefill_chunk, rows) > tp.step_tokens:
             raise ValueError(f"a step of up to {max(self.prefill_chunk, rows)} tokens exceeds the plan's "
                              f"{tp.step_tokens} (TensorParallel.step_tokens)")
@@ -129,6 +128,11 @@ class LeaderEngine(Engine):
     def move_row(self, src: int, dst: int) -> None:
         self._run(_send, self.tp, [MOVE, src, dst, self.cache.lengths[src]])
         super().move_row(src, dst)
+
+
+def _cache_shape(model: TextModel, tp: TensorParallel) -> dict:
+    """A rank caches its own KV heads of its stage's layers."""
+    return {"kv_heads": model.cfg.n_kv_heads // tp.size, "layers": tp.layers(model.cfg.n_layers)}
 
 
 def leader_engine(tp: TensorParallel):
@@ -173,8 +177,7 @@ def _follow(model: TextModel, tp: TensorParallel) -> int:
         if kind == STOP:
             return steps
         if kind == ENGINE:
-            engine = Engine(model, a, b, kv_dtype=_DTYPES[c], kv_read_dtype=_DTYPES[d],
-                            kv_heads=model.cfg.n_kv_heads // tp.size)
+            engine = Engine(model, a, b, kv_dtype=_DTYPES[c], kv_read_dtype=_DTYPES[d], **_cache_shape(model, tp))
         elif kind == MOVE:
             engine.cache.lengths[a] = c
             engine.move_row(a, b)
@@ -255,45 +258,57 @@ STEP_TIMEOUT_S = float(os.environ.get("HERD_TP_TIMEOUT", "300"))
 IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
-def init(tp_size: int, device: str = "cpu", step_tokens: int | None = None, dtype=torch.float32) -> TensorParallel:
-    """Join the group torchrun started (WORLD_SIZE must equal ``tp_size``): NCCL for CUDA weights, gloo
-    on the CPU, and a gloo group for the plans. ``step_tokens`` defaults to the prefill segment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != tp_size:
-        raise ValueError(f"--tp {tp_size} needs {tp_size} processes: run under "
-                         f"torchrun --nproc-per-node {tp_size} (WORLD_SIZE is {world})")
+def init(tp_size: int, device: str = "cpu", step_tokens: int | None = None, dtype=torch.float32,
+         pp_size: int = 1) -> TensorParallel:
+    """Join the group torchrun started (WORLD_SIZE must equal ``tp_size`` x ``pp_size``): NCCL for CUDA
+    weights, gloo on the CPU, and a gloo group for the plans. Global rank r is tensor-parallel rank
+    r % T of pipeline stage r // T. ``step_tokens`` defaults to the prefill segment."""
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp_size * pp_size:
+        flags = f"--tp {tp_size}" + (f" --pp {pp_size}" if pp_size > 1 else "")
+        raise ValueError(f"{flags} needs {tp_size * pp_size} processes: run under "
+                         f"torchrun --nproc-per-node {tp_size * pp_size} (WORLD_SIZE is {world})")
     cuda = torch.device(device).type == "cuda"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=STEP_TIMEOUT_S))
     rank = dist.get_rank()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    # Every rank creates every group, in the same order (torch.distributed's rule).
+    stages = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)] \
+        if pp_size > 1 else [None]
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     steps = step_tokens or default_prefill_chunk(dtype, torch.device(device))
-    return TensorParallel(rank, tp_size, None, control, steps)
+    return TensorParallel(rank % tp_size, tp_size, stages[rank // tp_size], control, steps, rank // tp_size, pp_size)
 
 
-def load(path_or_preset, tp_size: int, device: str = "cpu", **load_options):
-    """`herd.load` on every rank of a torchrun group, then this rank's shard: (llm, tp). On rank 0 the
-    LLM generates as usual (its engine broadcasts each step); the others call `follow(llm.model, tp)`.
-    Every rank reads the whole checkpoint and keeps its slices (per-rank slice reading is not done yet);
-    only rank 0 loads the vision encoder."""
+def load(path_or_preset, tp_size: int, device: str = "cpu", pp_size: int = 1, **load_options):
+    """`herd.load` on every rank of a torchrun group, then this rank's part: its tensor-parallel shard
+    of its pipeline stage's layers. Returns (llm, tp). On rank 0 the LLM generates as usual (its engine
+    broadcasts each step); the others call `follow(llm.model, tp)`. Every rank reads the whole
+    checkpoint and keeps its part (per-rank slice reading is not done yet); only rank 0 loads the
+    vision encoder."""
     from herd import kernels
     from herd.bundled import model_folder
     from herd.checkpoint.load import read_config
     from herd.config import PRESETS
+    from herd.distributed import pipeline
     from herd.llm import load as load_llm, resolve_dtype
 
     name = os.fspath(path_or_preset)
     is_preset = name in PRESETS and not os.path.exists(name)
-    check_sizes((PRESETS[name] if is_preset else read_config(model_folder(name))[0]).text, tp_size)  # before loading
-    tp = init(tp_size, device, dtype=resolve_dtype(load_options.get("dtype", "float32")))
+    cfg = (PRESETS[name] if is_preset else read_config(model_folder(name))[0]).text
+    check_sizes(cfg, tp_size, pp_size)  # before loading
+    tp = init(tp_size, device, dtype=resolve_dtype(load_options.get("dtype", "float32")), pp_size=pp_size)
     if torch.device(device).type == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
     if not tp.leader:  # images are encoded on rank 0, which sends their features with the plan
         load_options.update(progress=False, vision=False)
     llm = load_llm(path_or_preset, device=device, **load_options)
-    shard(llm.model, tp)
+    if tp_size > 1:
+        shard(llm.model, tp)
+    if pp_size > 1:
+        pipeline.split(llm.model, tp)
     if load_options.get("kernels", True):
         kernels.apply(llm.model)  # again: the head's slice is row-major; the kernels pick its layout
     llm.engine = leader_engine(tp)

@@ -40,19 +40,31 @@ COUNTS: Counter[str] = Counter()
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This process's place in a tensor-parallel group: rank of size; ``group`` carries the model's
-    collectives (gloo on CPU, NCCL on GPUs), ``control`` the step plans (always gloo, on the CPU);
-    ``step_tokens``: the most tokens one step may carry (the plan's fixed size)."""
+    """This process's place: rank of size in its tensor-parallel group, which is pipeline stage
+    ``stage`` of ``stages`` (global rank stage * size + rank). ``group`` carries the model's
+    collectives (gloo on CPU, NCCL on GPUs), ``control`` the step plans (always gloo, on the CPU, over
+    every rank); ``step_tokens``: the most tokens one step may carry (the plan's fixed size)."""
 
     rank: int
     size: int
     group: Any = None
     control: Any = None
     step_tokens: int = 512
+    stage: int = 0
+    stages: int = 1
 
     @property
     def leader(self) -> bool:
-        return self.rank == 0
+        """Global rank 0: it schedules, samples and talks to users."""
+        return self.rank == 0 and self.stage == 0
+
+    def layers(self, n_layers: int) -> range:
+        """This stage's contiguous share of ``n_layers`` layers."""
+        return range(self.stage * n_layers // self.stages, (self.stage + 1) * n_layers // self.stages)
+
+    def global_rank(self, stage: int, rank: int | None = None) -> int:
+        """The global rank of tensor-parallel rank ``rank`` (default this one's) of stage ``stage``."""
+        return stage * self.size + (self.rank if rank is None else rank)
 
 
 def all_reduce(t: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
@@ -63,16 +75,24 @@ def all_reduce(t: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
 
 
 def gather_columns(t_NV: torch.Tensor, tp: TensorParallel, width: int) -> torch.Tensor | None:
-    """Every rank's [N, V/T] side by side on rank 0, cut to ``width`` columns; None on other ranks."""
+    """Every rank's [N, V/T] side by side on the group's rank 0, cut to ``width`` columns; None on the
+    other ranks."""
     COUNTS["gather"] += 1
     t_NV = t_NV.contiguous()
-    parts = [torch.empty_like(t_NV) for _ in range(tp.size)] if tp.leader else None
+    first = tp.rank == 0
+    parts = [torch.empty_like(t_NV) for _ in range(tp.size)] if first else None
     dist.gather(t_NV, parts, dst=dist.get_global_rank(tp.group, 0) if tp.group is not None else 0, group=tp.group)
-    return torch.cat(parts, dim=-1)[..., :width] if tp.leader else None
+    return torch.cat(parts, dim=-1)[..., :width] if first else None
 
 
-def check_sizes(cfg: TextConfig, size: int) -> None:
-    """Refuse, naming the field, a model that cannot be split over ``size`` ranks by whole heads."""
+def check_sizes(cfg: TextConfig, size: int, stages: int = 1) -> None:
+    """Refuse, naming the field, a model that cannot be split over ``size`` ranks by whole heads, or
+    into ``stages`` pipeline stages of whole layers."""
+    if not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"the pipeline-parallel size must be an integer >= 1, got {stages!r}")
+    if stages > cfg.n_layers:
+        raise ValueError(f"pipeline-parallel size {stages} exceeds n_layers ({cfg.n_layers}): each stage needs "
+                         "at least one layer")
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"the tensor-parallel size must be an integer >= 1, got {size!r}")
     if size > cfg.n_kv_heads:
@@ -124,6 +144,8 @@ class TPTextModel(TextModel):
 
     def head(self, h_BTD: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits [..., V] on rank 0, None on the others (each computed its slice)."""
+        if self.tp.size == 1:  # a pipeline stage without tensor parallelism (herd.distributed.pipeline)
+            return super().head(h_BTD)
         return gather_columns(self.output(self.norm(h_BTD)).float(), self.tp, self.cfg.vocab_size)
 
 

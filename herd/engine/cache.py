@@ -177,12 +177,15 @@ class KVCache:
 
     ``dtype``: the entries' dtype (a name or torch dtype, see `KV_DTYPES`); for int8, ``read_dtype``
     is the float dtype they are read back in (default float32). ``kv_heads``: KV heads per row (default
-    the config's; a tensor-parallel rank keeps only its own).
+    the config's; a tensor-parallel rank keeps only its own). ``layers``: the layers it holds, in order
+    (default all; a pipeline stage holds its own).
     """
 
     def __init__(self, cfg: TextConfig, rows: int, max_len: int, dtype: str | torch.dtype,
-                 device: torch.device | str, read_dtype: torch.dtype | None = None, kv_heads: int | None = None):
+                 device: torch.device | str, read_dtype: torch.dtype | None = None, kv_heads: int | None = None,
+                 layers: range | None = None):
         self.cfg, self.rows, self.max_len = cfg, rows, max_len
+        self.layers = layers if layers is not None else range(cfg.n_layers)
         self.dtype = resolve_kv_dtype(dtype)
         if self.dtype == torch.int8:
             read = resolve_kv_dtype(read_dtype or torch.float32)
@@ -193,8 +196,8 @@ class KVCache:
             make = lambda shape: Entries(shape, self.dtype, device)  # noqa: E731
         G = kv_heads or cfg.n_kv_heads
         shape = lambda i: (rows, G, layer_capacity(cfg, i, max_len), cfg.head_dim)  # noqa: E731
-        self.k = [make(shape(i)) for i in range(cfg.n_layers)]
-        self.v = [make(shape(i)) for i in range(cfg.n_layers)]
+        self.k = [make(shape(i)) for i in self.layers]
+        self.v = [make(shape(i)) for i in self.layers]
         self.lengths = [0] * rows
 
     @property
@@ -222,7 +225,7 @@ class KVCache:
     def snapshot(self, row: int, n: int) -> Snapshot:
         """Copies of what row ``row`` holds for its first ``n`` positions (prefix caching)."""
         parts = [(k.save(row, self._held(i, n)), v.save(row, self._held(i, n)))
-                 for i, (k, v) in enumerate(zip(self.k, self.v))]
+                 for i, k, v in zip(self.layers, self.k, self.v)]
         return Snapshot(n, parts)
 
     def resumable(self, snap: Snapshot, r: int) -> bool:
@@ -233,8 +236,8 @@ class KVCache:
 
     def restore(self, row: int, snap: Snapshot, r: int) -> None:
         """Row ``row`` as it was after the first ``r`` positions of the snapshot (`resumable`)."""
-        for i, (k, v) in enumerate(zip(self.k, self.v)):
+        for j, (i, k, v) in enumerate(zip(self.layers, self.k, self.v)):
             held = self._held(i, r)
-            k.load(row, snap.parts[i][0], held)
-            v.load(row, snap.parts[i][1], held)
+            k.load(row, snap.parts[j][0], held)
+            v.load(row, snap.parts[j][1], held)
         self.lengths[row] = r

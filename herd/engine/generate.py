@@ -127,7 +127,8 @@ class Engine:
     """A model plus a KV cache of ``rows`` sequences of up to ``max_len`` tokens. ``kv_dtype``: the
     cache's dtype (a name or torch dtype; the weights' dtype unless given; herd.kernels.cache_dtype
     is the fast float choice); an int8 cache is read back in ``kv_read_dtype`` (default: the weights').
-    ``kv_heads``: KV heads per cache row (default the config's; a tensor-parallel rank keeps its own).
+    ``kv_heads``: KV heads per cache row (default the config's; a tensor-parallel rank keeps its own);
+    ``layers``: the layers the model holds (default all; a pipeline stage's own, see KVCache).
 
     Every model call goes through `_step`, one plan per call (herd.distributed replays them on the
     other ranks of a tensor-parallel group).
@@ -137,12 +138,12 @@ class Engine:
 
     def __init__(self, model: TextModel, rows: int, max_len: int, prefill_chunk: int | None = None,
                  kv_dtype: str | torch.dtype | None = None, kv_read_dtype: torch.dtype | None = None,
-                 kv_heads: int | None = None):
+                 kv_heads: int | None = None, layers: range | None = None):
         w = model.tok_embeddings.weight
         self.model = model
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(w.dtype, w.device)
         self.cache = KVCache(model.cfg, rows, max_len, kv_dtype or w.dtype, w.device, kv_read_dtype or w.dtype,
-                             kv_heads=kv_heads)
+                             kv_heads=kv_heads, layers=layers)
         self.device = w.device
 
     def _step(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor, rows: slice, take: torch.Tensor,
