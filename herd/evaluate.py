@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from herd.engine.generate import Engine
 from herd.llm import LLM
 
 
@@ -59,6 +58,6 @@ def _scorer(llm: LLM, window: int, cached: bool) -> Callable[[torch.Tensor], tor
     """Token ids [1, T] -> logits [T, V]: a full forward, or a prefill through a one-row cache."""
     if not cached:
         return lambda x: llm.logits(x)[0]
-    engine = Engine(llm.model, rows=1, max_len=window, prefill_chunk=llm.prefill_chunk, kv_dtype=llm.kv_dtype,
+    engine = llm.engine(llm.model, rows=1, max_len=window, prefill_chunk=llm.prefill_chunk, kv_dtype=llm.kv_dtype,
                     kv_read_dtype=llm.kv_read_dtype)
     return lambda x: engine.prefill_logits(0, x[0].tolist())

@@ -206,8 +206,25 @@ class LLM:
         if pixel_values is None:
             if mask.any():
                 raise ValueError(f"input_ids hold {int(mask.sum())} <|patch|> tokens but no pixel_values were given")
-            return self.model(ids)
-        return self.model(ids, mask, self.image_features(pixel_values, int(mask.sum())))
+            features = None
+        else:
+            features = self.image_features(pixel_values, int(mask.sum()))
+        if self.engine is not Engine:  # a model split over processes runs only the steps its engine plans
+            return self._planned_logits(ids, mask if features is not None else None, features)
+        return self.model(ids) if features is None else self.model(ids, mask, features)
+
+    def _planned_logits(self, ids: torch.Tensor, mask: torch.Tensor | None,
+                        features: torch.Tensor | None) -> torch.Tensor:
+        """`logits` through the engine: each row prefilled into a one-row cache, every position's logits."""
+        engine = self.engine(self.model, rows=1, max_len=ids.shape[1], prefill_chunk=self.prefill_chunk,
+                             kv_dtype=self.kv_dtype, kv_read_dtype=self.kv_read_dtype)
+        out, used = [], 0
+        for b in range(ids.shape[0]):
+            k = 0 if mask is None else int(mask[b].sum())
+            out.append(engine.prefill_logits(0, ids[b].tolist(), None if mask is None else mask[b],
+                                             None if not k else features[used:used + k]))
+            used += k
+        return torch.stack(out)
 
     def image_features(self, pixel_values: torch.Tensor, n_patch_tokens: int | None = None) -> torch.Tensor:
         """Tiles [n, 3, S, S] -> image features [n * tokens per tile, D] in the text width."""

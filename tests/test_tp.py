@@ -217,3 +217,49 @@ def test_ctrl_c_during_a_step_lands_after_it():
             done.append(True)
     assert done == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+SPLIT_LOGITS = """
+import sys, torch, torch.distributed as dist
+from herd.distributed import steps
+from herd.images import load_image
+
+llm, tp = steps.load("herd-tiny", int(sys.argv[1]), pp_size=int(sys.argv[2]), progress=False)
+if tp.leader:
+    try:
+        prompt = llm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image", "image": sys.argv[3]}, {"type": "text", "text": "Hi"}]}])
+        torch.save({"image": llm.logits(prompt), "text": llm.logits([[1, 5, 9, 2], [7, 3, 8, 4]])}, sys.argv[4])
+    finally:
+        steps.stop(tp)
+else:
+    steps.follow(llm.model, tp)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size,stages", [(2, 1), (1, 2)])
+def test_logits_of_a_split_model_equal_one_process(tmp_path, size, stages):
+    """`llm.logits` on rank 0 runs through the planned steps (a full forward would wait for the other ranks)."""
+    import herd
+
+    image = REPO / "examples" / "shapes.png"
+    script = tmp_path / "split_logits.py"
+    script.write_text(SPLIT_LOGITS)
+    out = tmp_path / "logits.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(size * stages),
+                          str(script), str(size), str(stages), str(image), str(out)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(out)
+    llm = herd.load("herd-tiny", progress=False)
+    with torch.inference_mode():
+        prompt = llm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "Hi"}]}])
+        want = {"image": llm.logits(prompt), "text": llm.logits([[1, 5, 9, 2], [7, 3, 8, 4]])}
+    for key in want:
+        assert got[key].shape == want[key].shape
+        gap = ((got[key] - want[key]).abs().max() / want[key].abs().max()).item()
+        assert gap < 1e-5, (key, gap)

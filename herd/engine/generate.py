@@ -279,7 +279,8 @@ class Engine:
         return self._step(ids, pos, slice(0, B), torch.arange(B * T, device=self.device)).view(B, T, -1)
 
     @torch.inference_mode()
-    def prefill_logits(self, row: int, tokens: Sequence[int]) -> torch.Tensor:
+    def prefill_logits(self, row: int, tokens: Sequence[int], image_mask: torch.Tensor | None = None,
+                       image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``tokens`` [T] into cache row ``row`` from position 0, as `prefill` does, and return the
         float32 logits [T, V] of every position (how herd.evaluate scores through the cache)."""
         T = len(tokens)
@@ -287,11 +288,17 @@ class Engine:
             raise ValueError(f"need 1 to {self.cache.max_len} tokens (the cache's length), got {T}")
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)[None]
         out = []
-        start = 0
+        start = used = 0
         while start < T:
             end = self._segment_end(start, T, self.prefill_chunk)
+            mask = feats = None
+            if image_mask is not None and image_mask[start:end].any():
+                k = int(image_mask[start:end].sum())
+                mask, feats = image_mask[start:end].to(self.device)[None], image_features[used:used + k]
+                used += k
             pos = torch.arange(start, end, device=self.device)[None]
-            out.append(self._step(ids[:, start:end], pos, slice(row, row + 1), torch.arange(end - start, device=self.device)))
+            out.append(self._step(ids[:, start:end], pos, slice(row, row + 1), torch.arange(end - start, device=self.device),
+                                  mask, feats))
             start = end
         self.cache.lengths[row] = T
         return torch.cat(out)
