@@ -70,6 +70,8 @@ def cmd_generate(args) -> int:
         raise ValueError("--image needs the chat format (drop --raw)")
     for i, path in enumerate(args.image):  # before loading the model, not after
         load_image(path, index=i)
+    if args.ep and args.tp < 2:
+        raise ValueError("--ep splits the experts over the --tp processes: it needs --tp T with T >= 2")
     if args.tp > 1:
         return _generate_tensor_parallel(args)
     llm = _load(args)
@@ -90,8 +92,8 @@ def _generate_tensor_parallel(args) -> int:
         raise ValueError("--image with --tp is not supported yet")
     if args.quantize:
         raise ValueError("--quantize with --tp is not supported yet")
-    llm, tp = steps.load(args.model, args.tp, device=args.device, dtype=args.dtype, compile=args.compile,
-                         kv_dtype=args.kv_dtype, vision=False)
+    llm, tp = steps.load(args.model, args.tp, device=args.device, expert_parallel=args.ep, dtype=args.dtype,
+                         compile=args.compile, kv_dtype=args.kv_dtype, vision=False)
     try:
         if tp.leader:
             _warn_if_random(args.model)
@@ -422,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp", "--tensor-parallel-size", type=int, default=1, metavar="T",
                    help="split the model over T processes (run under torchrun --nproc-per-node T; "
                         "docs/distributed.md)")
+    g.add_argument("--ep", "--enable-expert-parallel", action="store_true",
+                   help="with --tp T: each process holds E/T whole routed experts instead of a slice of every one")
     c = sub.add_parser("chat", help="interactive chat with history (images with /image PATH)")
     c.add_argument("--system", default=None, help="a system prompt")
     for sp in (g, c):

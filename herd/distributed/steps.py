@@ -18,6 +18,7 @@ taken token indices. Kinds:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -137,9 +138,10 @@ def init(tp_size: int, device: str = "cpu", step_tokens: int | None = None, dtyp
     return TensorParallel(rank, tp_size, None, control, steps)
 
 
-def load(path_or_preset, tp_size: int, device: str = "cpu", **load_options):
+def load(path_or_preset, tp_size: int, device: str = "cpu", expert_parallel: bool = False, **load_options):
     """`herd.load` on every rank of a torchrun group, then this rank's shard: (llm, tp). On rank 0 the
     LLM generates as usual (its engine broadcasts each step); the others call `follow(llm.model, tp)`.
+    ``expert_parallel``: each rank holds E/T whole routed experts (`TensorParallel.expert_parallel`).
     Every rank reads the whole checkpoint and keeps its slices (per-rank slice reading is not done yet)."""
     from herd import kernels
     from herd.bundled import model_folder
@@ -149,8 +151,10 @@ def load(path_or_preset, tp_size: int, device: str = "cpu", **load_options):
 
     name = os.fspath(path_or_preset)
     is_preset = name in PRESETS and not os.path.exists(name)
-    check_sizes((PRESETS[name] if is_preset else read_config(model_folder(name))[0]).text, tp_size)  # before loading
+    text = (PRESETS[name] if is_preset else read_config(model_folder(name))[0]).text
+    check_sizes(text, tp_size, expert_parallel)  # before loading
     tp = init(tp_size, device, dtype=resolve_dtype(load_options.get("dtype", "float32")))
+    tp = dataclasses.replace(tp, expert_parallel=expert_parallel)
     if torch.device(device).type == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
     if not tp.leader:
