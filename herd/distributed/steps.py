@@ -24,7 +24,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from herd.distributed.tensor import COUNTS, TensorParallel, check_sizes, shard
+from herd.distributed.tensor import COUNTS, TensorParallel, check_sizes, shard_parts
 from herd.engine.cache import KV_DTYPES
 from herd.engine.generate import Engine, default_prefill_chunk
 from herd.model.transformer import TextModel
@@ -142,8 +142,7 @@ def load(path_or_preset, tp_size: int, device: str = "cpu", expert_parallel: boo
     """`herd.load` on every rank of a torchrun group, then this rank's shard: (llm, tp). On rank 0 the
     LLM generates as usual (its engine broadcasts each step); the others call `follow(llm.model, tp)`.
     ``expert_parallel``: each rank holds E/T whole routed experts (`TensorParallel.expert_parallel`).
-    Every rank reads the whole checkpoint and keeps its slices (per-rank slice reading is not done yet)."""
-    from herd import kernels
+    Each rank reads only its own parts of the checkpoint's tensors (`tensor.parts`)."""
     from herd.bundled import model_folder
     from herd.checkpoint.load import read_config
     from herd.config import PRESETS
@@ -159,9 +158,6 @@ def load(path_or_preset, tp_size: int, device: str = "cpu", expert_parallel: boo
         device = f"cuda:{torch.cuda.current_device()}"
     if not tp.leader:
         load_options["progress"] = False
-    llm = load_llm(path_or_preset, device=device, **load_options)
-    shard(llm.model, tp)
-    if load_options.get("kernels", True):
-        kernels.apply(llm.model)  # again: the head's slice is row-major; the kernels pick its layout
+    llm = load_llm(path_or_preset, device=device, shard=lambda model: shard_parts(model, tp), **load_options)
     llm.engine = leader_engine(tp)
     return llm, tp

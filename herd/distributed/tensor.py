@@ -228,3 +228,10 @@ def shard(model: TextModel, tp: TensorParallel) -> TextModel:
     model.__class__ = TPTextModel
     model.tp = tp
     return model
+
+
+def shard_parts(model: TextModel, tp: TensorParallel) -> dict[str, Part]:
+    """`shard` the model (in place; built on the meta device, it takes the shard's shapes) and return
+    the `parts` it kept: what the slice-reading loader reads of each tensor."""
+    shard(model, tp)
+    return parts(model.cfg, tp)
