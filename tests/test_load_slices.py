@@ -16,7 +16,7 @@ import herd
 from herd.checkpoint import hf
 from herd.checkpoint.errors import CheckpointError
 from herd.checkpoint.load import READ_BYTES, load_model, save_hf
-from herd.checkpoint.meta import to_meta
+from herd.checkpoint.meta import MetaShards, to_meta
 from herd.config import ModelConfig, to_meta_params
 from herd.distributed.tensor import TensorParallel, parts, shard, shard_parts
 from herd.kernels import quant
@@ -63,7 +63,7 @@ def _load_rank(folder, tp: TensorParallel) -> tuple[TextModel, dict[str, int]]:
 
 
 @pytest.mark.parametrize("size,ep", SPLITS)
-@pytest.mark.parametrize("layout", ["hf-fused", "hf-experts", "meta-fused", "meta"])
+@pytest.mark.parametrize("layout", ["hf-fused", "hf-experts", "meta-fused", "meta", "meta-mp2"])
 def test_each_rank_reads_only_its_slices(model, folders, layout, size, ep):
     full = {k: v.numel() * v.element_size() for k, v in model.state_dict().items()}  # float32 on disk too
     read_by_ranks = 0
@@ -88,14 +88,25 @@ def test_each_rank_reads_only_its_slices(model, folders, layout, size, ep):
           f"{sum(full.values()) / 1e3:.0f} kB ({replicated / 1e3:.0f} kB replicated)")
 
 
-def test_meta_model_parallel_slices_are_joined_then_narrowed(model, folders):
-    """consolidated.00/01.pth are joined per tensor before the part is taken (at most one whole tensor
-    in memory at a time): the weights are right, the bytes read are the whole tensors'."""
-    tp = TensorParallel(1, 2, expert_parallel=True)
-    ours, read = _load_rank(folders["meta-mp2"], tp)
-    theirs = shard(copy.deepcopy(model), tp).state_dict()
-    assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
-    assert read["layers.1.feed_forward.experts.w1"] == model.get_parameter("layers.1.feed_forward.experts.w1").nbytes
+@pytest.mark.parametrize("mp", [1, 2])
+def test_meta_slices_are_cut_to_a_view_before_they_are_joined(model, mp):
+    """MetaShards.read_view equals the view of the joined tensor. It reads the view's bytes when the view
+    is a box of the joined tensor (any view of a single file), else the whole tensor (a copy)."""
+    shards = MetaShards(to_meta(model.state_dict(), CFG, fused=True, mp=mp))
+    key = "layers.1.feed_forward.experts.moe_w_in_eD_F"  # [E*D, F] joined from [E*D, F/mp] slices
+    E, D, F = 4, CFG.dim, CFG.moe.expert_dim
+    whole = E * D * F * 4
+    experts = lambda t: t.reshape(E, D, F)  # noqa: E731  (one file: [E*D, F]; joined: [E, D, F])
+    for view, nbytes in [
+        (lambda t: experts(t).transpose(1, 2)[1:3], whole // 2),  # two whole experts
+        (lambda t: experts(t).transpose(1, 2).narrow(1, F // 4, F // 2), whole // 2),  # F/2 of each
+        (lambda t: experts(t)[..., :F // 4], whole // 4),
+        (lambda t: t.reshape(E * D, F).t().contiguous()[:8], whole),  # a copy
+        (lambda t: t.reshape(-1)[5:9], 16),
+        (lambda t: t.reshape(-1)[F - 2:F + 2], 16 if mp == 1 else whole),  # across two rows: not a box
+    ]:
+        value, read = shards.read_view(key, view)
+        assert torch.equal(value, view(shards[key])) and read == nbytes
 
 
 def test_a_preset_is_made_whole_then_split():

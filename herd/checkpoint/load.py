@@ -310,6 +310,10 @@ class MetaSource(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._merged[key]
 
+    def read_view(self, key: str, view: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(``view(self[key])``, bytes read), reading only what the view covers (`meta.MetaShards.read_view`)."""
+        return self._merged.read_view(key, view)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._merged)
 
@@ -465,14 +469,26 @@ def _nbytes(t) -> int:
     return sum(x.numel() * x.element_size() for x in tensors)
 
 
-def _read(recipe: hf.Recipe, sources: list, part, mapped: MappedFiles, dtype: torch.dtype):
-    """(value, bytes read) of one herd tensor, or of ``part`` (dim, start, length, size) of it.
+def _read(recipe: hf.Recipe, source, part, dtype: torch.dtype):
+    """(value, bytes read, source tensors to let go) of one herd tensor, or of ``part`` (dim, start,
+    length, size) of it.
 
     A part is taken before anything is copied where the layout allows: experts stored one by one stack
     only the part of each (or, split by expert, only their own experts); a recipe that is a view of
     the file (a rename, a transpose, half of a fused tensor) is narrowed as a view, so the copy reads
-    only the part's bytes. Otherwise (a tensor the source builds whole) it is read, then narrowed:
-    at most one whole tensor at a time."""
+    only the part's bytes; Meta's model-parallel slices are cut to the part before they are joined.
+    Otherwise (a tensor the source builds whole) it is read, then narrowed: at most one whole tensor
+    at a time."""
+    if part is not None and hasattr(source, "read_view") and recipe.combine is not hf.stack_experts:
+        (key,) = recipe.sources
+        value, nbytes = source.read_view(key, lambda t: recipe.combine(t).narrow(part[0], part[1], part[2]))
+        return value, nbytes, []
+    sources = [source[s] for s in recipe.sources]
+    return (*_combine(recipe, sources, part, source.mapped, dtype), sources)
+
+
+def _combine(recipe: hf.Recipe, sources: list, part, mapped: MappedFiles, dtype: torch.dtype):
+    """(value, bytes read) of `_read` from the source tensors themselves."""
     if part is None:
         value = recipe.combine(*sources)  # a view of the file counts its own bytes (half of a fused tensor)
         return value, _nbytes(value) if mapped.holds(value) else sum(_nbytes(t) for t in sources)
@@ -535,9 +551,8 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
     bar = _Progress(f"loading {folder.name}", total, progress)
     state, counted = {}, set()  # a fused source tensor feeds several keys: count its bytes once
     for key, recipe in plan.items():
-        parts = [source[s] for s in recipe.sources]
         # A copy in the model's own memory (never a view of the file), then the file pages are let go.
-        value, nbytes = _read(recipe, parts, keep.get(key), source.mapped, dtype)
+        value, nbytes, parts = _read(recipe, source, keep.get(key), dtype)
         READ_BYTES[key] += nbytes
         if key in quantizers:
             state |= quantizers[key](value, source.mapped.drop)  # file pages let go expert by expert
