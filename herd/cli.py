@@ -66,6 +66,8 @@ def _load(args):
 def _run(args, lead) -> int:
     """``lead(llm)`` on the model ``args`` name; with ``--tp T`` (under torchrun) every rank loads its
     shard, rank 0 runs ``lead`` and the others the steps it plans (docs/distributed.md)."""
+    if args.ep and args.tp < 2:
+        raise ValueError("--ep splits the experts over the --tp processes: it needs --tp T with T >= 2")
     if args.tp * args.pp == 1:
         return lead(_load(args))
     import torch.distributed as dist
@@ -74,8 +76,8 @@ def _run(args, lead) -> int:
 
     if args.quantize:
         raise ValueError("--quantize with --tp or --pp is not supported yet")
-    llm, tp = steps.load(args.model, args.tp, device=args.device, pp_size=args.pp, dtype=args.dtype, compile=args.compile,
-                         kv_dtype=args.kv_dtype)
+    llm, tp = steps.load(args.model, args.tp, device=args.device, pp_size=args.pp, expert_parallel=args.ep,
+                         dtype=args.dtype, compile=args.compile, kv_dtype=args.kv_dtype)
     try:
         if not tp.leader:
             steps.follow(llm.model, tp)
@@ -431,6 +433,8 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
                         "docs/distributed.md)")
     p.add_argument("--pp", "--pipeline-parallel-size", type=int, default=1, metavar="P",
                    help="split the layers into P stages of T processes each")
+    p.add_argument("--ep", "--enable-expert-parallel", action="store_true",
+                   help="with --tp T: each process holds E/T whole routed experts instead of a slice of every one")
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -257,7 +258,8 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
          max_tiles: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
          adapters: str | os.PathLike | None = None, kernels: bool = True, compile: bool = False,
          kv_dtype: str | torch.dtype | None = None, quantize: str | None = None, quantize_group: int = 128,
-         quantize_modules: tuple[str, ...] = quant.DEFAULT_MODULES) -> LLM:
+         quantize_modules: tuple[str, ...] = quant.DEFAULT_MODULES,
+         shard: Callable[[TextModel], Mapping[str, tuple[int, int, int, int]]] | None = None) -> LLM:
     """Load a Hugging Face folder, a Meta folder, an embedded model ("herd-tiny", trained by herd) or
     a preset name (random weights) as an LLM.
 
@@ -276,6 +278,11 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
     scale per token and KV head, read back in that float dtype (half a bf16 cache; settable later as
     ``llm.kv_dtype``).
 
+    ``shard(model)``: splits a text model in place into one tensor-parallel rank's part and returns
+    which part of each tensor it kept (herd.distributed.steps.load passes it): a checkpoint is then
+    read by those parts only (`herd.checkpoint.load.load_model`), a preset's random weights are made
+    whole and split.
+
     ``kernels=False`` runs the reference model: no device fast paths (see herd.kernels) and a KV
     cache in the weights' dtype. ``compile=True``: batch-1 decode's output product through a kernel
     torch.compile makes for half-precision weights on a CPU (see `herd.kernels.compile_head`).
@@ -293,13 +300,17 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
         if torch.device(device).type not in ("cpu", "meta", "cuda"):
             raise ValueError(f"quantize={quantize!r} runs on the CPU and CUDA; device {device!r} has no quantized "
                              "kernels in herd yet (load in bfloat16, or on the CPU)")
+        if shard is not None:
+            raise ValueError("quantize cannot be combined with tensor parallelism yet")
         if quantize == "int4" and torch.device(device).type == "cuda" and resolve_dtype(dtype) != torch.bfloat16:
             raise ValueError("quantize='int4' on CUDA runs in bfloat16 (torch's tinygemm kernel); "
                              "load with dtype='bfloat16'")
         if adapters is not None:
             raise ValueError("adapters are merged into full-precision weights; load them without quantize")
+    if shard is not None and adapters is not None:
+        raise ValueError("adapters are merged into whole weights; merge them before splitting over ranks")
     llm = _load(path_or_preset, dtype, device, seed=seed, progress=progress, vision=vision, max_images=max_images,
-                max_tiles=max_tiles, max_pixels=max_pixels, fast=kernels, spec=spec)
+                max_tiles=max_tiles, max_pixels=max_pixels, fast=kernels, spec=spec, shard=shard)
     if adapters is not None:
         try:
             load_adapters(llm.model, adapters)
@@ -334,7 +345,7 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, max_tiles, max_pixels, fast,
-          spec) -> LLM:
+          spec, shard=None) -> LLM:
     limits = dict(max_images=max_images, max_tiles=DEFAULT_MAX_TILES if max_tiles is None else max_tiles,
                   max_pixels=max_pixels)
     dt = resolve_dtype(dtype)
@@ -351,6 +362,8 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
         model = init_weights(TextModel(cfg.text), seed=seed).to(device=device, dtype=dt)
         if spec is not None:
             quant.to_device(quant.quantize_model(model, spec), device)  # quantized on the CPU
+        if shard is not None:
+            shard(model)
         encoder = None
         if with_vision:
             encoder = init_weights(VisionModel(cfg.vision, cfg.text.dim), seed=seed + 1).to(device=device, dtype=dt)
@@ -377,7 +390,8 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
     model, encoder = load_model(name, cfg, fmt, dtype=dt, device=device, progress=progress, vision=vision,
                                 column_major=column_major,
                                 quantize=None if spec is None else
-                                lambda m, stored: quant.install(m, spec, dt, None if only is None else stored))
+                                lambda m, stored: quant.install(m, spec, dt, None if only is None else stored),
+                                shard=shard)
     if spec is not None:
         quant.to_device(model, device)  # quantized on the CPU as it loaded; the kernels' layout on ``device``
     return LLM(cfg, tok, model, name, encoder, **limits)

@@ -1,13 +1,15 @@
 """Tensor-parallel inference (herd.distributed) on gloo: T processes follow one process's logits,
-tokens and a fixed collective count per step; sizes that cannot be split are refused."""
+tokens and a fixed collective count per step, with experts split by width or (expert parallelism)
+whole; sizes that cannot be split are refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from herd import kernels
 from herd.config import MoEConfig
 from herd.distributed import pipeline
 from herd.distributed.steps import LeaderEngine, follow, init, stop
@@ -82,16 +85,19 @@ def _rows(cfg) -> int:
     return max(len(p) for p in PROMPTS) + NEW_TOKENS + 10
 
 
-def _worker(rank: int, size: int, stages: int, kv_heads: int, rendezvous: str, result: str) -> None:
+def _worker(rank: int, size: int, stages: int, kv_heads: int, ep: bool, fast: bool, rendezvous: str,
+            result: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size * stages)
     try:
         cfg = _config(kv_heads)
-        tp = init(size, step_tokens=STEP_TOKENS, pp_size=stages)
+        tp = dataclasses.replace(init(size, step_tokens=STEP_TOKENS, pp_size=stages), expert_parallel=ep)
         model = _model(cfg)
         if size > 1:
             shard(model, tp)
+        if fast:
+            kernels.apply(model)  # after shard, as steps.load does: FastMoE's paths under LocalExperts
         if stages > 1:
             pipeline.split(model, tp)
         if rank == 0:
@@ -108,20 +114,25 @@ def _worker(rank: int, size: int, stages: int, kv_heads: int, rendezvous: str, r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size,stages,kv_heads", [(2, 1, 2), (2, 1, 4), (4, 1, 4), (1, 2, 2), (2, 2, 2)])
-def test_tensor_and_pipeline_parallel_follow_one_process(tmp_path, size, stages, kv_heads):
+@pytest.mark.parametrize("size,stages,kv_heads,ep,fast", [
+    (2, 1, 2, False, False), (2, 1, 4, False, False), (4, 1, 4, False, False),
+    (2, 1, 2, True, True), (4, 1, 4, True, False),  # expert parallel: 2 experts a rank, then 1
+    (1, 2, 2, False, False), (2, 2, 2, True, True),  # pipeline stages, alone and with the above
+])
+def test_parallel_ranks_follow_one_process(tmp_path, size, stages, kv_heads, ep, fast):
     cfg = _config(kv_heads)
     with torch.inference_mode():
         ref = _run(Engine(_model(cfg), rows=2, max_len=_rows(cfg), prefill_chunk=STEP_TOKENS))
     world = size * stages
-    mp.start_processes(_worker, args=(size, stages, kv_heads, str(tmp_path / "rdv"), str(tmp_path / "out")),
+    mp.start_processes(_worker, args=(size, stages, kv_heads, ep, fast, str(tmp_path / "rdv"), str(tmp_path / "out")),
                        nprocs=world, start_method="spawn")
     outs = [torch.load(tmp_path / f"out.{r}") for r in range(world)]
     ours = outs[0]
     assert ours["tokens"] == ref["tokens"]  # 32 greedy tokens after each prompt
     assert len(ours["logits"]) == len(ref["logits"])
     gaps = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours["logits"], ref["logits"])]
-    print(f"T={size} P={stages} G={kv_heads}: worst relative logit gap {max(gaps):.2e} over {len(gaps)} steps")
+    label = f"T={size} P={stages} G={kv_heads}{' EP' if ep else ''}{' kernels' if fast else ''}"
+    print(f"{label}: worst relative logit gap {max(gaps):.2e} over {len(gaps)} steps")
     assert max(gaps) <= 1e-5, gaps
     steps = outs[1]["forward_steps"]
     assert all(o["forward_steps"] == steps for o in outs[1:])
@@ -144,22 +155,26 @@ def test_tensor_and_pipeline_parallel_follow_one_process(tmp_path, size, stages,
                 "send": steps * (not last) + taken * (last and t == 0 and stages > 1),
                 "recv": steps * (stage > 0) + taken * (r == 0 and stages > 1)}
         assert o["counts"] == {k: v for k, v in want.items() if v}, (r, o["counts"])
-    print(f"T={size} P={stages}: {steps} forward steps, collectives of rank 0 {ours['counts']}, "
+    print(f"{label}: {steps} forward steps, collectives of rank 0 {ours['counts']}, "
           f"of the last {outs[-1]['counts']}")
 
 
-@pytest.mark.parametrize("size,changes,message", [
-    (4, {}, "tensor-parallel size 4 exceeds n_kv_heads (2)"),
-    (3, {"n_kv_heads": 4}, "n_kv_heads (4) is not divisible by the tensor-parallel size 3"),
-    (2, {"ffn_dim": 129}, "ffn_dim (129) is not divisible"),
-    (2, {"moe": MoEConfig(num_experts=4, top_k=2, expert_dim=65)}, "moe.expert_dim (65) is not divisible"),
+@pytest.mark.parametrize("size,changes,ep,message", [
+    (4, {}, False, "tensor-parallel size 4 exceeds n_kv_heads (2)"),
+    (3, {"n_kv_heads": 4}, False, "n_kv_heads (4) is not divisible by the tensor-parallel size 3"),
+    (2, {"ffn_dim": 129}, False, "ffn_dim (129) is not divisible"),
+    (2, {"moe": MoEConfig(num_experts=4, top_k=2, expert_dim=65)}, False, "moe.expert_dim (65) is not divisible"),
+    (2, {"moe": MoEConfig(num_experts=3, top_k=2, expert_dim=64)}, True,
+     "moe.num_experts (3) is not divisible by the expert-parallel size 2"),
 ])
-def test_sizes_that_cannot_be_split_are_refused_naming_the_field(size, changes, message):
+def test_sizes_that_cannot_be_split_are_refused_naming_the_field(size, changes, ep, message):
     cfg = tiny_text("tiny-interleaved", **{"n_heads": 8, "n_kv_heads": 2, **changes})
     with pytest.raises(ValueError, match=re.escape(message)):
-        check_sizes(cfg, size)
+        check_sizes(cfg, size, expert_parallel=ep)
     with pytest.raises(ValueError, match=re.escape(message)):  # before any weight is touched
-        shard(TextModel(cfg), TensorParallel(0, size))
+        shard(TextModel(cfg), TensorParallel(0, size, expert_parallel=ep))
+    if ep:  # split by width instead, 3 experts are fine
+        check_sizes(cfg, size)
 
 
 def test_pipeline_stages_need_a_layer_each():
@@ -180,6 +195,8 @@ def test_generate_tp_without_torchrun_says_how_to_run_it(capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["generate", "hi", "--tp", "2"]) == 2
     assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
+    assert main(["generate", "hi", "--ep"]) == 2
+    assert "--ep splits the experts over the --tp processes" in capsys.readouterr().err
 
 
 def _herd(*args: str, nproc: int = 0) -> subprocess.CompletedProcess:
@@ -199,6 +216,8 @@ def test_herd_generate_under_torchrun_prints_one_process_reply():
     assert "herd: 32 tokens" in two.stderr
     stages = _herd(*args, "--pipeline-parallel-size", "2", nproc=2)
     assert stages.returncode == 0 and stages.stdout == one.stdout, stages.stderr[-3000:]
+    whole = _herd(*args, "--tp", "2", "--enable-expert-parallel", nproc=2)  # herd-tiny: 4 of its 8 experts a rank
+    assert whole.returncode == 0 and whole.stdout == one.stdout, whole.stderr[-3000:]
     refused = _herd("generate", "hi", "--tensor-parallel-size", "4", nproc=4)  # herd-tiny has 2 KV heads
     assert refused.returncode != 0 and "exceeds n_kv_heads (2)" in refused.stderr
 

@@ -100,7 +100,7 @@ def per_expert(keys, layout: str) -> bool:
 _EXPERT_LINEARS = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
 
 
-def _stack(*parts):
+def stack_experts(*parts):
     """Experts stored one by one [out, in] each -> herd's stack [E, out, in] (tensors, or the
     quantized weights of herd.checkpoint.compressed, which stack themselves)."""
     if isinstance(parts[0], torch.Tensor):
@@ -118,7 +118,7 @@ def hf_plan(cfg: TextConfig, layout: str, experts_one_by_one: bool = False) -> d
             e = f"{prefix}layers.{i}.feed_forward.experts."
             for ours, theirs in _EXPERT_LINEARS:
                 plan[f"layers.{i}.feed_forward.experts.{ours}"] = Recipe(
-                    tuple(f"{e}{j}.{theirs}.weight" for j in range(cfg.moe.num_experts)), _stack)
+                    tuple(f"{e}{j}.{theirs}.weight" for j in range(cfg.moe.num_experts)), stack_experts)
         elif cfg.is_moe[i]:
             fused = (f"{prefix}layers.{i}.feed_forward.experts.gate_up_proj",)
             plan[f"layers.{i}.feed_forward.experts.w1"] = Recipe(fused, _first_half)

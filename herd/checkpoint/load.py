@@ -5,6 +5,10 @@ every tensor is read from a memory-mapped file, converted to the target dtype an
 assigned; only then does the caller get a model. Before a byte of weights is read, the conversion
 plan is run over *meta* tensors made from the file headers, so a missing, unexpected, misshapen or
 non-float tensor is reported (with its file) without any work done and nothing half-loaded.
+
+With ``shard`` (tensor parallelism), the meta model is first made one rank's shard and each tensor is
+read narrowed to that rank's part: a part of a memory-mapped view copies only its own bytes out of
+the file (see `_read`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 import mmap
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 
@@ -80,15 +85,24 @@ class MappedFiles:
     def add(self, start: int, nbytes: int) -> None:
         self._ranges.append((start, start + nbytes))
 
-    def drop(self, t: torch.Tensor) -> None:
-        """Drop the whole pages spanned by a tensor's bytes, if they lie in one of our mappings."""
-        if self._advise is None or t.device.type != "cpu" or t.numel() == 0:
-            return
+    def _span(self, t: torch.Tensor) -> tuple[int, int] | None:
+        """The address range of a tensor's bytes, if it lies in one of our mappings (a view of a file)."""
+        if t.device.type != "cpu" or t.numel() == 0:
+            return None
         lo = t.data_ptr()
         hi = lo + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
-        if not any(a <= lo and hi <= b for a, b in self._ranges):
+        return (lo, hi) if any(a <= lo and hi <= b for a, b in self._ranges) else None
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is a view of mapped file bytes (not a copy, e.g. one joined from slices)."""
+        return isinstance(t, torch.Tensor) and self._span(t) is not None
+
+    def drop(self, t: torch.Tensor) -> None:
+        """Drop the whole pages spanned by a tensor's bytes, if they lie in one of our mappings."""
+        span = None if self._advise is None else self._span(t)
+        if span is None:
             return  # not file-backed (e.g. a tensor joined from model-parallel slices)
-        lo, hi = -(-lo // _PAGE) * _PAGE, hi // _PAGE * _PAGE
+        lo, hi = -(-span[0] // _PAGE) * _PAGE, span[1] // _PAGE * _PAGE
         if hi > lo:
             self._advise(lo, hi - lo, _MADV_DONTNEED)
 
@@ -296,6 +310,10 @@ class MetaSource(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._merged[key]
 
+    def read_view(self, key: str, view: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(``view(self[key])``, bytes read), reading only what the view covers (`meta.MetaShards.read_view`)."""
+        return self._merged.read_view(key, view)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._merged)
 
@@ -440,10 +458,72 @@ class _Progress:
             self.last = pct
 
 
+# Bytes each herd tensor took out of the checkpoint, by herd key: a part read from a file view counts its
+# own bytes, a tensor the source had to build whole (a join of Meta's model-parallel slices, a
+# dequantization) counts all of its sources. Tests check that a rank read only its slices.
+READ_BYTES: Counter[str] = Counter()
+
+
+def _nbytes(t) -> int:
+    tensors = t.tensors() if isinstance(t, compressed.QuantizedWeight) else [t]
+    return sum(x.numel() * x.element_size() for x in tensors)
+
+
+def _read(recipe: hf.Recipe, source, part, dtype: torch.dtype):
+    """(value, bytes read, source tensors to let go) of one herd tensor, or of ``part`` (dim, start,
+    length, size) of it.
+
+    A part is taken before anything is copied where the layout allows: experts stored one by one stack
+    only the part of each (or, split by expert, only their own experts); a recipe that is a view of
+    the file (a rename, a transpose, half of a fused tensor) is narrowed as a view, so the copy reads
+    only the part's bytes; Meta's model-parallel slices are cut to the part before they are joined.
+    Otherwise (a tensor the source builds whole) it is read, then narrowed: at most one whole tensor
+    at a time."""
+    if part is not None and hasattr(source, "read_view") and recipe.combine is not hf.stack_experts:
+        (key,) = recipe.sources
+        value, nbytes = source.read_view(key, lambda t: recipe.combine(t).narrow(part[0], part[1], part[2]))
+        return value, nbytes, []
+    sources = [source[s] for s in recipe.sources]
+    return (*_combine(recipe, sources, part, source.mapped, dtype), sources)
+
+
+def _combine(recipe: hf.Recipe, sources: list, part, mapped: MappedFiles, dtype: torch.dtype):
+    """(value, bytes read) of `_read` from the source tensors themselves."""
+    if part is None:
+        value = recipe.combine(*sources)  # a view of the file counts its own bytes (half of a fused tensor)
+        return value, _nbytes(value) if mapped.holds(value) else sum(_nbytes(t) for t in sources)
+    dim, start, length = part[0], part[1], part[2]
+    if recipe.combine is hf.stack_experts and (dim == 0 or all(isinstance(t, torch.Tensor) for t in sources)):
+        if dim == 0:
+            sources = sources[start:start + length]  # whole experts
+        else:
+            sources = [t.narrow(dim - 1, start, length) for t in sources]
+        return recipe.combine(*sources), sum(_nbytes(t) for t in sources)
+    value = recipe.combine(*sources)
+    if isinstance(value, compressed.QuantizedWeight):
+        value = value.dequantize(dtype)
+    if mapped.holds(value):
+        value = value.narrow(dim, start, length)
+        return value, _nbytes(value)
+    return value.narrow(dim, start, length), sum(_nbytes(t) for t in sources)
+
+
+def _pad(t: torch.Tensor, part) -> torch.Tensor:
+    """A part shorter than its ``size`` (the output head's last) with zeros after it."""
+    dim, length, size = part[0], part[2], part[3]
+    if length == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - length
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
 def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: str | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress: bool = True,
                vision: bool = True, column_major: Collection[str] = (),
-               quantize: Callable[[TextModel, set[str]], Mapping[str, Callable]] | None = None) -> tuple[TextModel, VisionModel | None]:
+               quantize: Callable[[TextModel, set[str]], Mapping[str, Callable]] | None = None,
+               shard: Callable[[TextModel], Mapping[str, tuple[int, int, int, int]]] | None = None,
+               ) -> tuple[TextModel, VisionModel | None]:
     """Stream a checkpoint into a TextModel (and a VisionModel when the config has one and ``vision``)
     built on the meta device; every name, shape and dtype is checked before any weight is read.
     ``column_major``: names of matrices to store with strides (1, rows) (a kernel's layout).
@@ -458,7 +538,11 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
     with torch.device("meta"):
         text = TextModel(cfg.text)
         encoder = VisionModel(cfg.vision, cfg.text.dim) if vision else None
-    expected = dict(text.state_dict())
+    expected = dict(text.state_dict())  # full shapes: what the checkpoint must hold
+    keep = shard(text) if shard is not None else {}
+    if keep and quantize is not None:
+        raise CheckpointError(f"{folder}: quantized weights cannot be split over tensor-parallel ranks yet; "
+                              "load a float checkpoint")
     if encoder is not None:
         expected |= {"vision." + k: v for k, v in encoder.state_dict().items()}
     plan, source, ignore = _plan_and_source(folder, cfg, fmt, vision, dtype)
@@ -467,15 +551,17 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
     bar = _Progress(f"loading {folder.name}", total, progress)
     state, counted = {}, set()  # a fused source tensor feeds several keys: count its bytes once
     for key, recipe in plan.items():
-        parts = [source[s] for s in recipe.sources]
         # A copy in the model's own memory (never a view of the file), then the file pages are let go.
-        value = recipe.combine(*parts)
+        value, nbytes, parts = _read(recipe, source, keep.get(key), dtype)
+        READ_BYTES[key] += nbytes
         if key in quantizers:
             state |= quantizers[key](value, source.mapped.drop)  # file pages let go expert by expert
         elif isinstance(value, compressed.QuantizedWeight):
             state[key] = value.dequantize(dtype).to(device)
         else:
-            state[key] = source.mapped.copy(value, dtype, device, column_major=key in column_major)
+            state[key] = source.mapped.copy(value, dtype, device, column_major=key in column_major and key not in keep)
+        if key in keep:
+            state[key] = _pad(state[key], keep[key])
         for part in parts:
             for t in part.tensors() if isinstance(part, compressed.QuantizedWeight) else [part]:
                 source.mapped.drop(t)

@@ -21,7 +21,8 @@ mostly a rename-free copy. The released checkpoints use the fused names that Met
 
 A checkpoint saved with model parallelism N has N shards, each holding a slice of every
 parallel weight; :class:`MetaShards` joins the slices per tensor, on access, along the axis each
-weight was split (``llama_models/checkpoint.py`` is the ground truth for those axes).
+weight was split (``llama_models/checkpoint.py`` is the ground truth for those axes), or, for a
+tensor-parallel rank that needs only a view of the joined tensor, cuts each slice to that view first.
 """
 
 from __future__ import annotations
@@ -170,37 +171,83 @@ class MetaShards(Mapping):
         parts = [s[key] for s in self._shards]
         if len(parts) == 1:
             return parts[0]
+        layout = self._layout(key, parts)
+        if layout is None:
+            return parts[0]  # replicated: norms, router, statistics
+        pieces, dim, shape = layout
         try:
-            joined = self._join(key, parts)
+            joined = torch.cat(pieces, dim=dim).reshape(shape)
         except RuntimeError as e:  # slices whose shapes do not fit together
             raise CheckpointError(f"{self._names[0]}..{self._names[-1]}: cannot join the {len(parts)} "
                                   f"model-parallel slices of '{key}' ({e})") from None
+        self._let_go(parts)
+        return joined
+
+    def read_view(self, key: str, view: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(``view(self[key])``, bytes read) reading only the slices' bytes the view covers, for a ``view``
+        made of view ops (slicing, narrow, transpose, splitting reshapes): the view is traced on a meta
+        tensor of the joined shape, the box of joined indices it covers is cut out of each slice, and
+        the view is laid over that box. A view that is not such a box reads the joined tensor."""
+        parts = [s[key] for s in self._shards]
+        layout = self._layout(key, parts) if len(parts) > 1 else None
+        if layout is None:  # one shard, or a replicated tensor
+            value = view(parts[0])
+            if value.untyped_storage().data_ptr() != parts[0].untyped_storage().data_ptr():
+                return value, parts[0].numel() * parts[0].element_size()  # the view made a copy: read whole
+            return value, value.numel() * value.element_size()  # a view of the file: copied part only
+        pieces, dim, shape = layout
+        cat_shape = list(pieces[0].shape)
+        cat_shape[dim] = sum(p.shape[dim] for p in pieces)
+        box = _box(cat_shape, lambda u: view(u.reshape(shape)))
+        if box is None:
+            value = view(self[key])
+            return value, sum(p.numel() * p.element_size() for p in parts)
+        lo, hi, size, walks = box
+        cut, at = [], 0
+        for p in pieces:  # the pieces lie side by side along dim: keep those inside the box, cut to it
+            a, b = max(lo[dim], at), min(hi[dim], at + p.shape[dim])
+            if a < b:
+                cut.append(_narrow_box(p, lo, hi, dim, a - at, b - a))
+            at += p.shape[dim]
+        block = torch.cat(cut, dim=dim)  # the box, in this process's memory
+        self._let_go(parts)
+        value = block.as_strided(size, [step * block.stride(d) for d, step in walks], 0)
+        return value, block.numel() * block.element_size()
+
+    def _let_go(self, parts: list[torch.Tensor]) -> None:
         if self._release is not None:
             for part in parts:
                 self._release(part)
-        return joined
 
-    def _join(self, key: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    def _layout(self, key: str, parts: list[torch.Tensor]) -> tuple[list[torch.Tensor], int, tuple] | None:
+        """How the slices join, or None for a replicated tensor: (pieces, dim, shape): the pieces side by
+        side along ``dim``, reshaped to ``shape``, are the joined tensor."""
         if key.endswith("attention.wqkv.weight"):
             # Each slice is [q_n; k_n; v_n]; q_n's height is the width of the same shard's wo slice.
             wo = key.replace("wqkv", "wo")
-            pieces = []
+            split = []
             for s, t in zip(self._shards, parts):
                 q = s[wo].shape[1]
                 kv = (t.shape[0] - q) // 2
-                pieces.append(t.split((q, kv, kv)))
-            return torch.cat([torch.cat(group) for group in zip(*pieces)])
+                split.append(t.split((q, kv, kv)))
+            pieces = [piece for group in zip(*split) for piece in group]  # all q, then all k, then all v
+            return pieces, 0, (sum(p.shape[0] for p in pieces), parts[0].shape[1])
         if key.endswith("feed_forward.mlp.fc1_weight"):  # each slice is [w1_n; w3_n]
-            return torch.cat([t.unflatten(0, (2, -1)) for t in parts], dim=1).flatten(0, 1)
+            pieces = [t.unflatten(0, (2, -1)) for t in parts]
+            return pieces, 1, (2 * sum(p.shape[1] for p in pieces), parts[0].shape[1])
         if key.endswith(("experts.moe_w_in_eD_F", "experts.moe_w_swiglu_eD_F", "experts.moe_w_out_eF_D")):
             n = self._num_experts(key)
-            if key.endswith("moe_w_out_eF_D"):  # [E*F/N, D] per slice -> [E, F, D]
-                return torch.cat([t.unflatten(0, (n, -1)) for t in parts], dim=1)
-            return torch.cat([t.unflatten(0, (n, -1)) for t in parts], dim=2)  # [E*D, F/N] -> [E, D, F]
+            pieces = [t.unflatten(0, (n, -1)) for t in parts]
+            dim = 1 if key.endswith("moe_w_out_eF_D") else 2  # [E*F/N, D] -> [E, F, D]; [E*D, F/N] -> [E, D, F]
+            shape = list(pieces[0].shape)
+            shape[dim] = sum(p.shape[dim] for p in pieces)
+            return pieces, dim, tuple(shape)
         for pattern, dim in _SPLIT_DIM:
             if pattern.search(key):
-                return torch.cat(parts, dim=dim)
-        return parts[0]  # replicated: norms, router, statistics
+                shape = list(parts[0].shape)
+                shape[dim] = sum(p.shape[dim] for p in parts)
+                return parts, dim, tuple(shape)
+        return None
 
     def _num_experts(self, key: str) -> int:
         router = key.rsplit("experts.", 1)[0] + "router_DE"
@@ -213,6 +260,39 @@ class MetaShards(Mapping):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def _box(shape: list[int], view: Callable[[torch.Tensor], torch.Tensor]):
+    """Which indices of a contiguous tensor of ``shape`` the view ops ``view`` cover, as a box:
+    (lo, hi, size, [(dim, step)]): per dim the half-open range [lo, hi); the view's sizes; and for each
+    of its dims the tensor dim it walks and the step. None when the view is not such a box."""
+    m = torch.empty(shape, device="meta")
+    v = view(m)
+    if v is not m and v._base is not m:
+        return None  # not a view (a copy was made)
+    strides, offset = m.stride(), v.storage_offset()
+    lo = [(offset // st) % n for st, n in zip(strides, shape)]
+    hi = [c + 1 for c in lo]
+    walks, used = [], set()
+    for n, st in zip(v.shape, v.stride()):
+        if n == 1:
+            walks.append((0, 0))
+            continue
+        d = next((d for d in range(len(shape)) if st > 0 and st % strides[d] == 0
+                  and (d == 0 or st < strides[d - 1])), None)
+        if d is None or d in used or lo[d] + (n - 1) * (st // strides[d]) >= shape[d]:
+            return None
+        used.add(d)
+        hi[d] = lo[d] + (n - 1) * (st // strides[d]) + 1
+        walks.append((d, st // strides[d]))
+    return lo, hi, list(v.shape), walks
+
+
+def _narrow_box(piece: torch.Tensor, lo: list[int], hi: list[int], dim: int, start: int, length: int) -> torch.Tensor:
+    """``piece`` cut to the box, along ``dim`` from ``start`` (the piece's own index) for ``length``."""
+    for d in range(piece.dim()):
+        piece = piece.narrow(d, start, length) if d == dim else piece.narrow(d, lo[d], hi[d] - lo[d])
+    return piece
 
 
 # ---------------------------------------------------------------------------------------------

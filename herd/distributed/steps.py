@@ -25,6 +25,7 @@ the server idles. A step that fails on rank 0 raises `GroupFailed` naming the ra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import signal
@@ -35,7 +36,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from herd.distributed.tensor import COUNTS, TensorParallel, check_sizes, shard
+from herd.distributed.tensor import COUNTS, TensorParallel, check_sizes, shard_parts
 from herd.engine.cache import KV_DTYPES
 from herd.engine.generate import Engine, EngineFailed, default_prefill_chunk
 from herd.model.transformer import TextModel
@@ -282,13 +283,14 @@ def init(tp_size: int, device: str = "cpu", step_tokens: int | None = None, dtyp
     return TensorParallel(rank % tp_size, tp_size, stages[rank // tp_size], control, steps, rank // tp_size, pp_size)
 
 
-def load(path_or_preset, tp_size: int, device: str = "cpu", pp_size: int = 1, **load_options):
-    """`herd.load` on every rank of a torchrun group, then this rank's part: its tensor-parallel shard
-    of its pipeline stage's layers. Returns (llm, tp). On rank 0 the LLM generates as usual (its engine
-    broadcasts each step); the others call `follow(llm.model, tp)`. Every rank reads the whole
-    checkpoint and keeps its part (per-rank slice reading is not done yet); only rank 0 loads the
-    vision encoder."""
-    from herd import kernels
+def load(path_or_preset, tp_size: int, device: str = "cpu", pp_size: int = 1, expert_parallel: bool = False,
+         **load_options):
+    """`herd.load` on every rank of a torchrun group, keeping this rank's part: its tensor-parallel
+    shard (each rank reads only its own parts of the checkpoint's tensors, `tensor.parts`) of its
+    pipeline stage's layers. Returns (llm, tp). On rank 0 the LLM generates as usual (its engine
+    broadcasts each step); the others call `follow(llm.model, tp)`. ``expert_parallel``: each rank
+    holds E/T whole routed experts (`TensorParallel.expert_parallel`). Only rank 0 loads the vision
+    encoder."""
     from herd.bundled import model_folder
     from herd.checkpoint.load import read_config
     from herd.config import PRESETS
@@ -298,18 +300,18 @@ def load(path_or_preset, tp_size: int, device: str = "cpu", pp_size: int = 1, **
     name = os.fspath(path_or_preset)
     is_preset = name in PRESETS and not os.path.exists(name)
     cfg = (PRESETS[name] if is_preset else read_config(model_folder(name))[0]).text
-    check_sizes(cfg, tp_size, pp_size)  # before loading
+    check_sizes(cfg, tp_size, pp_size, expert_parallel)  # before loading
     tp = init(tp_size, device, dtype=resolve_dtype(load_options.get("dtype", "float32")), pp_size=pp_size)
+    tp = dataclasses.replace(tp, expert_parallel=expert_parallel)
     if torch.device(device).type == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
     if not tp.leader:  # images are encoded on rank 0, which sends their features with the plan
         load_options.update(progress=False, vision=False)
-    llm = load_llm(path_or_preset, device=device, **load_options)
-    if tp_size > 1:
-        shard(llm.model, tp)
+    # A stage reads every layer's parts, then keeps its own layers (reading a stage's layers alone is
+    # for later).
+    llm = load_llm(path_or_preset, device=device, shard=(lambda model: shard_parts(model, tp)) if tp_size > 1 else None,
+                   **load_options)
     if pp_size > 1:
         pipeline.split(llm.model, tp)
-    if load_options.get("kernels", True):
-        kernels.apply(llm.model)  # again: the head's slice is row-major; the kernels pick its layout
     llm.engine = leader_engine(tp)
     return llm, tp
