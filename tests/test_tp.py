@@ -1,5 +1,6 @@
 """Tensor-parallel inference (herd.distributed) on gloo: T processes follow one process's logits,
-tokens and a fixed collective count per step; sizes that cannot be split are refused."""
+tokens and a fixed collective count (and bytes) per step; a rank keeps 1/T of the sharded weights;
+sizes that cannot be split are refused."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.multiprocessing as mp
 
 from herd.config import MoEConfig
 from herd.distributed.steps import LeaderEngine, follow, stop
-from herd.distributed.tensor import COUNTS, TensorParallel, check_sizes, shard
+from herd.distributed.tensor import BYTES, COUNTS, TensorParallel, check_sizes, shard
 from herd.engine.generate import Engine
 from herd.model.transformer import TextModel
 from tests.conftest import randomize, tiny_text
@@ -42,16 +43,17 @@ def _model(cfg) -> TextModel:
 def _run(engine: Engine) -> dict:
     """Every prompt position's logits, then NEW_TOKENS greedy decode steps; then two rows side by side,
     one leaving (a row move). Returns the logits and tokens of each phase, and collectives per step."""
-    out = {"logits": [], "tokens": [], "steps": []}
+    out = {"logits": [], "tokens": [], "steps": [], "bytes": []}
     for prompt in PROMPTS:
         logits = engine.prefill_logits(0, prompt)
         out["logits"].append(logits)
         tokens = []
         for _ in range(NEW_TOKENS):
             tokens.append(int(logits[-1].argmax()))
-            before = COUNTS.copy()
+            before, sent = COUNTS.copy(), BYTES.copy()
             logits = engine.decode([tokens[-1]])
             out["steps"].append(dict(COUNTS - before))
+            out["bytes"].append(dict(BYTES - sent))
             out["logits"].append(logits)
         out["tokens"].append(tokens)
     engine.cache.lengths = [0] * engine.cache.rows
@@ -109,12 +111,51 @@ def test_tensor_parallel_follows_one_process(tmp_path, size, kv_heads):
     assert max(gaps) <= 1e-5, gaps
     # Each decode step: the plan's broadcast, 2 all-reduces per layer, the head's gather; nothing else.
     assert ours["steps"] == [{"broadcast": 1, "all_reduce": 2 * cfg.n_layers, "gather": 1}] * (2 * NEW_TOKENS)
+    # Their bytes (float32): a [1, 1, D] hidden state each all-reduce, this rank's ceil(V/T) logits, the plan.
+    moved = {"broadcast": 8 * (8 + 3 * STEP_TOKENS), "all_reduce": 2 * cfg.n_layers * cfg.dim * 4,
+             "gather": -(-cfg.vocab_size // size) * 4}
+    assert ours["bytes"] == [moved] * (2 * NEW_TOKENS)
     # Every rank issued the same collectives; prefill steps too: 2 all-reduces per layer per step.
     assert all(o["counts"] == ours["counts"] for o in outs)
     steps = outs[1]["forward_steps"]
     assert all(o["forward_steps"] == steps for o in outs[1:])
     assert ours["counts"]["all_reduce"] == 2 * cfg.n_layers * steps
     print(f"T={size} G={kv_heads}: {steps} forward steps, collectives per rank {ours['counts']}")
+
+
+def _tensor_bytes(model: TextModel) -> dict[str, int]:
+    return {name: t.numel() * t.element_size() for name, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_a_rank_keeps_one_tth_of_the_sharded_weights(size):
+    """Measured on a sharded model's tensors (slicing issues no collective): every rank keeps all
+    replicated bytes and 1/T of the rest, the head's zero-padded last rows aside."""
+    cfg = _config(4)
+    whole = _tensor_bytes(_model(cfg))
+    ranks = [_tensor_bytes(shard(_model(cfg), TensorParallel(r, size))) for r in range(size)]
+    assert all(set(state) == set(whole) for state in ranks)
+    sharded = {n for n in whole if ranks[0][n] != whole[n]}
+    replicated = sum(whole[n] for n in whole if n not in sharded)
+    assert "output.weight" in sharded and "tok_embeddings.weight" not in sharded and replicated > 0
+    head_rows = -(-cfg.vocab_size // size)
+    split = sum(whole[n] for n in sharded) - whole["output.weight"]
+    for state in ranks:
+        assert sum(state[n] for n in whole if n not in sharded) == replicated
+        assert sum(state[n] for n in sharded) == split // size + head_rows * cfg.dim * 4
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_runs_on_gloo():
+    """benchmarks/distributed.py --quick: T=2 against one process, collectives and bytes per step, the
+    Scout / Maverick memory table (its NCCL path needs GPUs)."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "distributed.py"), "--quick"], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # 2 layers: 4 all-reduces a step, one plan, one gather of the logits.
+    assert "decode step, collectives of rank 0: all_reduce 4, broadcast 1, gather 1" in out.stdout
+    assert "NCCL (--device cuda): not run here" in out.stdout
+    assert re.search(r"maverick +int4 +8 ", out.stdout)
 
 
 @pytest.mark.parametrize("size,changes,message", [

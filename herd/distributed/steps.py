@@ -23,7 +23,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from herd.distributed.tensor import COUNTS, TensorParallel, check_sizes, shard
+from herd.distributed.tensor import BYTES, COUNTS, TensorParallel, check_sizes, shard
 from herd.engine.cache import KV_DTYPES
 from herd.engine.generate import Engine, default_prefill_chunk
 from herd.model.transformer import TextModel
@@ -45,6 +45,7 @@ def _send(tp: TensorParallel, header: list[int], ids=None, starts=None, take=Non
 
 def _broadcast(plan: torch.Tensor, tp: TensorParallel) -> None:
     COUNTS["broadcast"] += 1
+    BYTES["broadcast"] += plan.numel() * plan.element_size()
     src = dist.get_global_rank(tp.control, 0) if tp.control is not None else 0
     dist.broadcast(plan, src=src, group=tp.control)
 

@@ -16,7 +16,7 @@
   padded with zeros), its float32 logits gathered to rank 0 only (other ranks get None).
 
 Plain local tensors and explicit `torch.distributed` calls, no DTensor and no autograd: every
-collective is one line here, counted in `COUNTS` (tests check the sequence per step).
+collective is one line here, counted in `COUNTS` and `BYTES` (tests check the sequence per step).
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ from herd.model.layers import Linear, SwiGLU
 from herd.model.moe import Experts, MoE
 from herd.model.transformer import Block, TextModel
 
-# Collectives issued by this process, by kind ("all_reduce", "gather", "broadcast").
+# Collectives issued by this process, by kind ("all_reduce", "gather", "broadcast"), and the bytes of
+# the tensors this process hands them (its own part for a gather; the wire traffic depends on the backend).
 COUNTS: Counter[str] = Counter()
+BYTES: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class TensorParallel:
 def all_reduce(t: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     """Sum ``t`` over the group, in place; returns it."""
     COUNTS["all_reduce"] += 1
+    BYTES["all_reduce"] += t.numel() * t.element_size()
     dist.all_reduce(t, group=tp.group)
     return t
 
@@ -66,6 +69,7 @@ def gather_columns(t_NV: torch.Tensor, tp: TensorParallel, width: int) -> torch.
     """Every rank's [N, V/T] side by side on rank 0, cut to ``width`` columns; None on other ranks."""
     COUNTS["gather"] += 1
     t_NV = t_NV.contiguous()
+    BYTES["gather"] += t_NV.numel() * t_NV.element_size()
     parts = [torch.empty_like(t_NV) for _ in range(tp.size)] if tp.leader else None
     dist.gather(t_NV, parts, dst=dist.get_global_rank(tp.group, 0) if tp.group is not None else 0, group=tp.group)
     return torch.cat(parts, dim=-1)[..., :width] if tp.leader else None
