@@ -1,24 +1,25 @@
 """What tensor parallelism costs per step, what it moves, and what it saves in memory per rank.
 
     python benchmarks/distributed.py [--sizes 2] [--dtypes float32 bfloat16] [--layers 4] [--experts 16]
-                                     [--prefill 256] [--steps 32] [--rounds 3] [--threads 2]
+                                     [--prefill 256] [--steps 32] [--rounds 4] [--threads 2]
                                      [--device cpu|cuda] [--quick] [--memory-only]
 
 Timing: T processes (torch.multiprocessing, one machine) join one group through `steps.init`, as
 under torchrun: gloo on the CPU, NCCL with ``--device cuda`` (one GPU a rank). Each takes its shard
 of the generation benchmark's model (benchmarks/generation.py: width 1024, 8 heads, 2 KV heads,
 ``--experts`` experts of width 1024 top-1 + shared expert, the real 202,048-token vocabulary;
-random weights). Rank 0 also holds the whole model and times one process (T = 1) on the same
-cores in interleaved rounds: T = 1 with ``--threads`` threads, then T ranks with
-``--threads / T`` threads each, and with ``--threads / T`` threads alone (the other ranks wait in
-their next collective meanwhile, without spinning). "ratio" is T ranks' time over one process's on
-the same cores; "work" is T x the ranks' time over one process's on one rank's threads: 1.00 means
-splitting costs nothing, 1.20 that a fifth of the work is overhead (collectives, the plan, smaller
-products, the replicated parts each rank repeats). The fastest of the rounds is reported (the machine's load average is printed: a loaded
-machine hurts T = 1's threads more than T single-threaded ranks), with per step:
+random weights). Rank 0 also holds the whole model. In interleaved rounds it times one process
+(T = 1) with ``--threads`` threads, one process with ``--threads / T`` threads, and the T ranks with
+``--threads / T`` threads each (the other ranks wait in their next collective meanwhile, without
+spinning). The fastest of the rounds is reported, with the machine's load average before the run
+(a busy machine hurts T = 1's threads, and ranks that must meet at every collective, the most):
   prefill  one step of ``--prefill`` tokens (one segment) into an empty cache row, fastest of 3;
-  decode   one batch-1 step after a 64-token prompt, median of ``--steps`` steps;
-and the collectives rank 0 issued in that step, by kind, with the bytes of the tensors it handed
+  decode   one batch-1 step after a 64-token prompt, median of ``--steps`` steps.
+"ratio" is the T ranks' time over one process's on the same cores. "work" is T x the ranks' time
+over one process's on one rank's threads: 1.00 means splitting costs nothing, 1.20 that a sixth of
+the work is overhead (collectives, the plan, smaller products, what each rank repeats). "comms" is
+the time of the step's collectives alone, issued back to back by every rank before the models are
+built. Then the collectives rank 0 issued in each step, by kind, with the bytes of the tensors it handed
 them (`tensor.COUNTS`, `tensor.BYTES`: a gather counts this rank's part of the logits).
 
 Memory (no timing, no weights: models built on the meta device): the text decoder's bytes per rank
@@ -57,7 +58,7 @@ from generation import bench_config  # noqa: E402
 from herd import kernels  # noqa: E402
 from herd.config import PRESETS, ModelConfig  # noqa: E402
 from herd.distributed import steps  # noqa: E402
-from herd.distributed.tensor import BYTES, COUNTS, TensorParallel, shard  # noqa: E402
+from herd.distributed.tensor import BYTES, COUNTS, TensorParallel, all_reduce, gather_columns, shard  # noqa: E402
 from herd.engine.cache import kv_cache_bytes  # noqa: E402
 from herd.engine.generate import Engine  # noqa: E402
 from herd.kernels import quant  # noqa: E402
@@ -185,6 +186,25 @@ def _time_steps(make_engine, device, prefill: int, steps: int, repeat: int = 3) 
     return out
 
 
+def _collectives_alone(tp: TensorParallel, cfg, dtype: torch.dtype, device, tokens: int, n: int) -> float:
+    """Seconds (median of ``n``) of nothing but one step's collectives, on every rank: the plan's
+    broadcast, 2 all-reduces per layer of ``tokens`` hidden states, the gather of one token's logits."""
+    plan = torch.zeros(steps.HEADER + 3 * tp.step_tokens, dtype=torch.long)
+    h = torch.zeros(1, tokens, cfg.dim, dtype=dtype, device=device)
+    logits = torch.zeros(1, -(-cfg.vocab_size // tp.size), device=device)
+    times = []
+    for _ in range(n):
+        _sync(device)
+        start = time.perf_counter()
+        steps._broadcast(plan, tp)
+        for _ in range(2 * cfg.n_layers):
+            all_reduce(h, tp)
+        gather_columns(logits, tp, cfg.vocab_size)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _worker(rank: int, size: int, args: argparse.Namespace, port: int, result: str) -> None:
     import torch.distributed as dist
 
@@ -199,6 +219,8 @@ def _worker(rank: int, size: int, args: argparse.Namespace, port: int, result: s
     try:
         for name in args.dtypes:
             dtype = getattr(torch, name)
+            alone = {kind: _collectives_alone(tp, cfg, dtype, device, tokens, args.steps)
+                     for kind, tokens in (("prefill", args.prefill), ("decode", 1))}
             model = kernels.apply(shard(_build(cfg, dtype, device), tp))
             if not tp.leader:
                 steps.follow(model, tp)
@@ -217,7 +239,7 @@ def _worker(rank: int, size: int, args: argparse.Namespace, port: int, result: s
                     torch.set_num_threads(threads)
                     runs[label].append(_time_steps(make, device, args.prefill, args.steps))
             steps.stop(tp)
-            out[name] = runs
+            out[name] = {**runs, "collectives": alone}
             del whole
         if tp.leader:
             torch.save(out, result)
@@ -251,12 +273,14 @@ def print_costs(args: argparse.Namespace, size: int, costs: dict, load: float) -
           f"load average before the run {load:.1f}")
     share = max(1, args.threads // size)
     # work: T x the T ranks' time over one process's on one rank's threads (1.00: splitting costs nothing).
-    print(f"{'dtype':9} {'step':20} {'T=1 ms':>8} {f'T={size} ms':>8} {'ratio':>6} {f'T=1 {share}thr ms':>11} {'work':>6}")
+    # comms: the step's collectives alone, issued back to back (a floor on the ranks' added time).
+    print(f"{'dtype':9} {'step':20} {'T=1 ms':>8} {f'T={size} ms':>8} {'ratio':>6} {f'T=1 {share}thr ms':>11} "
+          f"{'work':>6} {'comms ms':>9}")
     for name, runs in costs.items():
         for kind, label in (("prefill", f"prefill {args.prefill} tokens"), ("decode", "decode, batch 1")):
             one, thin, many = (min(r[kind] for r in runs[case]) for case in ("one", "one_thin", "tp"))
             print(f"{name:9} {label:20} {one * 1e3:8.2f} {many * 1e3:8.2f} {many / one:5.2f}x {thin * 1e3:11.2f} "
-                  f"{size * many / thin:5.2f}x")
+                  f"{size * many / thin:5.2f}x {runs['collectives'][kind] * 1e3:9.2f}")
     for name, runs in costs.items():
         r = runs["tp"][0]
         for kind in ("prefill", "decode"):
