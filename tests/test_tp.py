@@ -1,6 +1,7 @@
 """Tensor-parallel inference (herd.distributed) on gloo: T processes follow one process's logits,
-tokens and a fixed collective count per step, with experts split by width or (expert parallelism)
-whole; sizes that cannot be split are refused."""
+tokens and a fixed collective count (and bytes) per step, with experts split by width or (expert
+parallelism) whole, and layers split into pipeline stages; a rank keeps 1/T of the sharded weights;
+sizes that cannot be split are refused."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import torch.multiprocessing as mp
 from herd import kernels
 from herd.config import MoEConfig
 from herd.distributed import pipeline
-from herd.distributed.steps import LeaderEngine, follow, init, stop
-from herd.distributed.tensor import COUNTS, TensorParallel, check_sizes, shard
+from herd.distributed.steps import HEADER, PARTS, LeaderEngine, follow, init, stop
+from herd.distributed.tensor import BYTES, COUNTS, TensorParallel, check_sizes, shard
 from herd.engine.generate import Engine
 from herd.model.transformer import TextModel
 from tests.conftest import randomize, tiny_text
@@ -47,17 +48,18 @@ def _model(cfg) -> TextModel:
 def _run(engine: Engine) -> dict:
     """Every prompt position's logits, then NEW_TOKENS greedy decode steps; then two rows side by side,
     one leaving (a row move); then an image prompt and a draft. Returns the logits and tokens of each
-    phase, and collectives per step."""
-    out = {"logits": [], "tokens": [], "steps": []}
+    phase, and collectives (and their bytes) per step."""
+    out = {"logits": [], "tokens": [], "steps": [], "bytes": []}
     for prompt in PROMPTS:
         logits = engine.prefill_logits(0, prompt)
         out["logits"].append(logits)
         tokens = []
         for _ in range(NEW_TOKENS):
             tokens.append(int(logits[-1].argmax()))
-            before = COUNTS.copy()
+            before, sent = COUNTS.copy(), BYTES.copy()
             logits = engine.decode([tokens[-1]])
             out["steps"].append(dict(COUNTS - before))
+            out["bytes"].append(dict(BYTES - sent))
             out["logits"].append(logits)
         out["tokens"].append(tokens)
     engine.cache.lengths = [0] * engine.cache.rows
@@ -134,6 +136,13 @@ def test_parallel_ranks_follow_one_process(tmp_path, size, stages, kv_heads, ep,
     label = f"T={size} P={stages} G={kv_heads}{' EP' if ep else ''}{' kernels' if fast else ''}"
     print(f"{label}: worst relative logit gap {max(gaps):.2e} over {len(gaps)} steps")
     assert max(gaps) <= 1e-5, gaps
+    # Their bytes (float32): the plan; a [1, 1, D] hidden state each all-reduce; the logits, this rank's
+    # ceil(V/T) of them gathered (P = 1), or the hidden state sent on and all V received (P > 1).
+    layers = cfg.n_layers // stages
+    moved = {"broadcast": 8 * (HEADER + PARTS * STEP_TOKENS), "all_reduce": 2 * layers * cfg.dim * 4 * (size > 1)}
+    moved.update({"send": cfg.dim * 4, "recv": cfg.vocab_size * 4} if stages > 1 else
+                 {"gather": -(-cfg.vocab_size // size) * 4})
+    assert ours["bytes"] == [{k: v for k, v in moved.items() if v}] * (2 * NEW_TOKENS)
     steps = outs[1]["forward_steps"]
     assert all(o["forward_steps"] == steps for o in outs[1:])
     assert sum(o["layers"] for o in outs[::size]) == cfg.n_layers  # the stages' layers, each once
@@ -157,6 +166,41 @@ def test_parallel_ranks_follow_one_process(tmp_path, size, stages, kv_heads, ep,
         assert o["counts"] == {k: v for k, v in want.items() if v}, (r, o["counts"])
     print(f"{label}: {steps} forward steps, collectives of rank 0 {ours['counts']}, "
           f"of the last {outs[-1]['counts']}")
+
+
+def _tensor_bytes(model: TextModel) -> dict[str, int]:
+    return {name: t.numel() * t.element_size() for name, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_a_rank_keeps_one_tth_of_the_sharded_weights(size):
+    """Measured on a sharded model's tensors (slicing issues no collective): every rank keeps all
+    replicated bytes and 1/T of the rest, the head's zero-padded last rows aside."""
+    cfg = _config(4)
+    whole = _tensor_bytes(_model(cfg))
+    ranks = [_tensor_bytes(shard(_model(cfg), TensorParallel(r, size))) for r in range(size)]
+    assert all(set(state) == set(whole) for state in ranks)
+    sharded = {n for n in whole if ranks[0][n] != whole[n]}
+    replicated = sum(whole[n] for n in whole if n not in sharded)
+    assert "output.weight" in sharded and "tok_embeddings.weight" not in sharded and replicated > 0
+    head_rows = -(-cfg.vocab_size // size)
+    split = sum(whole[n] for n in sharded) - whole["output.weight"]
+    for state in ranks:
+        assert sum(state[n] for n in whole if n not in sharded) == replicated
+        assert sum(state[n] for n in sharded) == split // size + head_rows * cfg.dim * 4
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_runs_on_gloo():
+    """benchmarks/distributed.py --quick: T=2 against one process, collectives and bytes per step, the
+    Scout / Maverick memory table (its NCCL path needs GPUs)."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "distributed.py"), "--quick"], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # 2 layers: 4 all-reduces a step, one plan, one gather of the logits.
+    assert "decode step, collectives of rank 0: all_reduce 4, broadcast 1, gather 1" in out.stdout
+    assert "NCCL (--device cuda): not run here" in out.stdout
+    assert re.search(r"maverick +int4 +8 ", out.stdout)
 
 
 @pytest.mark.parametrize("size,changes,ep,message", [

@@ -21,16 +21,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from herd.distributed.tensor import COUNTS, TensorParallel, TPTextModel
+from herd.distributed.tensor import BYTES, COUNTS, TensorParallel, TPTextModel
 
 
 def send(t: torch.Tensor, dst: int) -> None:
     COUNTS["send"] += 1
+    BYTES["send"] += t.numel() * t.element_size()
     dist.send(t.contiguous(), dst)
 
 
 def recv(t: torch.Tensor, src: int) -> torch.Tensor:
     COUNTS["recv"] += 1
+    BYTES["recv"] += t.numel() * t.element_size()
     dist.recv(t, src)
     return t
 

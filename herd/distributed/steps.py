@@ -36,7 +36,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from herd.distributed.tensor import COUNTS, TensorParallel, check_sizes, shard_parts
+from herd.distributed.tensor import BYTES, COUNTS, TensorParallel, check_sizes, shard_parts
 from herd.engine.cache import KV_DTYPES
 from herd.engine.generate import Engine, EngineFailed, default_prefill_chunk
 from herd.model.transformer import TextModel
@@ -63,6 +63,7 @@ def _send(tp: TensorParallel, header: list[int], ids=None, starts=None, take=Non
 
 def _broadcast(t: torch.Tensor, tp: TensorParallel) -> None:
     COUNTS["broadcast"] += 1
+    BYTES["broadcast"] += t.numel() * t.element_size()
     src = dist.get_global_rank(tp.control, 0) if tp.control is not None else 0
     dist.broadcast(t, src=src, group=tp.control)
 

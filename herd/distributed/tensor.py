@@ -21,7 +21,7 @@
 model by it, and the slice-reading loader (herd.checkpoint.load) reads just those parts.
 
 Plain local tensors and explicit `torch.distributed` calls, no DTensor and no autograd: every
-collective is one line here, counted in `COUNTS` (tests check the sequence per step).
+collective is one line here, counted in `COUNTS` and `BYTES` (tests check the sequence per step).
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from herd.model.layers import Linear
 from herd.model.moe import Experts, MoE
 from herd.model.transformer import Block, TextModel
 
-# Collectives issued by this process, by kind ("all_reduce", "gather", "broadcast").
+# Collectives issued by this process, by kind ("all_reduce", "gather", "broadcast"), and the bytes of
+# the tensors this process hands them (its own part for a gather; the wire traffic depends on the backend).
 COUNTS: Counter[str] = Counter()
+BYTES: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class TensorParallel:
 def all_reduce(t: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     """Sum ``t`` over the group, in place; returns it."""
     COUNTS["all_reduce"] += 1
+    BYTES["all_reduce"] += t.numel() * t.element_size()
     dist.all_reduce(t, group=tp.group)
     return t
 
@@ -86,6 +89,7 @@ def gather_columns(t_NV: torch.Tensor, tp: TensorParallel, width: int) -> torch.
     other ranks."""
     COUNTS["gather"] += 1
     t_NV = t_NV.contiguous()
+    BYTES["gather"] += t_NV.numel() * t_NV.element_size()
     first = tp.rank == 0
     parts = [torch.empty_like(t_NV) for _ in range(tp.size)] if first else None
     dist.gather(t_NV, parts, dst=dist.get_global_rank(tp.group, 0) if tp.group is not None else 0, group=tp.group)
@@ -246,7 +250,9 @@ def shard(model: TextModel, tp: TensorParallel) -> TextModel:
             ff.parallel = LocalExperts(tp.rank * n, n) if tp.expert_parallel else None
         block.__class__ = TPBlock
         block.tp = tp
-    model.output.out_features = table["output.weight"].size
+    for m in model.modules():
+        if isinstance(m, Linear):  # a module's sizes follow its slice (quant.install reads them)
+            m.out_features, m.in_features = m.weight.shape
     model.__class__ = TPTextModel
     model.tp = tp
     return model
