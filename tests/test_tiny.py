@@ -560,5 +560,68 @@ def test_recipes_chain_the_shipped_builds_stages():
     assert Path(two.model.checkpoint).resolve() == run / "train" / "final"  # relative to the recipe, before it exists
     assert [Path(p).resolve() for p in two.data.train] == [run / "data" / "pictures.jsonl"]
     assert two.data.val == one.data.val and two.optim.lr < one.optim.lr
+    three = load_config(ROOT / "recipes" / "herd-tiny-chats.toml")
+    assert three.job == "sft" and Path(three.out_dir).resolve() == run / "chats"
+    assert Path(three.model.checkpoint).resolve() == run / "pictures" / "final"
+    assert [Path(p).resolve() for p in three.data.train] == [run / "data" / "chats.jsonl"]
+    assert three.data.val == one.data.val
     script = (ROOT / "scripts" / "train-herd-tiny").read_text()
-    assert script.index("herd train recipes/herd-tiny.toml") < script.index("herd train recipes/herd-tiny-pictures.toml")
+    assert script.index("herd train recipes/herd-tiny.toml") < script.index("herd train recipes/herd-tiny-pictures.toml") \
+        < script.index("herd train recipes/herd-tiny-chats.toml") < script.index('package "$run/chats/final"')
+
+
+def _user_texts(messages: list[dict]) -> list[str]:
+    return [m["content"] if isinstance(m["content"], str) else m["content"][-1]["text"]
+            for m in messages if m["role"] == "user"]
+
+
+def test_conversations_hold_out_wordings_and_orders_and_answer_rightly():
+    """experiments/herd_tiny/chats.py: no training chat holds a held-out wording (any case, any final mark)
+    or a picture after three text turns; turns alternate; a two-picture question names its picture."""
+    from experiments.herd_tiny import chats
+
+    def pattern(template: str) -> re.Pattern:
+        body = re.escape(template.rstrip("?.!").lower())
+        colors, kinds = "|".join(shapes.COLORS), "|".join(shapes.SHAPES)
+        for field, words in (("shape", f"({kinds})"), ("color", f"({colors})"), ("thing", f"an? ({colors}) ({kinds})")):
+            body = body.replace(re.escape("{" + field + "}"), words)
+        return re.compile(rf"(in the (first|second) picture, )?{body}[?.!]?$")
+
+    kinds = (chats.SHAPE, chats.COLOR, chats.SHAPE_OF, chats.COUNT, chats.DESCRIBE, chats.IS_THERE, chats.GREETINGS)
+    held = [pattern(t) for k in kinds for t in k[1]]
+    trained = [pattern(t) for k in kinds for t in k[0]] + [pattern(r) for r in text.STORY_REQUESTS]
+    # Questions outside its world: held-out forms (any words), and trained forms with a held-out word.
+    def outside(form: str, side: int | None) -> re.Pattern:
+        body = re.escape(form.rstrip("?.!").lower())
+        for k, v in chats.OUTSIDE_WORDS.items():
+            words = v[0] + v[1] if side is None else v[side]
+            body = body.replace(re.escape("{" + k + "}"), f"({'|'.join(words).lower()})")
+        return re.compile(body.replace(re.escape("{a}"), "[0-9]+").replace(re.escape("{b}"), "[0-9]+") + "[?.!]?$")
+
+    held += [outside(f, None) for f in chats.OUTSIDE_FORMS[1]]
+    held += [outside(f, 1) for f in chats.OUTSIDE_FORMS[0] if "{" in f and "{a}" not in f]
+    trained += [outside(f, 0) for f in chats.OUTSIDE_FORMS[0]]
+    rng, seen_two, seen_outside = random.Random(5), 0, 0
+    for _ in range(3000):
+        messages = chats.chat(rng, lambda scene: scene)
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+        for q in _user_texts(messages):
+            assert not any(h.match(q.lower()) for h in held), q
+            assert any(t.match(q.lower()) for t in trained) or re.match(r"(can you tell|write|please write|tell) .*"
+                                                                        r"(story|stories)", q.lower()), q
+        pictures = [i for i, m in enumerate(messages) if not isinstance(m["content"], str)]
+        assert not pictures or pictures[0] // 2 <= 2  # at most two text turns before the first picture
+        seen_outside += any(m["content"] == chats.OUTSIDE_ANSWER for m in messages)
+        if len(pictures) == 2:
+            seen_two += 1
+            scenes = [messages[i]["content"][0]["image"] for i in pictures]
+            for q, a in zip(messages[pictures[1] + 2::2], messages[pictures[1] + 3::2]):
+                which = q["content"].lower().split(" picture")[0].removeprefix("in the ")
+                scene = scenes[chats.ORDINALS.index(which)]
+                if "how many" in q["content"].lower() or "count" in q["content"].lower():
+                    assert a["content"] == shapes.count_answer(len(scene.shapes))
+    assert seen_two > 300 and seen_outside > 300
+    # Answers to "is there ..." follow the scene; both answers occur.
+    scene = shapes.random_scene(random.Random(1), 2)
+    answers = {a for _ in range(50) for k, q, a in chats.questions(scene, rng) if k == "is_there"}
+    assert answers == {"Yes.", "No."}

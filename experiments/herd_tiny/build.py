@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from herd.config import MoEConfig, TextConfig, VisionConfig, every, rope_layout, to_hf_config
-from experiments.herd_tiny import shapes, text
+from experiments.herd_tiny import chats, shapes, text
 from herd.tokenizer.tokenizer import SPLIT_PATTERN, Tokenizer, llama4_special_tokens
 
 BPE_RANKS = 2048  # learned byte-level BPE tokens (256 bytes + merges); Llama 4's 2,048 specials follow
@@ -132,6 +132,7 @@ class Mix:
     max_distance: int = 400  # tokens between the first asked fact and its question (uniform 0..max)
     copies: int = 3_000  # "Repeat the text." over a passage of copy_tokens (uniform)
     copy_tokens: tuple[int, int] = (60, 240)
+    chats: int = 0  # conversations as people hold them (experiments/herd_tiny/chats.py)
 
 
 # The text-first block: in-context copying (find where the previous token stood, emit what followed
@@ -162,6 +163,12 @@ LOOKUPS_MIX = Mix(first_copies=0, lookup_copies=0, lookup_retrieval=0, warmup_re
 PICTURES_MIX = Mix(first_copies=0, lookup_copies=0, lookup_retrieval=0, images=20_000, easy_images=0, warmup_images=0,
                    stories=1_000, story_chats=300, retrieval=1_500, copies=0)
 PICTURES_SEED = 101  # added to the build's seed: the pictures split's own images and facts
+# A third stage (the `chats` split; recipes/herd-tiny-chats.toml) from the second's model: the
+# conversation forms of experiments/herd_tiny/chats.py, with single-picture chats, stories and fact
+# lookups kept so the first stages' skills stay.
+CHATS_MIX = Mix(first_copies=0, lookup_copies=0, lookup_retrieval=0, images=4_000, easy_images=0, warmup_images=0,
+                stories=600, story_chats=200, retrieval=1_500, copies=0, chats=5_000)
+CHATS_SEED = 202
 
 
 def _image_chat(rng: random.Random, img_dir: Path, name: str, i: int, easy: bool) -> dict:
@@ -207,6 +214,14 @@ def write_split(out: Path, name: str, tok: Tokenizer, mix: Mix, seed: int, progr
     records += [{"messages": text.story_chat(rng)} for _ in range(mix.story_chats)]
     records += [fact() for _ in tqdm(range(mix.retrieval), desc=f"{name}: retrieval", disable=not progress)]
     records += [copy(mix.copy_tokens) for _ in tqdm(range(mix.copies), desc=f"{name}: copying", disable=not progress)]
+    pictures = iter(range(10**9))
+
+    def picture(scene: shapes.Scene) -> str:
+        path = img_dir / f"chat{next(pictures):06d}.png"
+        scene.draw().save(path, compress_level=1)
+        return f"images/{name}/{path.name}"
+    records += [{"messages": chats.chat(rng, picture)}
+                for _ in tqdm(range(mix.chats), desc=f"{name}: conversations", disable=not progress)]
     for block in (first, lookups, warmup, records):
         rng.shuffle(block)
     records = first + lookups + warmup + records
@@ -220,7 +235,7 @@ def write_split(out: Path, name: str, tok: Tokenizer, mix: Mix, seed: int, progr
 def build(out: str | Path, seed: int = 0, train: Mix | None = None, val: Mix | None = None,
           progress: bool = True, lookups: bool = True) -> Path:
     """Tokenizer, configs and the splits in ``out``: with ``lookups``, the shipped build's
-    (LOOKUPS_DECODER; train: LOOKUPS_MIX, pictures: PICTURES_MIX); without, the first build's
+    (LOOKUPS_DECODER; train: LOOKUPS_MIX, pictures: PICTURES_MIX, chats: CHATS_MIX); without, the first build's
     (text_config's defaults, Mix's defaults, no pictures split)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +244,7 @@ def build(out: str | Path, seed: int = 0, train: Mix | None = None, val: Mix | N
     write_split(out, "train", tok, train or (LOOKUPS_MIX if lookups else Mix()), seed + 1, progress)
     if lookups:
         write_split(out, "pictures", tok, PICTURES_MIX, seed + PICTURES_SEED, progress)
+        write_split(out, "chats", tok, CHATS_MIX, seed + CHATS_SEED, progress)
     write_split(out, "val", tok, val or Mix(first_copies=0, lookup_copies=0, lookup_retrieval=0, images=400,
                                             easy_images=0, warmup_images=0, stories=400,
                                             story_chats=50, retrieval=100, copies=60), seed + 2, progress)
@@ -293,7 +309,8 @@ def model_card(llm, runs: list[Path] = ()) -> str:
         "the data, the generator code and these weights are under herd's licence (Apache-2.0).", "",
         "Recipe: `scripts/train-herd-tiny` (`python -m experiments.herd_tiny data`; `python -m experiments.herd_tiny probe` beside",
         "`python -m experiments.herd_tiny encoder --token-labels`; `herd train recipes/herd-tiny.toml`, then",
-        "`herd train recipes/herd-tiny-pictures.toml`; `python -m experiments.herd_tiny package`, `python -m experiments.herd_tiny eval`).",
+        "`herd train recipes/herd-tiny-pictures.toml`, then `herd train recipes/herd-tiny-chats.toml`;",
+        "`python -m experiments.herd_tiny package`, `python -m experiments.herd_tiny eval`).",
         "Loss curves: `loss.png` (and `loss-<stage>.png` for later stages); evaluation: `EVAL.md`.",
     ]
     for run in runs:

@@ -18,6 +18,9 @@ Tasks and how each is scored:
              longer than a chunk, so each word's first listing is out of the RoPE layers' reach
   text       held-out stories: perplexity; a greedy continuation of a plain prompt, and the share
              of its words found in the generator's word list
+  conversations (`conversation_tasks`): the colour spelling, a picture after a text turn, a follow-up
+             after describe, held-out wordings, a picture after three text turns, a follow-up after a
+             text turn, two pictures, and questions outside its world
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from experiments.herd_tiny import shapes, text
+from experiments.herd_tiny import chats, shapes, text
 
 BATCH = 16
 
@@ -92,12 +95,90 @@ def image_tasks(llm, rng: random.Random, n: int) -> list[Task]:
                for _, s, q, _ in jobs]
     answers = _ask(llm, prompts, 24)
     for (task, scene, q, expected), got in zip(jobs, answers):
-        if task is desc:
-            ok = sorted(named_pairs(got)) == sorted((s.color, s.kind) for s in scene.shapes)
-        else:
-            ok = _norm(got) == _norm(expected)
+        ok = _correct("describe" if task is desc else task.name, scene, expected, got)
         task.add(ok, f"{q} [{shapes.describe(scene)} {scene.width}x{scene.height}]", expected, got)
     return [shape, color, count, desc]
+
+
+def _correct(kind: str, scene: shapes.Scene, expected: str, got: str) -> bool:
+    if kind == "describe":
+        return sorted(named_pairs(got)) == sorted((s.color, s.kind) for s in scene.shapes)
+    return _norm(got) == _norm(expected)
+
+
+def _user(content, image=None) -> dict:
+    if image is None:
+        return {"role": "user", "content": content}
+    return {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": content}]}
+
+
+def _said(content: str) -> dict:
+    return {"role": "assistant", "content": content}
+
+
+def conversation_tasks(llm, rng: random.Random, n: int) -> list[Task]:
+    """herd-tiny as people chat with it (experiments/herd_tiny/chats.py): the spellings, wordings and
+    conversation orders of issue 38. Where a row's history holds herd-tiny's own replies it says so;
+    otherwise the history holds the right answers."""
+    british = Task("colour, British spelling", "single-shape images, 'What colour is the {shape}?', exact answer")
+    after_text = Task("count, picture after a text turn", "'Tell me a story about a fox.' and herd-tiny's own "
+                      "story, then a picture of 1-3 shapes and 'How many shapes are there?', exact answer")
+    follow_up = Task("count, follow-up after describe", "a picture of 1-3 shapes and 'Describe the image.', "
+                     "herd-tiny's own description, then 'How many shapes are there?', exact answer")
+    held = Task("held-out wordings", "a picture of 1-3 shapes and one question in a wording no training chat has "
+                f"(chats.py's held-out lists, e.g. {chats.COUNT[1][0]!r}), in any case and punctuation, "
+                "exact answer (describe: the pairs)")
+    late = Task("picture after three text turns", "three text turns (stories, greetings, questions outside its "
+                "world; a held-out order: training has one or two), then a picture and a question, exact answer")
+    back = Task("follow-up after a text turn", "a picture and a question, a story, then another question about "
+                "the picture, exact answer")
+    two = Task("two pictures", "two pictures, a question about each, then 'In the first (or second) picture, ...', "
+               "exact answer")
+    outside = Task("outside its world", "a question about something else in a held-out form with held-out words "
+                   f"(e.g. {chats.OUTSIDE_FORMS[1][0].format(country='Chile')!r}), with a picture or without, "
+                   f"answered {chats.OUTSIDE_ANSWER!r}")
+    jobs = []  # (task, scene, messages, kind, expected)
+    for _ in range(n):
+        s = shapes.random_scene(rng, 1)
+        q = "What colour is the {shape}?".format(shape=s.shapes[0].kind)
+        jobs.append((british, s, [_user(q, s.draw())], "color", f"{s.shapes[0].color.capitalize()}."))
+        s = shapes.random_scene(rng)
+        kind, q, a = rng.choice(chats.questions(s, rng, held_out=True))
+        jobs.append((held, s, [_user(q, s.draw())], kind, a))
+        s = shapes.random_scene(rng)
+        history = [m for _ in range(3) for m in chats.text_turn(rng, held_out=True)]
+        kind, q, a = rng.choice(chats.questions(s, rng))
+        jobs.append((late, s, history + [_user(q, s.draw())], kind, a))
+        s = shapes.random_scene(rng)
+        (_, q1, a1), (kind, q2, a2) = rng.sample(chats.questions(s, rng), 2)
+        history = [_user(q1, s.draw()), _said(a1)] + chats.text_turn(rng)
+        jobs.append((back, s, history + [_user(q2)], kind, a2))
+        first, second = shapes.random_scene(rng), shapes.random_scene(rng)
+        (_, q1, a1), (_, q2, a2) = rng.choice(chats.questions(first, rng)), rng.choice(chats.questions(second, rng))
+        which = rng.randint(0, 1)
+        kind, q, a = rng.choice(chats.questions((first, second)[which], rng))
+        history = [_user(q1, first.draw()), _said(a1), _user(q2, second.draw()), _said(a2)]
+        jobs.append((two, (first, second)[which], history + [_user(chats.about(chats.ORDINALS[which], q))], kind, a))
+        s = shapes.random_scene(rng)
+        q = chats.outside_question(rng, held_out=True)
+        jobs.append((outside, s, [_user(q, s.draw() if rng.random() < 0.5 else None)], "outside", chats.OUTSIDE_ANSWER))
+    # Rows whose history is herd-tiny's own reply: that reply first.
+    stories = [(shapes.random_scene(rng), [_user("Tell me a story about a fox.")]) for _ in range(n)]
+    described = [(s, [_user("Describe the image.", s.draw())]) for s in (shapes.random_scene(rng) for _ in range(n))]
+    replies = _ask(llm, [m for _, m in stories], 120) + _ask(llm, [m for _, m in described], 24)
+    for (s, history), reply in zip(stories, replies[:n]):
+        jobs.append((after_text, s, history + [_said(reply), _user(shapes.ASK_COUNT[0], s.draw())], "count",
+                     shapes.count_answer(len(s.shapes))))
+    for (s, history), reply in zip(described, replies[n:]):
+        jobs.append((follow_up, s, history + [_said(reply), _user(shapes.ASK_COUNT[0])], "count",
+                     shapes.count_answer(len(s.shapes))))
+    answers = _ask(llm, [m for _, _, m, _, _ in jobs], 40)
+    for (task, scene, messages, kind, expected), got in zip(jobs, answers):
+        last = messages[-1]["content"]
+        question = last if isinstance(last, str) else last[1]["text"]
+        task.add(_correct(kind, scene, expected, got), f"{question} [{shapes.describe(scene)} "
+                 f"{len(messages) // 2 + 1} turns]", expected, got)
+    return [british, after_text, follow_up, held, late, back, two, outside]
 
 
 def retrieval_task(llm, rng: random.Random, n: int, chunks: tuple[int, int] = (4, 6), name: str = "retrieval") -> Task:
@@ -191,11 +272,14 @@ def evaluate(model: str, seed: int = 12345, n: int = 200) -> dict:
     chunk = llm.config.text.attention_chunk_size
     tasks += [induction_task(llm, rng, n),  # mostly within one chunk
               induction_task(llm, rng, n, (chunk + 8, 2 * chunk + 32), "induction, far")]  # only NoPE layers reach back
+    tasks += conversation_tasks(llm, rng, n)
     return {"tasks": tasks, "text": text_results, "seed": seed, "n": n,
             "seconds": time.perf_counter() - started, "dtype": str(llm.dtype).removeprefix("torch.")}
 
 
-TARGETS = {"shape": 0.95, "color": 0.95, "count": 0.90, "describe": 0.80, "retrieval": 0.80}
+TARGETS = {"shape": 0.95, "color": 0.95, "count": 0.90, "describe": 0.80, "retrieval": 0.80,
+           "colour, British spelling": 0.90, "count, picture after a text turn": 0.90,
+           "count, follow-up after describe": 0.90}
 
 
 def report(results: dict, model: str) -> str:

@@ -107,14 +107,15 @@ ASK_COUNT = ("How many shapes are there?", "How many shapes are in the image?", 
 ASK_DESCRIBE = ("Describe the image.", "What is in the image?", "Describe what you see.")
 
 
-def _a(color: str, kind: str) -> str:
+def article(color: str, kind: str) -> str:
+    """'a red circle', 'an orange square'."""
     return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {kind}"
 
 
 def describe(scene: Scene) -> str:
     """'A red circle.', 'A red circle and a blue square.', 'A red circle, a blue square and a green triangle.'
     (shapes in the palette's order: one right answer per image)."""
-    parts = [_a(s.color, s.kind) for s in sorted(scene.shapes, key=lambda s: list(COLORS).index(s.color))]
+    parts = [article(s.color, s.kind) for s in sorted(scene.shapes, key=lambda s: list(COLORS).index(s.color))]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text[0].upper() + text[1:] + "."
 
@@ -123,19 +124,23 @@ def count_answer(n: int) -> str:
     return "There is one shape." if n == 1 else f"There are {NUMBERS[n]} shapes."
 
 
-def questions(scene: Scene, rng: random.Random | None = None) -> list[tuple[str, str, str]]:
+def questions(scene: Scene, rng: random.Random | None = None, wordings: dict[str, tuple[str, ...]] | None = None,
+              pick=None) -> list[tuple[str, str, str]]:
     """Every unambiguous (kind, question, answer) about the scene; ``rng`` picks the phrasings
-    (None: the first phrasing of each)."""
-    pick = (lambda options: options[0]) if rng is None else rng.choice
-    out = [("count", pick(ASK_COUNT), count_answer(len(scene.shapes))),
-           ("describe", pick(ASK_DESCRIBE), describe(scene))]
+    (None: the first phrasing of each). ``wordings``: phrasings per kind (default ASK_*); ``pick``
+    chooses one of them (default: as ``rng`` says)."""
+    w = wordings or {"count": ASK_COUNT, "describe": ASK_DESCRIBE, "shape": ASK_SHAPE, "color": ASK_COLOR,
+                     "shape_of": ASK_SHAPE_OF}
+    pick = pick or ((lambda options: options[0]) if rng is None else rng.choice)
+    out = [("count", pick(w["count"]), count_answer(len(scene.shapes))),
+           ("describe", pick(w["describe"]), describe(scene))]
     kinds = [s.kind for s in scene.shapes]
     if len(scene.shapes) == 1:
-        out.append(("shape", pick(ASK_SHAPE), f"A {kinds[0]}."))
+        out.append(("shape", pick(w["shape"]), f"A {kinds[0]}."))
     for s in scene.shapes:
         if kinds.count(s.kind) == 1:
-            out.append(("color", pick(ASK_COLOR).format(shape=s.kind), f"{s.color.capitalize()}."))
-        out.append(("shape_of", pick(ASK_SHAPE_OF).format(color=s.color), f"A {s.kind}."))
+            out.append(("color", pick(w["color"]).format(shape=s.kind), f"{s.color.capitalize()}."))
+        out.append(("shape_of", pick(w["shape_of"]).format(color=s.color), f"A {s.kind}."))
     return out
 
 
