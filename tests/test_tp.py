@@ -256,8 +256,9 @@ def test_herd_generate_under_torchrun_prints_one_process_reply():
     one = _herd(*args)
     two = _herd(*args, "--tp", "2", nproc=2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout == one.stdout and len(one.stdout) > 40  # printed once, by rank 0: the same 32 greedy tokens
-    assert "herd: 32 tokens" in two.stderr
+    assert two.stdout == one.stdout and len(one.stdout) > 40  # printed once, by rank 0: the same greedy tokens
+    counted = re.search(r"herd: \d+ tokens", one.stderr).group()
+    assert two.stderr.count(counted) == 1, two.stderr[-3000:]
     stages = _herd(*args, "--pipeline-parallel-size", "2", nproc=2)
     assert stages.returncode == 0 and stages.stdout == one.stdout, stages.stderr[-3000:]
     whole = _herd(*args, "--tp", "2", "--enable-expert-parallel", nproc=2)  # herd-tiny: 4 of its 8 experts a rank
