@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import herd
 from herd.engine.generate import full_forward_tokens
-from herd.kernels import quant
+from herd.kernels import native, quant
 from herd.model.moe import Experts
 from herd.model.transformer import TextModel
 
@@ -45,6 +45,69 @@ def test_quantized_linear_is_its_dequantized_weight_times_x(spec, dtype):
         assert y.dtype == dtype and y.shape == (rows, 96)
         assert _rel(y, F.linear(x.float(), deq.float())) <= 1e-2, rows
     assert m(torch.randn(2, 5, 256, generator=g).to(dtype)).shape == (2, 5, 96)
+
+
+@pytest.mark.parametrize("N,K", [(96, 256), (40, 1000), (16, 64), (8, 5), (24, 56)])
+def test_native_int8_kernel_matches_torchs(N, K):
+    """herd's int8 kernel (native.c: AVX512-BF16 dot products) gives the sums torch's kernel gives,
+    for widths with and without a tail, 1 to FEW_ROWS rows; elsewhere herd takes torch's kernel."""
+    g = torch.Generator().manual_seed(K)
+    q, scale = quant.quantize_int8(torch.randn(N, K, generator=g), torch.bfloat16)
+    x = torch.randn(quant.FEW_ROWS["int8"], K, generator=g).bfloat16()
+    if not torch.cpu._is_avx512_bf16_supported():
+        assert not native.usable(x, scale)
+        return
+    assert native.usable(x, scale), "the kernel did not build: see stderr"
+    exact = x.double() @ (q.double() * scale.double()[:, None]).T
+    for rows in (1, 2, 5, quant.FEW_ROWS["int8"]):
+        ours = native.int8_rows(x[:rows], q, scale)
+        assert ours.dtype == torch.bfloat16 and ours.shape == (rows, N)
+        assert _rel(ours, exact[:rows]) <= 4e-3, rows  # the bf16 output's rounding
+        if K % 16 == 0:  # torch's kernel gets other widths wrong (herd does not call it for them)
+            assert _rel(ours, torch.ops.aten._weight_int8pack_mm(x[:rows], q, scale)) <= 8e-3, rows
+
+
+@pytest.mark.parametrize("N,K,group", [(64, 256, 32), (192, 512, 64), (128, 1024, 128), (64, 512, 256)])
+def test_native_int4_kernel_matches_torchs(N, K, group):
+    """herd's int4 kernel reads torch's CPU packing as it lies and gives torch's kernel's sums, for
+    one row to more than its four rows at once."""
+    g = torch.Generator().manual_seed(N + K)
+    packed, scale_zero = quant.quantize_int4(torch.randn(N, K, generator=g), group, torch.bfloat16)
+    x = torch.randn(9, K, generator=g).bfloat16()
+    if not (torch.cpu._is_avx512_bf16_supported() and quant._int4_block() == 64):
+        assert not native.int4_usable(x, scale_zero, quant._int4_block())
+        return
+    assert native.int4_usable(x, scale_zero, quant._int4_block()), "the kernels did not build: see stderr"
+    exact = x.double() @ quant.dequantize_int4(packed, scale_zero, group, N, K, torch.float64).T
+    for rows in (1, 2, 5, 9):
+        ours = native.int4_rows(x[:rows], packed, scale_zero, group)
+        theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x[:rows], packed, group, scale_zero)
+        assert ours.dtype == torch.bfloat16 and ours.shape == (rows, N)
+        assert _rel(ours, exact[:rows]) <= 4e-3 and _rel(ours, theirs) <= 8e-3, rows
+    assert not native.int4_usable(x, scale_zero[:, :48], 64)  # a width of part of a block: torch's kernel
+
+
+def test_native_kernel_falls_back_with_one_line_when_it_cannot_build(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HERD_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert "no-such-cc failed, so decode uses torch's slower kernels" in capsys.readouterr().err
+        q, scale = quant.quantize_int8(torch.randn(8, 64), torch.bfloat16)
+        x = torch.randn(1, 64).bfloat16()
+        assert not native.usable(x, scale)
+        assert torch.equal(quant.int8_linear(x, q, scale), torch.ops.aten._weight_int8pack_mm(x, q, scale))
+        q, scale = quant.quantize_int8(torch.randn(8, 56), torch.bfloat16)  # a width torch's kernel sums wrong
+        x = torch.randn(1, 56).bfloat16()
+        exact = x.double() @ (q.double() * scale.double()[:, None]).T
+        assert _rel(quant.int8_linear(x, q, scale), exact) <= 4e-3
+        monkeypatch.setenv("HERD_NATIVE_KERNELS", "0")
+        monkeypatch.delenv("CC")
+        native.library.cache_clear()
+        assert native.library() is None and capsys.readouterr().err == ""
+    finally:
+        native.library.cache_clear()
 
 
 def _dequantized_twin(quantized: TextModel, plain: TextModel) -> TextModel:

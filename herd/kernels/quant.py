@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.checkpoint.compressed import QuantizedWeight
+from herd.kernels import native
 from herd.model.moe import Experts, MoE
 from herd.model.layers import SwiGLU
 from herd.model.transformer import TextModel
@@ -37,6 +38,10 @@ DEFAULT_MODULES = ("experts", "shared_expert")
 # Up to this many rows torch's weight-only kernels beat dequantize-then-GEMM (AVX512 EPYC, 2 threads):
 # int8's dequantization is one cheap pass, int4's costs as much as ~250 rows through its kernel.
 FEW_ROWS = {"int8": 16, "int4": 256}
+# Up to this many rows herd's own kernels (native.py) beat torch's: its int8 kernel is bound by
+# memory for one row and by its conversions beyond; its int4 kernel was faster at every count
+# measured (1-512 rows; docs/quantization.md).
+NATIVE_ROWS = {"int8": 1, "int4": 512}
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,9 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     x2 = x.reshape(-1, x.shape[-1])
     if q.device.type == "cuda":  # no weight-only int8 kernel in torch for CUDA: the products, then the scales
         y = F.linear(x2, q.to(x.dtype)) * scale
-    elif x2.shape[0] <= FEW_ROWS["int8"]:
+    elif x2.shape[0] <= NATIVE_ROWS["int8"] and native.usable(x2, scale):
+        y = native.int8_rows(x2, q, scale)
+    elif x2.shape[0] <= FEW_ROWS["int8"] and x2.shape[1] % 16 == 0:  # torch's kernel sums other widths wrong
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
     else:
         y = F.linear(x2, q.to(x.dtype) * scale[:, None])
@@ -196,6 +203,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
     N = scale_zero.shape[1]
     if packed.device.type == "cuda":  # tinygemm, any number of rows (bfloat16 only)
         y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), packed, group, scale_zero)
+    elif x2.shape[0] <= NATIVE_ROWS["int4"] and native.int4_usable(x2, scale_zero, _int4_block()):
+        y = native.int4_rows(x2, packed, scale_zero, group)
     elif x2.shape[0] <= FEW_ROWS["int4"]:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, scale_zero)
     else:

@@ -1,0 +1,142 @@
+/* Weight-only int8 products of a few bfloat16 rows (decode) on CPUs with AVX512-BF16.
+ *
+ * A decode step reads every weight once, so it runs as fast as memory delivers the weight bytes.
+ * torch's int8 kernel converts each weight to float32 and reaches about half of that; here each
+ * int8 weight becomes a bfloat16 (exact: |q| <= 128 fits its 8-bit significand) and
+ * vdpbf16ps multiplies 32 of them by the bfloat16 activations per instruction, summing in float32
+ * as a bfloat16 GEMV does. herd builds this file on first use with -march=native (native.py) and
+ * threads it with the OpenMP runtime torch already loaded.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define ROWS_AT_ONCE 4
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch rounds */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* 16 int8 weights as float32 */
+static inline __m512 widen(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
+
+/* y[m, n] = scale[n] * sum_k x[m, k] q[n, k]: x bf16 [M, K], q int8 [N, K], scale and y bf16.
+ * Row n is read from memory once; the other rows of x reread it from L1 (quant.py calls this for one
+ * row only: beyond it, converting each weight again per row costs more than torch's kernel). */
+void herd_int8_rows_bf16(const uint16_t *x, const int8_t *q, const uint16_t *scale, uint16_t *y, int64_t M,
+                         int64_t N, int64_t K) {
+    const int64_t full = K / 64 * 64;
+    const __mmask64 tail = (__mmask64)((K % 64) ? (~0ULL >> (64 - K % 64)) : 0);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *row = q + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            const uint16_t *xm = x + m * K;
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+            for (int64_t k = 0; k < full; k += 64) {
+                __m512i b = _mm512_loadu_si512(row + k);
+                __m512bh lo = _mm512_cvtne2ps_pbh(widen(_mm512_extracti32x4_epi32(b, 1)),
+                                                  widen(_mm512_castsi512_si128(b)));
+                __m512bh hi = _mm512_cvtne2ps_pbh(widen(_mm512_extracti32x4_epi32(b, 3)),
+                                                  widen(_mm512_extracti32x4_epi32(b, 2)));
+                acc0 = _mm512_dpbf16_ps(acc0, lo, (__m512bh)_mm512_loadu_si512(xm + k));
+                acc1 = _mm512_dpbf16_ps(acc1, hi, (__m512bh)_mm512_loadu_si512(xm + k + 32));
+            }
+            if (tail) { /* masked lanes are zero in weights and x alike, so they add nothing */
+                __m512i b = _mm512_maskz_loadu_epi8(tail, row + full);
+                __m512bh lo = _mm512_cvtne2ps_pbh(widen(_mm512_extracti32x4_epi32(b, 1)),
+                                                  widen(_mm512_castsi512_si128(b)));
+                __m512bh hi = _mm512_cvtne2ps_pbh(widen(_mm512_extracti32x4_epi32(b, 3)),
+                                                  widen(_mm512_extracti32x4_epi32(b, 2)));
+                __m512i x0 = _mm512_maskz_loadu_epi16((__mmask32)tail, xm + full);
+                __m512i x1 = _mm512_maskz_loadu_epi16((__mmask32)(tail >> 32), xm + full + 32);
+                acc0 = _mm512_dpbf16_ps(acc0, lo, (__m512bh)x0);
+                acc1 = _mm512_dpbf16_ps(acc1, hi, (__m512bh)x1);
+            }
+            y[m * N + n] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * from_bf16(scale[n]));
+        }
+    }
+}
+
+/* 16 bf16 (scale, zero) pairs of rows r..r+15 as float32 scales and zeros */
+static inline void scales_zeros(const uint16_t *p, __m512 *scale, __m512 *zero) {
+    __m512i v = _mm512_loadu_si512(p);
+    *scale = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    *zero = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* The same for torch's CPU int4 packing with blocks of 64 output rows (quant.py; N % 64 == 0): in a
+ * block, input column k holds 32 bytes whose low nibbles are rows 0..31 and high nibbles rows
+ * 32..63. w = (q - 8) * scale + zero per group of the input, scale_zero bf16 [K / group, N, 2].
+ * Each dot product takes columns k and k + 1 of 16 rows, so bytes of the two columns are
+ * interleaved, and a nibble becomes the bfloat16 q - 8 by a table lookup. */
+void herd_int4_rows_bf16(const uint16_t *x, const uint8_t *packed, const uint16_t *scale_zero, uint16_t *y,
+                         int64_t M, int64_t N, int64_t K, int64_t group) {
+    const int64_t groups = K / group;
+    float xsum[M * groups]; /* sum of each row's x over each group: the zeros multiply it */
+    for (int64_t i = 0; i < M * groups; i++) {
+        float s = 0.0f;
+        for (int64_t k = 0; k < group; k++) s += from_bf16(x[i * group + k]);
+        xsum[i] = s;
+    }
+    uint16_t table[32] = {0};
+    for (int i = 0; i < 16; i++) table[i] = to_bf16((float)(i - 8));
+    const __m512i minus8 = _mm512_loadu_si512(table);
+    const __m256i nibble = _mm256_set1_epi8(15);
+#pragma omp parallel for schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += 64) {
+        const uint8_t *wb = packed + n0 * K / 2;
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS_AT_ONCE) {
+            const int64_t rows = M - m0 < ROWS_AT_ONCE ? M - m0 : ROWS_AT_ONCE;
+            __m512 out[ROWS_AT_ONCE][4];
+            for (int64_t m = 0; m < ROWS_AT_ONCE; m++)
+                for (int i = 0; i < 4; i++) out[m][i] = _mm512_setzero_ps();
+            for (int64_t g = 0; g < groups; g++) {
+                __m512 acc[ROWS_AT_ONCE][4];
+                for (int64_t m = 0; m < ROWS_AT_ONCE; m++)
+                    for (int i = 0; i < 4; i++) acc[m][i] = _mm512_setzero_ps();
+                for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
+                    const uint8_t *p = wb + k * 32;
+                    __m512bh w[4]; /* rows 0-15, 16-31 (low nibbles), 32-47, 48-63 (high) */
+                    for (int h = 0; h < 2; h++) {
+                        __m128i a = _mm_loadu_si128((const __m128i *)(p + 16 * h));
+                        __m128i b = _mm_loadu_si128((const __m128i *)(p + 32 + 16 * h));
+                        __m256i pairs = _mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b));
+                        __m256i lo = _mm256_and_si256(pairs, nibble);
+                        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(pairs, 4), nibble);
+                        w[h] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(lo), minus8);
+                        w[2 + h] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(hi), minus8);
+                    }
+                    for (int64_t m = 0; m < rows; m++) {
+                        uint32_t xk;
+                        memcpy(&xk, x + (m0 + m) * K + k, 4);
+                        __m512bh xs = (__m512bh)_mm512_set1_epi32((int)xk);
+                        for (int i = 0; i < 4; i++) acc[m][i] = _mm512_dpbf16_ps(acc[m][i], w[i], xs);
+                    }
+                }
+                for (int i = 0; i < 4; i++) {
+                    __m512 scale, zero;
+                    scales_zeros(scale_zero + (g * N + n0 + 16 * i) * 2, &scale, &zero);
+                    for (int64_t m = 0; m < rows; m++)
+                        out[m][i] = _mm512_fmadd_ps(acc[m][i], scale,
+                                                    _mm512_fmadd_ps(zero, _mm512_set1_ps(xsum[(m0 + m) * groups + g]),
+                                                                    out[m][i]));
+                }
+            }
+            for (int64_t m = 0; m < rows; m++)
+                for (int i = 0; i < 4; i++)
+                    _mm256_storeu_si256((__m256i *)(y + (m0 + m) * N + n0 + 16 * i),
+                                        (__m256i)_mm512_cvtneps_pbh(out[m][i]));
+        }
+    }
+}

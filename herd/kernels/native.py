@@ -1,0 +1,103 @@
+"""herd's own CPU kernels (native.c) for weight-only int8 and int4 products of a few bfloat16 rows.
+
+They are built on first use with the machine's C compiler (``$CC``, else cc, gcc or clang) for the
+machine's own CPU, kept in ``$HERD_CACHE`` (default ~/.cache/herd), and called through ctypes.
+Where they cannot be built herd says so once and falls back to torch's kernels (decode is then
+slower: int8 about half as fast); ``HERD_NATIVE_KERNELS=0`` turns them off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: a cache shared by several machines keeps one build per CPU."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (and one line on stderr saying why) where they cannot be had."""
+    if os.environ.get("HERD_NATIVE_KERNELS", "1") == "0":
+        return None
+    cc = _compiler()
+    if cc is None:
+        print("herd: no C compiler found (set CC); decode uses torch's slower kernels", file=sys.stderr)
+        return None
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("HERD_CACHE", Path.home() / ".cache" / "herd")) / "kernels"
+    built = cache / f"native-{key}.so"
+    if not built.exists():
+        try:
+            _build(cc, cache, built)
+        except (OSError, subprocess.CalledProcessError) as e:
+            why = e.stderr.strip()[-2000:] if isinstance(e, subprocess.CalledProcessError) else str(e)
+            print(f"herd: building {SOURCE} with {cc} failed, so decode uses torch's slower kernels:\n{why}",
+                  file=sys.stderr)
+            return None
+    lib = ctypes.CDLL(str(built))
+    lib.herd_int8_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.herd_int4_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+    return lib
+
+
+def _build(cc: str, cache: Path, built: Path) -> None:
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # several processes may build at once
+        out = Path(tmp) / built.name
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True, check=True)
+        os.replace(out, built)
+
+
+def usable(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether the int8 kernel takes this product: bfloat16 activations and scales on a CPU with
+    AVX512-BF16, no gradient."""
+    return (x.device.type == "cpu" and x.dtype == scale.dtype == torch.bfloat16 and torch.cpu._is_avx512_bf16_supported()
+            and not (x.requires_grad and torch.is_grad_enabled()) and library() is not None)
+
+
+def int8_rows(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (q [N, K] * scale[:, None])ᵀ -> [M, N], all but q in bfloat16."""
+    x2, q, scale = x2.contiguous(), q.contiguous(), scale.contiguous()
+    y = torch.empty(x2.shape[0], q.shape[0], dtype=x2.dtype)
+    library().herd_int8_rows_bf16(x2.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x2.shape[0], q.shape[0],
+                                  x2.shape[1])
+    return y
+
+
+def int4_usable(x: torch.Tensor, scale_zero: torch.Tensor, block: int) -> bool:
+    """Whether the int4 kernel takes this product: as `usable`, for torch's AVX-512 packing (blocks
+    of 64 rows) of a width that is whole blocks."""
+    return block == 64 and scale_zero.shape[1] % 64 == 0 and usable(x, scale_zero)
+
+
+def int4_rows(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] @ Wᵀ for W in torch's CPU int4 packing (quant.py) -> [M, N], all but W in bfloat16."""
+    x2, packed, scale_zero = x2.contiguous(), packed.contiguous(), scale_zero.contiguous()
+    (M, K), N = x2.shape, scale_zero.shape[1]
+    y = torch.empty(M, N, dtype=x2.dtype)
+    library().herd_int4_rows_bf16(x2.data_ptr(), packed.data_ptr(), scale_zero.data_ptr(), y.data_ptr(), M, N, K, group)
+    return y
