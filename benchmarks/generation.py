@@ -122,14 +122,14 @@ def engine(model: TextModel, rows: int, max_len: int) -> Engine:
     return Engine(model, rows=rows, max_len=max_len, kv_dtype=kernels.cache_dtype(w.dtype, w.device))
 
 
-def _random_ids(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.randint(0, 200_000, shape, device=device)
+def _random_ids(shape: tuple[int, ...], device: torch.device, vocab: int = 200_000) -> torch.Tensor:
+    return torch.randint(0, min(vocab, 200_000), shape, device=device)
 
 
 @torch.inference_mode()
 def herd_prefill(model: TextModel, n: int, repeat: int = 1) -> float:
     """Tokens/s of a prefill of n tokens into herd's KV cache (default segment size)."""
-    ids = _random_ids((n,), model.tok_embeddings.weight.device).tolist()
+    ids = _random_ids((n,), model.tok_embeddings.weight.device, model.tok_embeddings.num_embeddings).tolist()
     eng = engine(model, rows=1, max_len=n + 1)
     eng.prefill(0, ids[:64])  # warm-up
     return n / timed(lambda: eng.prefill(0, ids), repeat)
@@ -141,7 +141,7 @@ def herd_decode(model: TextModel, batch: int, steps: int, repeat: int = 1) -> fl
     device = model.tok_embeddings.weight.device
     eng = engine(model, rows=batch, max_len=64 + (repeat + 1) * steps + 2)
     for r in range(batch):
-        eng.prefill(r, _random_ids((64,), device).tolist())
+        eng.prefill(r, _random_ids((64,), device, model.tok_embeddings.num_embeddings).tolist())
     tokens = [1] * batch
     eng.decode(tokens)  # warm-up
 

@@ -61,6 +61,8 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(built))
     lib.herd_int8_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.herd_int4_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+    lib.herd_int8_dequantize_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    lib.herd_int4_dequantize_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
     return lib
 
 
@@ -72,11 +74,16 @@ def _build(cc: str, cache: Path, built: Path) -> None:
         os.replace(out, built)
 
 
+@functools.cache
+def _ready() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() and library() is not None
+
+
 def usable(x: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether the int8 kernel takes this product: bfloat16 activations and scales on a CPU with
+    """Whether herd's int8 kernels take this product: bfloat16 activations and scales on a CPU with
     AVX512-BF16, no gradient."""
-    return (x.device.type == "cpu" and x.dtype == scale.dtype == torch.bfloat16 and torch.cpu._is_avx512_bf16_supported()
-            and not (x.requires_grad and torch.is_grad_enabled()) and library() is not None)
+    return (x.dtype == scale.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and not (x.requires_grad and torch.is_grad_enabled()) and _ready())
 
 
 def int8_rows(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -86,6 +93,14 @@ def int8_rows(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.T
     library().herd_int8_rows_bf16(x2.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x2.shape[0], q.shape[0],
                                   x2.shape[1])
     return y
+
+
+def int8_dequantized(q: torch.Tensor, scale: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+    """Rows begin..end of W = q * scale[:, None] in bfloat16, rounded once (as torch's bf16 product)."""
+    q, scale = q.contiguous(), scale.contiguous()
+    w = torch.empty(end - begin, q.shape[1], dtype=torch.bfloat16)
+    library().herd_int8_dequantize_bf16(q.data_ptr(), scale.data_ptr(), w.data_ptr(), q.shape[1], begin, end)
+    return w
 
 
 def int4_usable(x: torch.Tensor, scale_zero: torch.Tensor, block: int) -> bool:
@@ -101,3 +116,16 @@ def int4_rows(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, 
     y = torch.empty(M, N, dtype=x2.dtype)
     library().herd_int4_rows_bf16(x2.data_ptr(), packed.data_ptr(), scale_zero.data_ptr(), y.data_ptr(), M, N, K, group)
     return y
+
+
+def int4_dequantized_t(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, K: int, begin: int = 0,
+                       end: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Columns begin..end (multiples of 64) of Wᵀ [K, N] in bfloat16, for W in torch's CPU int4 packing,
+    rounded once from float32; written into ``out`` [K, end - begin] when given."""
+    packed, scale_zero = packed.contiguous(), scale_zero.contiguous()
+    N = scale_zero.shape[1]
+    end = N if end is None else end
+    w_t = torch.empty(K, end - begin, dtype=torch.bfloat16) if out is None else out
+    library().herd_int4_dequantize_bf16(packed.data_ptr(), scale_zero.data_ptr(), w_t.data_ptr(), N, K, group, begin,
+                                        end)
+    return w_t

@@ -38,10 +38,12 @@ DEFAULT_MODULES = ("experts", "shared_expert")
 # Up to this many rows torch's weight-only kernels beat dequantize-then-GEMM (AVX512 EPYC, 2 threads):
 # int8's dequantization is one cheap pass, int4's costs as much as ~250 rows through its kernel.
 FEW_ROWS = {"int8": 16, "int4": 256}
-# Up to this many rows herd's own kernels (native.py) beat torch's: its int8 kernel is bound by
-# memory for one row and by its conversions beyond; its int4 kernel was faster at every count
-# measured (1-512 rows; docs/quantization.md).
-NATIVE_ROWS = {"int8": 1, "int4": 512}
+# Where herd's own kernels build (native.py): its row kernels up to NATIVE_ROWS rows, then torch's
+# kernel, and from TILED_FROM rows on tiles dequantized to bf16 through the GEMM. herd's int8 row
+# kernel is bound by memory for one row and by converting each weight again per row beyond
+# (docs/quantization.md has the crossovers).
+NATIVE_ROWS = {"int8": 1, "int4": 64}
+TILED_FROM = {"int8": 9, "int4": 65}
 
 
 @dataclass(frozen=True)
@@ -185,13 +187,27 @@ def _int4_matmul(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tenso
     return y
 
 
+def _tiled_matmul(x2: torch.Tensor, N: int, tile_t: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """x [M, K] @ Wᵀ for many rows, W dequantized 1024 output rows at a time: ``tile_t(n0, n1)`` gives
+    Wᵀ[:, n0:n1] in x's dtype. A whole dequantized matrix would be new pages each call (Scout's
+    experts: 84 MB); narrower tiles make the GEMM slower (docs/quantization.md)."""
+    y = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
+    for n0 in range(0, N, 1024):
+        n1 = min(n0 + 1024, N)
+        y[:, n0:n1] = x2 @ tile_t(n0, n1)
+    return y
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
+    rows, own = x2.shape[0], native.usable(x2, scale)
     if q.device.type == "cuda":  # no weight-only int8 kernel in torch for CUDA: the products, then the scales
         y = F.linear(x2, q.to(x.dtype)) * scale
-    elif x2.shape[0] <= NATIVE_ROWS["int8"] and native.usable(x2, scale):
+    elif own and rows <= NATIVE_ROWS["int8"]:
         y = native.int8_rows(x2, q, scale)
-    elif x2.shape[0] <= FEW_ROWS["int8"] and x2.shape[1] % 16 == 0:  # torch's kernel sums other widths wrong
+    elif own and rows >= TILED_FROM["int8"]:
+        y = _tiled_matmul(x2, q.shape[0], lambda n0, n1: native.int8_dequantized(q, scale, n0, n1).t())
+    elif rows <= FEW_ROWS["int8"] and x2.shape[1] % 16 == 0:  # torch's kernel sums other widths wrong
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
     else:
         y = F.linear(x2, q.to(x.dtype) * scale[:, None])
@@ -200,12 +216,15 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    N = scale_zero.shape[1]
+    (rows, K), N = x2.shape, scale_zero.shape[1]
+    own = native.int4_usable(x2, scale_zero, _int4_block())
     if packed.device.type == "cuda":  # tinygemm, any number of rows (bfloat16 only)
         y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), packed, group, scale_zero)
-    elif x2.shape[0] <= NATIVE_ROWS["int4"] and native.int4_usable(x2, scale_zero, _int4_block()):
+    elif own and rows <= NATIVE_ROWS["int4"]:
         y = native.int4_rows(x2, packed, scale_zero, group)
-    elif x2.shape[0] <= FEW_ROWS["int4"]:
+    elif own and rows >= TILED_FROM["int4"]:
+        y = _tiled_matmul(x2, N, lambda n0, n1: native.int4_dequantized_t(packed, scale_zero, group, K, n0, n1))
+    elif rows <= FEW_ROWS["int4"]:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, scale_zero)
     else:
         y = _int4_matmul(x2, packed, scale_zero, group)
