@@ -30,40 +30,56 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch rou
 /* 16 int8 weights as float32 */
 static inline __m512 widen(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
 
-/* y[m, n] = scale[n] * sum_k x[m, k] q[n, k]: x bf16 [M, K], q int8 [N, K], scale and y bf16.
- * Row n is read from memory once; the other rows of x reread it from L1 (quant.py calls this for one
- * row only: beyond it, converting each weight again per row costs more than torch's kernel). */
-void herd_int8_rows_bf16(const uint16_t *x, const int8_t *q, const uint16_t *scale, uint16_t *y, int64_t M,
-                         int64_t N, int64_t K) {
+/* 64 int8 weights as two vectors of 32 bfloat16 */
+static inline void to_bf16_pairs(__m512i b, __m512bh *lo, __m512bh *hi) {
+    *lo = _mm512_cvtne2ps_pbh(widen(_mm512_extracti32x4_epi32(b, 1)), widen(_mm512_castsi512_si128(b)));
+    *hi = _mm512_cvtne2ps_pbh(widen(_mm512_extracti32x4_epi32(b, 3)), widen(_mm512_extracti32x4_epi32(b, 2)));
+}
+
+/* R (1-4, a constant once inlined, so the sums stay in registers) rows of x times one weight row */
+static inline __attribute__((always_inline)) void int8_row(const uint16_t *x, const int8_t *row, float scale,
+                                                           uint16_t *y, int64_t N, int64_t K, const int R) {
     const int64_t full = K / 64 * 64;
     const __mmask64 tail = (__mmask64)((K % 64) ? (~0ULL >> (64 - K % 64)) : 0);
+    __m512 acc[ROWS_AT_ONCE][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    __m512bh lo, hi;
+    for (int64_t k = 0; k < full; k += 64) {
+        to_bf16_pairs(_mm512_loadu_si512(row + k), &lo, &hi);
+        for (int r = 0; r < R; r++) {
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], lo, (__m512bh)_mm512_loadu_si512(x + r * K + k));
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], hi, (__m512bh)_mm512_loadu_si512(x + r * K + k + 32));
+        }
+    }
+    if (tail) { /* masked lanes are zero in weights and x alike, so they add nothing */
+        to_bf16_pairs(_mm512_maskz_loadu_epi8(tail, row + full), &lo, &hi);
+        for (int r = 0; r < R; r++) {
+            __m512i x0 = _mm512_maskz_loadu_epi16((__mmask32)tail, x + r * K + full);
+            __m512i x1 = _mm512_maskz_loadu_epi16((__mmask32)(tail >> 32), x + r * K + full + 32);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], lo, (__m512bh)x0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], hi, (__m512bh)x1);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * N] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) * scale);
+}
+
+/* y[m, n] = scale[n] * sum_k x[m, k] q[n, k]: x bf16 [M, K], q int8 [N, K], scale and y bf16. Row n
+ * is read from memory once and converted once per four rows of x. */
+void herd_int8_rows_bf16(const uint16_t *x, const int8_t *q, const uint16_t *scale, uint16_t *y, int64_t M,
+                         int64_t N, int64_t K) {
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = q + n * K;
-        for (int64_t m = 0; m < M; m++) {
+        const float s = from_bf16(scale[n]);
+        for (int64_t m = 0; m < M; m += ROWS_AT_ONCE) {
             const uint16_t *xm = x + m * K;
-            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-            for (int64_t k = 0; k < full; k += 64) {
-                __m512i b = _mm512_loadu_si512(row + k);
-                __m512bh lo = _mm512_cvtne2ps_pbh(widen(_mm512_extracti32x4_epi32(b, 1)),
-                                                  widen(_mm512_castsi512_si128(b)));
-                __m512bh hi = _mm512_cvtne2ps_pbh(widen(_mm512_extracti32x4_epi32(b, 3)),
-                                                  widen(_mm512_extracti32x4_epi32(b, 2)));
-                acc0 = _mm512_dpbf16_ps(acc0, lo, (__m512bh)_mm512_loadu_si512(xm + k));
-                acc1 = _mm512_dpbf16_ps(acc1, hi, (__m512bh)_mm512_loadu_si512(xm + k + 32));
+            uint16_t *ym = y + m * N + n;
+            switch (M - m < ROWS_AT_ONCE ? M - m : ROWS_AT_ONCE) {
+                case 1: int8_row(xm, row, s, ym, N, K, 1); break;
+                case 2: int8_row(xm, row, s, ym, N, K, 2); break;
+                case 3: int8_row(xm, row, s, ym, N, K, 3); break;
+                default: int8_row(xm, row, s, ym, N, K, 4); break;
             }
-            if (tail) { /* masked lanes are zero in weights and x alike, so they add nothing */
-                __m512i b = _mm512_maskz_loadu_epi8(tail, row + full);
-                __m512bh lo = _mm512_cvtne2ps_pbh(widen(_mm512_extracti32x4_epi32(b, 1)),
-                                                  widen(_mm512_castsi512_si128(b)));
-                __m512bh hi = _mm512_cvtne2ps_pbh(widen(_mm512_extracti32x4_epi32(b, 3)),
-                                                  widen(_mm512_extracti32x4_epi32(b, 2)));
-                __m512i x0 = _mm512_maskz_loadu_epi16((__mmask32)tail, xm + full);
-                __m512i x1 = _mm512_maskz_loadu_epi16((__mmask32)(tail >> 32), xm + full + 32);
-                acc0 = _mm512_dpbf16_ps(acc0, lo, (__m512bh)x0);
-                acc1 = _mm512_dpbf16_ps(acc1, hi, (__m512bh)x1);
-            }
-            y[m * N + n] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * from_bf16(scale[n]));
         }
     }
 }

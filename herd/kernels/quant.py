@@ -40,10 +40,11 @@ DEFAULT_MODULES = ("experts", "shared_expert")
 FEW_ROWS = {"int8": 16, "int4": 256}
 # Where herd's own kernels build (native.py): its row kernels up to NATIVE_ROWS rows, then torch's
 # kernel, and from TILED_FROM rows on tiles dequantized to bf16 through the GEMM. herd's int8 row
-# kernel is bound by memory for one row and by converting each weight again per row beyond
+# kernel takes several rows only while they fit in 16 KB (L1), else torch's kernel wins at 2-8 rows
 # (docs/quantization.md has the crossovers).
-NATIVE_ROWS = {"int8": 1, "int4": 64}
+NATIVE_ROWS = {"int8": 8, "int4": 64}
 TILED_FROM = {"int8": 9, "int4": 65}
+INT8_ROWS_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     rows, own = x2.shape[0], native.usable(x2, scale)
     if q.device.type == "cuda":  # no weight-only int8 kernel in torch for CUDA: the products, then the scales
         y = F.linear(x2, q.to(x.dtype)) * scale
-    elif own and rows <= NATIVE_ROWS["int8"]:
+    elif own and (rows == 1 or rows <= NATIVE_ROWS["int8"] and x2.numel() * 2 <= INT8_ROWS_BYTES):
         y = native.int8_rows(x2, q, scale)
     elif own and rows >= TILED_FROM["int8"]:
         y = _tiled_matmul(x2, q.shape[0], lambda n0, n1: native.int8_dequantized(q, scale, n0, n1).t())
