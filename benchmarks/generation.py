@@ -58,6 +58,15 @@ def bench_config(layers: int, experts: int) -> TextConfig:
                       moe=MoEConfig(experts, 1, 1024), attention_chunk_size=8192, max_seq_len=131_072)
 
 
+def scout_slice_config(vocab_size: int = 256) -> TextConfig:
+    """Two layers of Scout's widths (a RoPE and a NoPE layer, both MoE: 16 experts of 8192 and the
+    shared one); a small vocabulary so the head does not hide the layers."""
+    from herd.config import PRESETS
+
+    return TextConfig(**{**PRESETS["scout"].text.__dict__, "n_layers": 2, "uses_rope": (True, False),
+                         "is_moe": (True, True), "vocab_size": vocab_size})
+
+
 def write_checkpoint(cfg: TextConfig, folder: Path) -> Path:
     if (folder / "config.json").exists():
         return folder
@@ -381,8 +390,7 @@ def extras(args) -> dict:
     ratio = out["experts"][128] / out["experts"][16]
     print(f"  128 / 16 experts: {ratio:.2f}x")
     if args.scout_slice:
-        scout2 = TextConfig(**{**scout.__dict__, "n_layers": 2, "uses_rope": (True, False), "is_moe": (True, True),
-                               "vocab_size": 256})
+        scout2 = scout_slice_config()
         print("\nScout-shaped slice (2 layers: width 5120, 40/8 heads, 16 experts of 8192 + shared), bf16 ...",
               file=sys.stderr)
         model = TextModel(scout2).to(torch.bfloat16)

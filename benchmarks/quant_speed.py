@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import herd  # noqa: E402
-from generation import LLAMACPP, bench_folder, bench_parser, herd_decode, herd_prefill  # noqa: E402
+from generation import (LLAMACPP, bench_folder, bench_parser, herd_decode, herd_prefill,  # noqa: E402
+                        scout_slice_config)
 from herd.checkpoint.load import save_hf  # noqa: E402
-from herd.config import PRESETS, TextConfig  # noqa: E402
 from herd.kernels import quant  # noqa: E402
 from herd.model.transformer import TextModel  # noqa: E402
 
@@ -89,8 +89,7 @@ def scout_slice(folder: Path) -> Path:
     it would need 17 GB)."""
     if (folder / "config.json").exists():
         return folder
-    cfg = TextConfig(**{**PRESETS["scout"].text.__dict__, "n_layers": 2, "uses_rope": (True, False),
-                        "is_moe": (True, True), "vocab_size": 3072})  # herd-tiny's tokenizer
+    cfg = scout_slice_config(vocab_size=3072)  # herd-tiny's tokenizer
     print(f"writing the Scout-shaped slice ({cfg.param_count() / 1e9:.1f}B parameters) to {folder} ...", file=sys.stderr)
     torch.set_default_dtype(torch.bfloat16)
     try:

@@ -1,10 +1,11 @@
-/* Weight-only int8 products of a few bfloat16 rows (decode) on CPUs with AVX512-BF16.
+/* Weight-only int8 and int4 products of a few bfloat16 rows (decode) on CPUs with AVX512-BF16, and
+ * dequantization into bf16 tiles for products of many rows (prefill; quant.py runs the GEMM).
  *
  * A decode step reads every weight once, so it runs as fast as memory delivers the weight bytes.
- * torch's int8 kernel converts each weight to float32 and reaches about half of that; here each
- * int8 weight becomes a bfloat16 (exact: |q| <= 128 fits its 8-bit significand) and
- * vdpbf16ps multiplies 32 of them by the bfloat16 activations per instruction, summing in float32
- * as a bfloat16 GEMV does. herd builds this file on first use with -march=native (native.py) and
+ * torch's kernels convert each weight to float32 and reach about half of that; here each weight
+ * becomes a bfloat16 (exact: int8 and int4 values fit its 8-bit significand) and vdpbf16ps
+ * multiplies 32 of them by the bfloat16 activations per instruction, summing in float32 as a
+ * bfloat16 GEMV does. herd builds this file on first use with -march=native (native.py) and
  * threads it with the OpenMP runtime torch already loaded.
  */
 #include <immintrin.h>
@@ -27,6 +28,9 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch rou
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* The lanes of the last, partial 64-wide block of a row of K (none when K % 64 == 0) */
+static inline __mmask64 tail_mask(int64_t K) { return (__mmask64)((K % 64) ? (~0ULL >> (64 - K % 64)) : 0); }
+
 /* 16 int8 weights as float32 */
 static inline __m512 widen(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
 
@@ -40,7 +44,7 @@ static inline void to_bf16_pairs(__m512i b, __m512bh *lo, __m512bh *hi) {
 static inline __attribute__((always_inline)) void int8_row(const uint16_t *x, const int8_t *row, float scale,
                                                            uint16_t *y, int64_t N, int64_t K, const int R) {
     const int64_t full = K / 64 * 64;
-    const __mmask64 tail = (__mmask64)((K % 64) ? (~0ULL >> (64 - K % 64)) : 0);
+    const __mmask64 tail = tail_mask(K);
     __m512 acc[ROWS_AT_ONCE][2];
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     __m512bh lo, hi;
@@ -89,7 +93,7 @@ void herd_int8_rows_bf16(const uint16_t *x, const int8_t *q, const uint16_t *sca
 void herd_int8_dequantize_bf16(const int8_t *q, const uint16_t *scale, uint16_t *out, int64_t K, int64_t n_begin,
                                int64_t n_end) {
     const int64_t full = K / 64 * 64;
-    const __mmask64 tail = (__mmask64)((K % 64) ? (~0ULL >> (64 - K % 64)) : 0);
+    const __mmask64 tail = tail_mask(K);
 #pragma omp parallel for schedule(static)
     for (int64_t n = n_begin; n < n_end; n++) {
         const int8_t *row = q + n * K;

@@ -1,4 +1,5 @@
-"""herd's own CPU kernels (native.c) for weight-only int8 and int4 products of a few bfloat16 rows.
+"""herd's own CPU kernels (native.c) for weight-only int8 and int4 weights with bfloat16 activations:
+products of a few rows (decode), and dequantization into bf16 tiles for products of many (prefill).
 
 They are built on first use with the machine's C compiler (``$CC``, else cc, gcc or clang) for the
 machine's own CPU, kept in ``$HERD_CACHE`` (default ~/.cache/herd), and called through ctypes.
@@ -119,13 +120,13 @@ def int4_rows(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, 
 
 
 def int4_dequantized_t(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, K: int, begin: int = 0,
-                       end: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                       end: int | None = None) -> torch.Tensor:
     """Columns begin..end (multiples of 64) of Wᵀ [K, N] in bfloat16, for W in torch's CPU int4 packing,
-    rounded once from float32; written into ``out`` [K, end - begin] when given."""
+    rounded once from float32."""
     packed, scale_zero = packed.contiguous(), scale_zero.contiguous()
     N = scale_zero.shape[1]
     end = N if end is None else end
-    w_t = torch.empty(K, end - begin, dtype=torch.bfloat16) if out is None else out
+    w_t = torch.empty(K, end - begin, dtype=torch.bfloat16)
     library().herd_int4_dequantize_bf16(packed.data_ptr(), scale_zero.data_ptr(), w_t.data_ptr(), N, K, group, begin,
                                         end)
     return w_t
