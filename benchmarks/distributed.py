@@ -32,8 +32,8 @@ collective), then quantized by `quant.install` as herd quantizes on load:
         one scale per (expert, output row), the rest bf16. herd does not hold FP8 yet: on load it
         dequantizes FP8 to bf16 (the bf16 column) or, with quantize='int8', keeps 1 byte per weight;
   int4  herd's default int4 (`--quantize int4`): routed and shared experts in groups of 128.
-Quantized weights cannot be sharded by herd yet (docs/distributed.md); these are the bytes a rank
-would hold, the quantization being per row and per input group, so it splits with the weights.
+The int4 bytes are what a rank holds under `--tp T --quantize int4`: built, sharded and quantized on
+the meta device as the loader does it.
 """
 
 from __future__ import annotations

@@ -74,10 +74,9 @@ def _run(args, lead) -> int:
 
     from herd.distributed import steps
 
-    if args.quantize:
-        raise ValueError("--quantize with --tp or --pp is not supported yet")
     llm, tp = steps.load(args.model, args.tp, device=args.device, pp_size=args.pp, expert_parallel=args.ep,
-                         dtype=args.dtype, compile=args.compile, kv_dtype=args.kv_dtype)
+                         dtype=args.dtype, compile=args.compile, kv_dtype=args.kv_dtype, quantize=args.quantize,
+                         quantize_group=args.quantize_group)
     try:
         if not tp.leader:
             steps.follow(llm.model, tp)

@@ -300,8 +300,6 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
         if torch.device(device).type not in ("cpu", "meta", "cuda"):
             raise ValueError(f"quantize={quantize!r} runs on the CPU and CUDA; device {device!r} has no quantized "
                              "kernels in herd yet (load in bfloat16, or on the CPU)")
-        if shard is not None:
-            raise ValueError("quantize cannot be combined with tensor parallelism yet")
         if quantize == "int4" and torch.device(device).type == "cuda" and resolve_dtype(dtype) != torch.bfloat16:
             raise ValueError("quantize='int4' on CUDA runs in bfloat16 (torch's tinygemm kernel); "
                              "load with dtype='bfloat16'")
@@ -390,7 +388,8 @@ def _load(path_or_preset, dtype, device, *, seed, progress, vision, max_images, 
     model, encoder = load_model(name, cfg, fmt, dtype=dt, device=device, progress=progress, vision=vision,
                                 column_major=column_major,
                                 quantize=None if spec is None else
-                                lambda m, stored: quant.install(m, spec, dt, None if only is None else stored),
+                                lambda m, stored, parts: quant.install(m, spec, dt, None if only is None else stored,
+                                                                       parts),
                                 shard=shard)
     if spec is not None:
         quant.to_device(model, device)  # quantized on the CPU as it loaded; the kernels' layout on ``device``

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from safetensors.torch import save_file
 
 import herd
 from herd.checkpoint import hf
-from herd.checkpoint.errors import CheckpointError
 from herd.checkpoint.load import READ_BYTES, load_model, save_hf
 from herd.checkpoint.meta import MetaShards, to_meta
 from herd.config import ModelConfig, to_meta_params
@@ -109,20 +107,81 @@ def test_meta_slices_are_cut_to_a_view_before_they_are_joined(model, mp):
         assert torch.equal(value, view(shards[key])) and read == nbytes
 
 
-def test_a_preset_is_made_whole_then_split():
-    tp = TensorParallel(1, 2, expert_parallel=True)
-    llm = herd.load("tiny-interleaved", vision=False, kernels=False, shard=lambda m: shard_parts(m, tp))
-    whole = herd.load("tiny-interleaved", vision=False, kernels=False)
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_a_preset_is_made_whole_then_split(quantize):
+    """A preset's random weights (quantized whole, if asked) are split by `shard` after they are made."""
+    tp = TensorParallel(1, 2, expert_parallel=quantize != "int8")
+    opts = dict(vision=False, kernels=False, quantize=quantize, quantize_group=32)
+    llm = herd.load("tiny-interleaved", shard=lambda m: shard_parts(m, tp), **opts)
+    whole = herd.load("tiny-interleaved", **opts)
     theirs = shard(whole.model, tp).state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in llm.model.state_dict().items())
 
 
-def test_quantized_checkpoints_are_refused(tmp_path):
-    """int8/int4 checkpoints (compressed-tensors) load as they were quantized, and shard() has no split
-    of quantized experts yet: refused before a weight is read."""
-    cfg = tiny_text("tiny-interleaved", n_heads=8, n_kv_heads=4, vocab_size=3072)  # herd-tiny's tokenizer
-    model = quant.quantize_model(randomize(TextModel(cfg), seed=1), quant.QuantSpec("int8"))
-    tokenizer = Path(herd.__file__).parent / "bundled" / "herd-tiny" / "tokenizer.json"
-    folder = save_hf(model, tmp_path / "int8", extra_files={"tokenizer.json": tokenizer})
-    with pytest.raises(CheckpointError, match="quantized weights cannot be split over tensor-parallel ranks"):
-        herd.load(folder, vision=False, shard=lambda m: shard_parts(m, TensorParallel(0, 2)))
+QUANTIZED = [quant.QuantSpec("int8", modules=quant.MODULES),
+             quant.QuantSpec("int4", 32, ("experts", "shared_expert", "attention"))]
+
+
+def _int8_rows_read_whole(key: str, spec: quant.QuantSpec, table) -> bool:
+    """int8 weights split along their input are read whole: each row's scale is its whole row's."""
+    part = table.get(key)
+    return spec.mode == "int8" and part is not None and part.dim == (2 if ".experts." in key else 1)
+
+
+@pytest.mark.parametrize("spec,size,ep", [(QUANTIZED[0], 2, False), (QUANTIZED[0], 4, False), (QUANTIZED[0], 2, True),
+                                           (QUANTIZED[1], 2, False), (QUANTIZED[1], 2, True)],
+                         ids=["int8-2", "int8-4", "int8-2-EP", "int4-2", "int4-2-EP"])
+def test_quantized_while_loading_each_rank_holds_its_part_of_the_whole_quantization(model, folders, spec, size, ep):
+    """Each rank's integers and scales are exactly its part of the model quantized whole in one process,
+    and it reads only its parts, except int8 weights split along their input (read whole, cut once
+    quantized). int4 groups never straddle two ranks' parts."""
+    whole = quant.quantize_model(copy.deepcopy(model), spec)
+    full = {k: v.numel() * v.element_size() for k, v in model.state_dict().items()}
+    for rank in range(size):
+        tp = TensorParallel(rank, size, expert_parallel=ep)
+        READ_BYTES.clear()
+        ours, _ = load_model(folders["hf-fused"], dtype=torch.float32, progress=False, vision=False,
+                             shard=lambda m: shard_parts(m, tp),
+                             quantize=lambda m, stored, keep: quant.install(m, spec, torch.float32, None, keep))
+        theirs = shard(copy.deepcopy(whole), tp).state_dict()
+        assert ours.state_dict().keys() == theirs.keys()
+        for key, value in ours.state_dict().items():
+            assert torch.equal(value, theirs[key]), key
+        table = parts(CFG, tp)
+        expected = {k: n if k not in table or _int8_rows_read_whole(k, spec, table)
+                    else n * table[k].length // model.get_parameter(k).shape[table[k].dim] for k, n in full.items()}
+        assert dict(READ_BYTES) == expected
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_checkpoint_is_read_by_parts_as_stored(model, tmp_path, mode):
+    """A compressed-tensors checkpoint (herd's int8 channels or int4 groups): each rank reads its part
+    of the stored integers and scales and holds exactly that part of the whole loaded model."""
+    spec = quant.QuantSpec(mode, 32, quant.DEFAULT_MODULES)
+    saved = save_hf(quant.quantize_model(copy.deepcopy(model), spec), tmp_path / mode)
+    whole = load_model(saved, dtype=torch.float32, progress=False, vision=False,
+                       quantize=lambda m, stored, keep: quant.install(m, spec, torch.float32, stored, keep))[0]
+    for rank in range(2):
+        tp = TensorParallel(rank, 2)
+        READ_BYTES.clear()
+        ours, _ = load_model(saved, dtype=torch.float32, progress=False, vision=False, shard=lambda m: shard_parts(m, tp),
+                             quantize=lambda m, stored, keep: quant.install(m, spec, torch.float32, stored, keep))
+        theirs = shard(copy.deepcopy(whole), tp).state_dict()
+        for key, value in ours.state_dict().items():
+            assert torch.equal(value, theirs[key]), key
+        w2 = "layers.1.feed_forward.experts.w2"  # [E, D, F]: split along its input F, stored per channel or group
+        E, D, F = 4, CFG.dim, CFG.moe.expert_dim
+        if mode == "int8":  # half the int8 values, every row's float32 scale
+            assert READ_BYTES[w2] == E * D * F // 2 + E * D * 4
+        else:  # half the packed values, float32 scales and (unpacked) int8 zero points of half the groups
+            assert READ_BYTES[w2] == (E * D * F // 2 + E * D * (F // 32) * (4 + 1)) // 2
+
+
+def test_int4_parts_must_be_whole_groups(folders):
+    """A split that would cut an int4 group is refused before a weight is read, naming the tensor."""
+    spec = quant.QuantSpec("int4", 32)
+    tp = TensorParallel(0, 4)  # expert width 64 / 4 = 16 inputs per rank: half a group
+    with pytest.raises(ValueError, match=r"experts.w2 \[64, 16\] \(a tensor-parallel rank's part of 4\): int4 needs"):
+        load_model(folders["hf-fused"], dtype=torch.float32, progress=False, vision=False,
+                   shard=lambda m: shard_parts(m, tp),
+                   quantize=lambda m, stored, keep: quant.install(m, spec, torch.float32, None, keep))

@@ -263,6 +263,8 @@ def test_herd_generate_under_torchrun_prints_one_process_reply():
     assert stages.returncode == 0 and stages.stdout == one.stdout, stages.stderr[-3000:]
     whole = _herd(*args, "--tp", "2", "--enable-expert-parallel", nproc=2)  # herd-tiny: 4 of its 8 experts a rank
     assert whole.returncode == 0 and whole.stdout == one.stdout, whole.stderr[-3000:]
+    quantized = [_herd(*args, "--quantize", "int4", *more, nproc=n) for more, n in [([], 0), (["--tp", "2"], 2)]]
+    assert quantized[1].returncode == 0 and quantized[1].stdout == quantized[0].stdout, quantized[1].stderr[-3000:]
     refused = _herd("generate", "hi", "--tensor-parallel-size", "4", nproc=4)  # herd-tiny has 2 KV heads
     assert refused.returncode != 0 and "exceeds n_kv_heads (2)" in refused.stderr
 
@@ -288,7 +290,8 @@ import sys, torch, torch.distributed as dist
 from herd.distributed import steps
 from herd.images import load_image
 
-llm, tp = steps.load("herd-tiny", int(sys.argv[1]), pp_size=int(sys.argv[2]), progress=False)
+llm, tp = steps.load("herd-tiny", int(sys.argv[1]), pp_size=int(sys.argv[2]), progress=False,
+                     quantize=sys.argv[5] if len(sys.argv) > 5 else None)
 if tp.leader:
     try:
         prompt = llm.tokenizer.apply_chat_template(
@@ -303,9 +306,11 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size,stages", [(2, 1), (1, 2)])
-def test_logits_of_a_split_model_equal_one_process(tmp_path, size, stages):
-    """`llm.logits` on rank 0 runs through the planned steps (a full forward would wait for the other ranks)."""
+@pytest.mark.parametrize("size,stages,quantize", [(2, 1, None), (1, 2, None), (2, 1, "int8"), (2, 2, "int4")])
+def test_logits_of_a_split_model_equal_one_process(tmp_path, size, stages, quantize):
+    """`llm.logits` on rank 0 runs through the planned steps (a full forward would wait for the other ranks).
+    Quantized while loading, each rank holds exactly its part of the integers and scales one process
+    holds: int8 rows split along their input are quantized whole, then cut (herd.kernels.quant.Quantizer)."""
     import herd
 
     image = REPO / "examples" / "shapes.png"
@@ -314,11 +319,11 @@ def test_logits_of_a_split_model_equal_one_process(tmp_path, size, stages):
     out = tmp_path / "logits.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(size * stages),
-                          str(script), str(size), str(stages), str(image), str(out)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+                          str(script), str(size), str(stages), str(image), str(out), *([quantize] if quantize else [])],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     got = torch.load(out)
-    llm = herd.load("herd-tiny", progress=False)
+    llm = herd.load("herd-tiny", progress=False, quantize=quantize)
     with torch.inference_mode():
         prompt = llm.tokenizer.apply_chat_template(
             [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "Hi"}]}])
@@ -326,4 +331,5 @@ def test_logits_of_a_split_model_equal_one_process(tmp_path, size, stages):
     for key in want:
         assert got[key].shape == want[key].shape
         gap = ((got[key] - want[key]).abs().max() / want[key].abs().max()).item()
+        print(f"T={size} P={stages} {quantize or 'float32'} {key}: largest logit gap {gap:.1e} of the largest logit")
         assert gap < 1e-5, (key, gap)

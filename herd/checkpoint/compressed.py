@@ -159,6 +159,31 @@ class QuantizedWeight:
         return replace(self, data=self.data[e], scale=self.scale[e], zero=None if self.zero is None else self.zero[e],
                        shape=self.shape[1:])
 
+    def narrow(self, dim: int, start: int, length: int) -> QuantizedWeight | None:
+        """The part ``[start, start + length)`` along ``dim`` of the weight, as stored (a tensor-parallel
+        rank's slice, no value rounded again); None where the storage cannot be cut there: inside a
+        packed word or a group of the input."""
+        dim %= len(self.shape)
+        if dim < len(self.shape) - 1:  # experts or output rows: whole rows of every tensor
+            cut = lambda t: t.narrow(dim, start, length)  # noqa: E731
+            return replace(self, data=cut(self.data), scale=cut(self.scale),
+                           zero=None if self.zero is None else cut(self.zero),
+                           shape=(*self.shape[:dim], length, *self.shape[dim + 1:]))
+        K = self.shape[-1]
+        per_word = 32 // self.bits if self.data.dtype == torch.int32 else 1
+        if start % per_word or length % per_word:
+            return None
+        data = self.data.narrow(-1, start // per_word, length // per_word)
+        if self.group == K:  # one scale per row: it holds for any part of the row
+            scale, zero, group = self.scale, self.zero, length
+        elif start % self.group == 0 and length % self.group == 0:
+            g0, n = start // self.group, length // self.group
+            scale, group = self.scale.narrow(-1, g0, n), self.group
+            zero = None if self.zero is None else self.zero.narrow(-1, g0, n)
+        else:
+            return None
+        return replace(self, data=data, scale=scale, zero=zero, shape=(*self.shape[:-1], length), group=group)
+
     @staticmethod
     def stack(parts: list[QuantizedWeight]) -> QuantizedWeight:
         first = parts[0]

@@ -493,14 +493,15 @@ def _combine(recipe: hf.Recipe, sources: list, part, mapped: MappedFiles, dtype:
         value = recipe.combine(*sources)  # a view of the file counts its own bytes (half of a fused tensor)
         return value, _nbytes(value) if mapped.holds(value) else sum(_nbytes(t) for t in sources)
     dim, start, length = part[0], part[1], part[2]
-    if recipe.combine is hf.stack_experts and (dim == 0 or all(isinstance(t, torch.Tensor) for t in sources)):
-        if dim == 0:
-            sources = sources[start:start + length]  # whole experts
-        else:
-            sources = [t.narrow(dim - 1, start, length) for t in sources]
-        return recipe.combine(*sources), sum(_nbytes(t) for t in sources)
+    if recipe.combine is hf.stack_experts:
+        cut = sources[start:start + length] if dim == 0 else [t.narrow(dim - 1, start, length) for t in sources]
+        if all(t is not None for t in cut):  # whole experts, or the part of each
+            return recipe.combine(*cut), sum(_nbytes(t) for t in cut)
     value = recipe.combine(*sources)
     if isinstance(value, compressed.QuantizedWeight):
+        cut = value.narrow(dim, start, length)  # stored values as they are: no second rounding
+        if cut is not None:
+            return cut, _nbytes(cut)
         value = value.dequantize(dtype)
     if mapped.holds(value):
         value = value.narrow(dim, start, length)
@@ -521,16 +522,17 @@ def _pad(t: torch.Tensor, part) -> torch.Tensor:
 def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: str | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress: bool = True,
                vision: bool = True, column_major: Collection[str] = (),
-               quantize: Callable[[TextModel, set[str]], Mapping[str, Callable]] | None = None,
+               quantize: Callable[[TextModel, set[str], Mapping], Mapping[str, Callable]] | None = None,
                shard: Callable[[TextModel], Mapping[str, tuple[int, int, int, int]]] | None = None,
                ) -> tuple[TextModel, VisionModel | None]:
     """Stream a checkpoint into a TextModel (and a VisionModel when the config has one and ``vision``)
     built on the meta device; every name, shape and dtype is checked before any weight is read.
     ``column_major``: names of matrices to store with strides (1, rows) (a kernel's layout).
-    ``quantize(model, stored)``: installs quantized modules into the meta model and returns tensor
-    name -> function turning that weight into the quantized modules' state (herd.kernels.quant.install);
-    ``stored`` names the tensors the checkpoint holds quantized. Each weight is quantized as it streams
-    in, so the unquantized model never exists whole. A quantized weight no function takes is dequantized."""
+    ``quantize(model, stored, parts)``: installs quantized modules into the meta model (already
+    sharded to ``parts``) and returns tensor name -> `herd.kernels.quant.Quantizer` turning that weight
+    into the quantized modules' state; ``stored`` names the tensors the checkpoint holds quantized.
+    Each weight is quantized as it streams in, so the unquantized model never exists whole. A
+    quantized weight no quantizer takes is dequantized."""
     folder = Path(folder)
     if cfg is None or fmt is None:
         cfg, fmt = read_config(folder)
@@ -540,27 +542,28 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
         encoder = VisionModel(cfg.vision, cfg.text.dim) if vision else None
     expected = dict(text.state_dict())  # full shapes: what the checkpoint must hold
     keep = shard(text) if shard is not None else {}
-    if keep and quantize is not None:
-        raise CheckpointError(f"{folder}: quantized weights cannot be split over tensor-parallel ranks yet; "
-                              "load a float checkpoint")
     if encoder is not None:
         expected |= {"vision." + k: v for k, v in encoder.state_dict().items()}
     plan, source, ignore = _plan_and_source(folder, cfg, fmt, vision, dtype)
     total = check_plan(plan, source, expected, ignore)
-    quantizers = quantize(text, _stored(plan, source)) if quantize is not None else {}
+    quantizers = quantize(text, _stored(plan, source), keep) if quantize is not None else {}
     bar = _Progress(f"loading {folder.name}", total, progress)
     state, counted = {}, set()  # a fused source tensor feeds several keys: count its bytes once
     for key, recipe in plan.items():
         # A copy in the model's own memory (never a view of the file), then the file pages are let go.
-        value, nbytes, parts = _read(recipe, source, keep.get(key), dtype)
+        q = quantizers.get(key)
+        part = None if q is not None and q.cut is not None else keep.get(key)  # cut: read whole, cut once quantized
+        value, nbytes, parts = _read(recipe, source, part, dtype)
         READ_BYTES[key] += nbytes
-        if key in quantizers:
-            state |= quantizers[key](value, source.mapped.drop)  # file pages let go expert by expert
+        if q is not None:
+            if part is not None and part[2] != part[3]:  # the head's last part: its zero rows quantized too
+                value = _pad(value.dequantize(dtype) if isinstance(value, compressed.QuantizedWeight) else value, part)
+            state |= q(value, source.mapped.drop)  # file pages let go expert by expert
         elif isinstance(value, compressed.QuantizedWeight):
             state[key] = value.dequantize(dtype).to(device)
         else:
             state[key] = source.mapped.copy(value, dtype, device, column_major=key in column_major and key not in keep)
-        if key in keep:
+        if key in keep and key in state:
             state[key] = _pad(state[key], keep[key])
         for part in parts:
             for t in part.tensors() if isinstance(part, compressed.QuantizedWeight) else [part]:

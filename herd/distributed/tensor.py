@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 
 from herd.config import TextConfig
+from herd.kernels import quant
 from herd.model.layers import Linear
-from herd.model.moe import Experts, MoE
+from herd.model.moe import MoE
 from herd.model.transformer import Block, TextModel
 
 # Collectives issued by this process, by kind ("all_reduce", "gather", "broadcast"), and the bytes of
@@ -233,14 +234,17 @@ def shard(model: TextModel, tp: TensorParallel) -> TextModel:
     """
     check_sizes(model.cfg, tp.size, expert_parallel=tp.expert_parallel)
     for name, m in model.named_modules():
-        if isinstance(m, Linear) and m.adapter is not None:
+        if isinstance(m, (Linear, quant.QuantLinear)) and m.adapter is not None:
             raise ValueError(f"{name} carries an adapter: merge adapters before sharding")
-        if isinstance(m, Experts) and not m.w1.is_floating_point():
-            raise ValueError("quantized experts cannot be sharded yet: load in a float dtype")
     table = parts(model.cfg, tp)
     for name, p in model.named_parameters():
         if name in table:
             p.data = take(p.data, table[name])  # row-major, whatever the layout was (the head's)
+    for name, m in model.named_modules():  # quantized weights: the same integers and scales, cut
+        for proj in ("w1", "w3", "w2") if isinstance(m, quant.QuantExperts) else [None]:
+            key = f"{name}.{proj or 'weight'}"
+            if isinstance(m, (quant.QuantLinear, quant.QuantExperts)) and key in table:
+                quant.narrow(m, proj, *table[key])
     for block in model.layers:
         block.attention.n_heads //= tp.size
         block.attention.n_kv_heads //= tp.size

@@ -18,8 +18,8 @@ request. The router, norms, embeddings and the vision encoder keep their dtype.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -341,8 +341,9 @@ def stored(module: QuantLinear | QuantExperts, proj: str | None = None) -> Quant
     """A quantized module's weight (``proj`` of experts) in a checkpoint's integer form (signed
     values, scales [.., N, K/group], zero points): exactly what it computes with."""
     if isinstance(module, QuantExperts):
+        experts = getattr(module, f"{proj}_{module.names[0]}").shape[0]  # mid-`narrow`, not num_experts
         return QuantizedWeight.stack([_stored(module.mode, module.group, *module._state(proj, e),
-                                              *module.shapes[proj]) for e in range(module.num_experts)])
+                                              *module.shapes[proj]) for e in range(experts)])
     return _stored(module.mode, module.group, *(getattr(module, n) for n in module.names), module.out_features,
                    module.in_features)
 
@@ -423,18 +424,48 @@ def check(model: TextModel, spec: QuantSpec) -> None:
                 if isinstance(m, Experts) else {f"{name}.weight": m.weight.shape})
         for tensor, (out_f, in_f) in mats.items():
             if spec.mode == "int4" and (in_f % spec.group or out_f % 16):
-                raise ValueError(f"{tensor} [{out_f}, {in_f}]: int4 needs the input width divisible by the group "
-                                 f"({spec.group}) and the output width by 16; try another group or int8")
+                tp = getattr(model, "tp", None)
+                part = f" (a tensor-parallel rank's part of {tp.size})" if tp is not None and tp.size > 1 else ""
+                raise ValueError(f"{tensor} [{out_f}, {in_f}]{part}: int4 needs the input width divisible by the "
+                                 f"group ({spec.group}) and the output width by 16; try another group or int8")
 
 
-def install(model: TextModel, spec: QuantSpec, dtype: torch.dtype,
-            only: Collection[str] | None = None) -> dict[str, Callable]:
+@dataclass(frozen=True)
+class Quantizer:
+    """Turns one checkpoint tensor into a quantized module's state: ``fn(weight, done)``. With ``cut``
+    (dim, start, length: an int8 weight a tensor-parallel rank keeps part of its input), the loader
+    passes the whole weight, quantized whole and then cut, since each row's scale is its whole row's:
+    the rank computes with exactly the integers and scales one process would."""
+
+    fn: Callable[..., dict[str, torch.Tensor]]
+    cut: tuple[int, int, int] | None = None
+
+    def __call__(self, w, done: Callable[[torch.Tensor], None] = lambda t: None) -> dict[str, torch.Tensor]:
+        state = self.fn(w, done)
+        if self.cut is None:
+            return state
+        dim, start, length = self.cut
+        return {k: v.narrow(dim, start, length).contiguous() if k.endswith("weight_q") else v for k, v in state.items()}
+
+
+def install(model: TextModel, spec: QuantSpec, dtype: torch.dtype, only: Collection[str] | None = None,
+            parts: Mapping[str, tuple[int, int, int, int]] | None = None) -> dict[str, Quantizer]:
     """Replace the targeted modules of a model built on the meta device by empty quantized ones;
-    returns checkpoint tensor name -> function(weight) -> {state name: quantized tensor}.
+    returns checkpoint tensor name -> `Quantizer` (weight -> {state name: quantized tensor}).
     ``only``: herd tensor names; a module none of whose weights is among them keeps its dtype
-    (a quantized checkpoint's own choice of modules)."""
+    (a quantized checkpoint's own choice of modules). ``parts``: the parts of each tensor a
+    tensor-parallel rank keeps (herd.distributed.tensor.parts), the model already sharded to them."""
     check(model, spec)
-    quantizers: dict[str, Callable] = {}
+    parts = parts or {}
+    quantizers: dict[str, Quantizer] = {}
+
+    def cut(key: str, dims: int) -> tuple[int, int, int] | None:
+        # A checkpoint's own integers are cut as stored (each row's scale whole), not quantized again.
+        part = parts.get(key)
+        stored_int = only is not None and key in only
+        return tuple(part[:3]) if spec.mode == "int8" and part is not None and part[0] == dims - 1 and \
+            not stored_int else None
+
     for name, m in targets(model, spec).items():
         if only is not None and not any(f"{name}.{w}" in only for w in ("weight", "w1", "w3", "w2")):
             continue
@@ -443,11 +474,50 @@ def install(model: TextModel, spec: QuantSpec, dtype: torch.dtype,
             E, hidden, dim = m.w1.shape
             setattr(model.get_submodule(parent), attr, QuantExperts(E, dim, hidden, spec, dtype))
             for proj in ("w1", "w3", "w2"):
-                quantizers[f"{name}.{proj}"] = functools.partial(_quantize_stack, f"{name}.{proj}_", spec, dtype)
+                quantizers[f"{name}.{proj}"] = Quantizer(
+                    functools.partial(_quantize_stack, f"{name}.{proj}_", spec, dtype), cut(f"{name}.{proj}", 3))
         else:
             setattr(model.get_submodule(parent), attr, QuantLinear(m.in_features, m.out_features, spec, dtype))
-            quantizers[f"{name}.weight"] = functools.partial(_quantize_one, f"{name}.", spec, dtype)
+            quantizers[f"{name}.weight"] = Quantizer(functools.partial(_quantize_one, f"{name}.", spec, dtype),
+                                                     cut(f"{name}.weight", 2))
     return quantizers
+
+
+def narrow(module: QuantLinear | QuantExperts, proj: str | None, dim: int, start: int, length: int,
+           size: int | None = None) -> None:
+    """Keep part ``[start, start + length)`` along ``dim`` of a quantized module's weight (``proj`` of
+    experts; dims as the unquantized weight's), in place: the same integers and scales, cut (a
+    tensor-parallel rank's part of a model quantized whole); then zero rows up to ``size`` rows (the
+    output head's last part), quantized as zeros quantize. Refused where int4's groups would be cut."""
+    w = stored(module, proj).narrow(dim, start, length)
+    if w is None:
+        raise ValueError(f"cannot keep inputs {start}..{start + length} of a weight in int4 groups of {module.group}: "
+                         "the part must be whole groups (try a smaller group or int8)")
+    dtype = w.scale.dtype
+    spec = QuantSpec(module.mode, module.group)
+    if size is not None and size > length:
+        K = w.shape[-1]
+        zeros = torch.zeros(size - length, K)
+        pad = _stored(spec.mode, spec.group, *(quantize_int8(zeros, dtype) if spec.mode == "int8" else
+                                                quantize_int4(zeros, spec.group, dtype)), size - length, K)
+        w = replace(w, data=torch.cat([w.data, pad.data]), scale=torch.cat([w.scale, pad.scale]),
+                    zero=None if w.zero is None else torch.cat([w.zero, pad.zero]), shape=(size, K))
+    rows = w.shape[-2]
+    if spec.mode == "int4" and rows % 16:
+        raise ValueError(f"a part of {rows} output rows cannot be packed as int4 (it needs a multiple of 16); "
+                         "use int8 or fewer ranks")
+    if isinstance(module, QuantExperts):
+        state = _quantize_stack(f"{proj}_", spec, dtype, w)
+        for k, v in state.items():
+            setattr(module, k, v)
+        module.num_experts = w.shape[0]
+        module.shapes[proj] = w.shape[1:]
+        module.dims = module.shapes["w1"][::-1]
+        return
+    state = _quantize_one("", spec, dtype, w)
+    for k, v in state.items():
+        setattr(module, k, v)
+    module.out_features, module.in_features = w.shape
 
 
 def _quantize_one(prefix: str, spec: QuantSpec, dtype: torch.dtype, w,
@@ -478,7 +548,7 @@ def _from_checkpoint(spec: QuantSpec, w: QuantizedWeight, dtype: torch.dtype) ->
     if spec.mode == "int8":
         if w.group != K or w.zero is not None:
             return None
-        return {"weight_q": w.values(), "weight_scale": w.scale.reshape(N).to(dtype)}
+        return {"weight_q": w.values().contiguous(), "weight_scale": w.scale.reshape(N).to(dtype)}
     if w.group % spec.group:
         return None
     repeat = w.group // spec.group
