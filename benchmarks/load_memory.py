@@ -1,7 +1,7 @@
 """Peak resident memory while loading a checkpoint, as a multiple of the loaded model's size.
 
     python benchmarks/load_memory.py [--gb 1.2] [--formats hf meta] [--dtypes bfloat16 float32] [--quantize int4]
-                                     [--kv-heads 2] [--tp T [--ep]]
+                                     [--kv-heads 2] [--tp T [--ep]] [--pp P]
 
 Writes a random Llama 4-shaped checkpoint of about --gb gigabytes (bf16 on disk) in each format,
 then loads it with herd.load in a fresh subprocess per case and reports
@@ -9,7 +9,8 @@ then loads it with herd.load in a fresh subprocess per case and reports
 experts are quantized as they stream in). The target is <= 1.2 (<= 1.3 quantized).
 The tokenizer (a fixed ~80 MB, whatever the model's size) is built before the "before" figure and
 reported in its own column. ``--tp T`` loads rank 0's shard only, read by slices (`steps.load`'s
-path, without a process group): "model GB" is then the shard's size.
+path, without a process group): "model GB" is then the shard's size. ``--pp P``: rank 0 of stage 0
+of P pipeline stages (its layers, and the embedding), read alone.
 """
 
 from __future__ import annotations
@@ -80,10 +81,11 @@ Tokenizer.from_folder(sys.argv[1], cfg.text.vocab_size)  # cached: herd.load reu
 before = status("VmRSS")
 quantize = None if sys.argv[3] == "none" else sys.argv[3]
 shard = None
-if int(sys.argv[4]) > 1:
-    from herd.distributed.tensor import TensorParallel, shard_parts
-    tp = TensorParallel(0, int(sys.argv[4]), expert_parallel=sys.argv[5] == "ep")
-    shard = lambda model: shard_parts(model, tp)
+if int(sys.argv[4]) * int(sys.argv[6]) > 1:
+    from herd.distributed.pipeline import stage_parts
+    from herd.distributed.tensor import TensorParallel
+    tp = TensorParallel(0, int(sys.argv[4]), expert_parallel=sys.argv[5] == "ep", stages=int(sys.argv[6]))
+    shard = lambda model: stage_parts(model, tp)
 llm = herd.load(sys.argv[1], dtype=sys.argv[2], progress=False, quantize=quantize, shard=shard)
 peak = status("VmHWM")
 size = sum(t.numel() * t.element_size() for t in llm.model.state_dict().values())
@@ -91,10 +93,11 @@ print(json.dumps({"before": before, "peak": peak, "model_bytes": size, "tokenize
 """
 
 
-def measure(folder: Path, dtype: str, quantize: str | None = None, tp: int = 1, ep: bool = False) -> dict:
+def measure(folder: Path, dtype: str, quantize: str | None = None, tp: int = 1, ep: bool = False,
+            pp: int = 1) -> dict:
     """Load in a fresh process (so peaks do not mix) and return its memory figures."""
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype, quantize or "none", str(tp),
-                           "ep" if ep else "tp"], capture_output=True, text=True,
+                           "ep" if ep else "tp", str(pp)], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode:
         raise RuntimeError(proc.stderr)
@@ -112,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=2, help="KV heads (--tp may not exceed them)")
     ap.add_argument("--tp", type=int, default=1, help="load rank 0 of T tensor-parallel ranks, by slices")
     ap.add_argument("--ep", action="store_true", help="with --tp: whole experts per rank")
+    ap.add_argument("--pp", type=int, default=1, help="load rank 0 of stage 0 of P pipeline stages")
     ap.add_argument("--json", action="store_true", help="print one JSON object per case instead of a table")
     args = ap.parse_args(argv)
     cfg = bench_config(args.gb, args.kv_heads)
@@ -123,12 +127,13 @@ def main(argv=None) -> int:
         for fmt, folder in folders.items():
             disk = sum(f.stat().st_size for f in folder.iterdir())
             for dtype in args.dtypes:
-                r = measure(folder, dtype, args.quantize, args.tp, args.ep)
+                r = measure(folder, dtype, args.quantize, args.tp, args.ep, args.pp)
                 if args.json:
                     print(json.dumps({"format": fmt, "dtype": dtype, "disk": disk, **r}))
                 else:
                     how = dtype + (f"+{args.quantize}" if args.quantize else "") + (
-                        f" T={args.tp}{'EP' if args.ep else ''}" if args.tp > 1 else "")
+                        f" T={args.tp}{'EP' if args.ep else ''}" if args.tp > 1 else "") + (
+                        f" P={args.pp}" if args.pp > 1 else "")
                     print(f"{fmt:6} {disk / 1e9:8.2f} {how:>14} {r['model_bytes'] / 1e9:9.2f} "
                           f"{(r['peak'] - r['before']) / 1e9:15.2f} {r['ratio']:6.2f} {r['tokenizer'] / 1e6:13.0f}")
     return 0

@@ -350,8 +350,6 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--image-megapixels must be > 0, got {args.image_megapixels}")
     if args.prefix_cache_gb < 0:
         raise ValueError(f"--prefix-cache-gb must be >= 0, got {args.prefix_cache_gb}")
-    if ranks > 1 and args.prefix_cache_gb:
-        raise ValueError("--prefix-cache-gb with --tp or --pp is not supported yet")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 listens
         try:
             family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

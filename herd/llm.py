@@ -278,10 +278,11 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
     scale per token and KV head, read back in that float dtype (half a bf16 cache; settable later as
     ``llm.kv_dtype``).
 
-    ``shard(model)``: splits a text model in place into one tensor-parallel rank's part and returns
-    which part of each tensor it kept (herd.distributed.steps.load passes it): a checkpoint is then
-    read by those parts only (`herd.checkpoint.load.load_model`), a preset's random weights are made
-    whole and split.
+    ``shard(model)``: splits a text model in place into one rank's part (its tensor-parallel shard of
+    its pipeline stage's layers) and returns which part of each tensor it kept
+    (herd.distributed.steps.load passes it): a checkpoint is then read by those parts only
+    (`herd.checkpoint.load.load_model`), a preset's random weights are made whole (and quantized,
+    with ``quantize``) and split.
 
     ``kernels=False`` runs the reference model: no device fast paths (see herd.kernels) and a KV
     cache in the weights' dtype. ``compile=True``: batch-1 decode's output product through a kernel

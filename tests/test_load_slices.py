@@ -16,6 +16,7 @@ from herd.checkpoint import hf
 from herd.checkpoint.load import READ_BYTES, load_model, save_hf
 from herd.checkpoint.meta import MetaShards, to_meta
 from herd.config import ModelConfig, to_meta_params
+from herd.distributed import pipeline
 from herd.distributed.tensor import TensorParallel, parts, shard, shard_parts
 from herd.kernels import quant
 from herd.model.transformer import TextModel
@@ -84,6 +85,36 @@ def test_each_rank_reads_only_its_slices(model, folders, layout, size, ep):
     assert read_by_ranks == sum(full.values()) + (size - 1) * replicated
     print(f"{layout} T={size}{' EP' if ep else ''}: rank 0 read {sum(read.values()) / 1e3:.0f} kB of "
           f"{sum(full.values()) / 1e3:.0f} kB ({replicated / 1e3:.0f} kB replicated)")
+
+
+@pytest.mark.parametrize("size,stages", [(1, 2), (2, 2)])
+def test_a_pipeline_stage_reads_only_its_own_layers(model, folders, size, stages):
+    """With P stages, a rank reads its tensor-parallel part of its stage's layers and nothing of the
+    others': loading needs memory for 1/(T·P) of the layers. The embedding is read by stage 0 only,
+    the output head by the last stage only."""
+    full = {k: v.numel() * v.element_size() for k, v in model.state_dict().items()}
+    read_by_ranks = 0
+    for stage in range(stages):
+        for rank in range(size):
+            tp = TensorParallel(rank, size, stage=stage, stages=stages)
+            READ_BYTES.clear()
+            ours, _ = load_model(folders["hf-fused"], dtype=torch.float32, progress=False, vision=False,
+                                 shard=lambda m: pipeline.stage_parts(m, tp))
+            want = copy.deepcopy(model)
+            want = pipeline.split(shard(want, tp) if size > 1 else want, tp).state_dict()
+            assert ours.state_dict().keys() == want.keys()
+            assert all(torch.equal(v, want[k]) for k, v in ours.state_dict().items())
+            table = parts(CFG, tp) if size > 1 else {}
+            layers = [f"layers.{i}." for i in tp.layers(CFG.n_layers)]
+            expected = {k: n * table[k].length // model.get_parameter(k).shape[table[k].dim] if k in table else n
+                        for k, n in full.items() if not k.startswith("layers.") or k.startswith(tuple(layers))}
+            expected["tok_embeddings.weight"] *= stage == 0
+            expected["output.weight"] *= stage == stages - 1
+            assert dict(READ_BYTES) == {k: n for k, n in expected.items()}
+            read_by_ranks += sum(READ_BYTES.values())
+    layer_bytes = sum(n for k, n in full.items() if k.startswith("layers."))
+    print(f"T={size} P={stages}: the ranks read {read_by_ranks / 1e3:.0f} kB of {sum(full.values()) / 1e3:.0f} kB "
+          f"({layer_bytes / 1e3:.0f} kB of layers, read once over all ranks)")
 
 
 @pytest.mark.parametrize("mp", [1, 2])

@@ -91,3 +91,12 @@ def test_the_cache_stays_within_its_budget(llm):
     assert cache.bytes <= budget
     assert len(cache.entries) < len(different) + len(prompts)  # some were evicted
     assert cache.hits >= 2  # the prompts sharing 30 tokens found each other among the evictions
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_snapshot_bytes_are_known_before_the_snapshot(llm, kv_dtype):
+    """The prefix cache sizes a snapshot before taking it (under --tp every rank would take it)."""
+    engine = Engine(llm.model, rows=1, max_len=64, kv_dtype=kv_dtype)
+    engine.prefill(0, list(range(1, 30)))
+    for n in (1, 7, 8, 9, 29):
+        assert engine.cache.snapshot_bytes(n) == engine.snapshot(0, n).nbytes

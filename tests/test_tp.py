@@ -285,6 +285,80 @@ def test_ctrl_c_during_a_step_lands_after_it():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+PREFIX_CACHE = """
+import sys, torch, torch.distributed as dist
+from PIL import Image
+from herd.distributed import steps
+from herd.engine.batch import Batcher, Job
+from herd.engine.generate import Engine, Sampling
+from herd.engine.prefix import PrefixCache
+
+def prompts(llm):
+    shared = llm.tokenizer.encode("The llama walked up the hill and saw the sun " * 8, bos=True)
+    texts = [llm.prepare(shared[:n] + llm.tokenizer.encode(tail))
+             for n, tail in [(13, " yes"), (13, " no bird"), (40, " a"), (40, " b"), (23, "")]]
+    others = [llm.prepare(llm.tokenizer.encode(f"{i} " * 15, bos=True)) for i in range(4)]  # evictions
+    image = Image.open(sys.argv[3]).convert("RGB")
+    chats = [llm.prepare([{"role": "user", "content": [{"type": "image", "image": image},
+                                                       {"type": "text", "text": q}]}]) for q in ("How many?", "Colour?")]
+    return texts[:2] + others + texts[2:] + chats
+
+def run(llm, engine, prefixes):
+    batcher, out = Batcher(engine, llm.tokenizer, prefixes=prefixes), []
+    for p in prompts(llm):
+        job = Job(list(p.ids), 8, Sampling(), image_mask=p.image_mask, image_features=p.image_features)
+        batcher.add(job)
+        while batcher.seats:
+            batcher.step()
+        out.append(job.token_ids)
+    return out
+
+if sys.argv[1] == "one":
+    import herd
+    llm = herd.load("tiny-interleaved", progress=False)
+    torch.save({"tokens": run(llm, Engine(llm.model, rows=2, max_len=256), None)}, sys.argv[4])
+    sys.exit()
+llm, tp = steps.load("tiny-interleaved", int(sys.argv[1]), pp_size=int(sys.argv[2]), progress=False)
+if tp.leader:
+    try:
+        engine = llm.engine(llm.model, rows=2, max_len=256)
+        cache = PrefixCache(int(2.5 * engine.cache.snapshot_bytes(60)))
+        tokens = run(llm, engine, cache)
+        torch.save({"tokens": tokens, "hits": cache.hits, "reused": cache.reused_tokens, "held": len(cache.entries),
+                    "bytes": cache.bytes, "budget": cache.budget}, sys.argv[4])
+    finally:
+        steps.stop(tp)
+else:
+    steps.follow(llm.model, tp)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size,stages", [(2, 1), (2, 2)])
+def test_prefix_cache_under_parallel_ranks_gives_cold_tokens(tmp_path, size, stages):
+    """Rank 0's prefix cache decides; every rank saves, restores and forgets its own part of each
+    snapshot by the plans (SAVE, RESTORE, FORGET). Greedy tokens equal one process without a cache,
+    for prefixes ending before and after attention chunks, with images, through evictions."""
+    script = tmp_path / "prefix_cache.py"
+    script.write_text(PREFIX_CACHE)
+    image = REPO / "examples" / "shapes.png"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    one = subprocess.run([sys.executable, str(script), "one", "1", str(image), str(tmp_path / "one.pt")], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(size * stages),
+                          str(script), str(size), str(stages), str(image), str(tmp_path / "split.pt")], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got, want = torch.load(tmp_path / "split.pt"), torch.load(tmp_path / "one.pt")
+    print(f"T={size} P={stages}: {got['hits']} hits, {got['reused']} tokens reused, {got['held']} of "
+          f"{len(want['tokens'])} prompts held in {got['bytes']} of {got['budget']} bytes")
+    assert got["tokens"] == want["tokens"]
+    assert got["hits"] >= 3 and got["reused"] > 40, got  # the 13-, 40- and image-sharing prompts
+    assert got["bytes"] <= got["budget"] and got["held"] < len(want["tokens"]), got  # some were evicted
+
+
 SPLIT_LOGITS = """
 import sys, torch, torch.distributed as dist
 from herd.distributed import steps

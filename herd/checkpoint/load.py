@@ -542,6 +542,7 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
         encoder = VisionModel(cfg.vision, cfg.text.dim) if vision else None
     expected = dict(text.state_dict())  # full shapes: what the checkpoint must hold
     keep = shard(text) if shard is not None else {}
+    held = set(text.state_dict()) | {"vision." + k for k in (encoder.state_dict() if encoder is not None else ())}
     if encoder is not None:
         expected |= {"vision." + k: v for k, v in encoder.state_dict().items()}
     plan, source, ignore = _plan_and_source(folder, cfg, fmt, vision, dtype)
@@ -549,7 +550,16 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
     quantizers = quantize(text, _stored(plan, source), keep) if quantize is not None else {}
     bar = _Progress(f"loading {folder.name}", total, progress)
     state, counted = {}, set()  # a fused source tensor feeds several keys: count its bytes once
+
+    def advance(recipe: hf.Recipe) -> None:
+        bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in recipe.sources
+                    if s not in counted))
+        counted.update(recipe.sources)
+
     for key, recipe in plan.items():
+        if key not in held:  # another pipeline stage's layer: `shard` left it out of this model
+            advance(recipe)
+            continue
         # A copy in the model's own memory (never a view of the file), then the file pages are let go.
         q = quantizers.get(key)
         part = None if q is not None and q.cut is not None else keep.get(key)  # cut: read whole, cut once quantized
@@ -568,9 +578,7 @@ def load_model(folder: str | os.PathLike, cfg: ModelConfig | None = None, fmt: s
         for part in parts:
             for t in part.tensors() if isinstance(part, compressed.QuantizedWeight) else [part]:
                 source.mapped.drop(t)
-        bar.add(sum(source.meta()[s].numel() * source.meta()[s].element_size() for s in recipe.sources
-                    if s not in counted))
-        counted.update(recipe.sources)
+        advance(recipe)
     text.load_state_dict({k: v for k, v in state.items() if not k.startswith("vision.")}, strict=True, assign=True)
     if encoder is not None:
         encoder.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("vision.")}, strict=True,

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from herd.distributed.tensor import BYTES, COUNTS, TensorParallel, TPTextModel
+from herd.distributed.tensor import BYTES, COUNTS, Part, TensorParallel, TPTextModel, shard_parts
 
 
 def send(t: torch.Tensor, dst: int) -> None:
@@ -69,11 +69,24 @@ class StageModel(TPTextModel):
         return None
 
 
+class StageLayers(nn.ModuleList):
+    """A stage's layers under their indices in the whole model (``layers.{i}``), so a checkpoint's
+    names and the loader's parts apply to them unchanged; iterated in order, indexed by position."""
+
+    def __init__(self, layers: dict[int, nn.Module]):
+        super().__init__()
+        for i, layer in layers.items():
+            self.add_module(str(i), layer)
+
+    def __getitem__(self, idx):
+        return list(self._modules.values())[idx]
+
+
 def split(model: nn.Module, tp: TensorParallel) -> nn.Module:
     """Keep stage ``tp.stage``'s layers of ``model`` (already tensor-parallel sharded where T > 1), in
-    place; the embedding stays on stage 0 only and the output head on the last stage only."""
-    keep = tp.layers(model.cfg.n_layers)
-    model.layers = nn.ModuleList(model.layers[i] for i in keep)
+    place; the embedding stays on stage 0 only and the output head on the last stage only. On a model
+    built on the meta device, before loading: the loader then reads only what the stage keeps."""
+    model.layers = StageLayers({i: model.layers[i] for i in tp.layers(model.cfg.n_layers)})
     if tp.stage > 0:  # an empty embedding: no rows, but the dtype and device the engine reads
         w = model.tok_embeddings.weight
         w.data = w.data.new_empty(0, w.shape[1])
@@ -83,3 +96,17 @@ def split(model: nn.Module, tp: TensorParallel) -> nn.Module:
     model.__class__ = StageModel
     model.tp = tp
     return model
+
+
+def stage_parts(model: nn.Module, tp: TensorParallel) -> dict[str, Part]:
+    """`shard` (where T > 1) and `split` a model built on the meta device; the parts of each tensor the
+    rank reads (none of the embedding after stage 0, none of the head before the last stage; other
+    stages' layers are not in the model, so the loader reads nothing of them)."""
+    table = shard_parts(model, tp) if tp.size > 1 else {}
+    split(model, tp)
+    none = Part(0, 0, 0, 0)
+    if tp.stage > 0:
+        table["tok_embeddings.weight"] = none
+    if tp.stage < tp.stages - 1:
+        table["output.weight"] = none
+    return table

@@ -15,6 +15,9 @@ taken token indices, N image-mask flags. Kinds:
                                                      image rows, their features follow in a second
                                                      broadcast ([n, D], encoded on rank 0 only)
   MOVE    src, dst, entries                          `Engine.move_row`
+  SAVE    row, n, key                                `Engine.snapshot` (prefix caching), kept as ``key``
+  RESTORE row, key, r                                `Engine.restore` of snapshot ``key``
+  FORGET  key                                        `Engine.forget`: the prefix cache evicted it
   STOP                                               `follow` returns
 
 Faults: the model's collectives time out (`init`'s ``timeout``); the plans' group waits as long as
@@ -36,12 +39,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from herd.distributed.tensor import BYTES, COUNTS, TensorParallel, check_sizes, shard_parts
+from herd.distributed.tensor import BYTES, COUNTS, TensorParallel, check_sizes
 from herd.engine.cache import KV_DTYPES
 from herd.engine.generate import Engine, EngineFailed, default_prefill_chunk
 from herd.model.transformer import TextModel
 
-ENGINE, FORWARD, MOVE, STOP = 1, 2, 3, 4
+ENGINE, FORWARD, MOVE, STOP, SAVE, RESTORE, FORGET = 1, 2, 3, 4, 5, 6, 7
 HEADER = 8
 PARTS = 4  # token ids, row starts, taken indices, image mask
 _DTYPES = list(KV_DTYPES.values())  # a dtype travels as its index here
@@ -88,9 +91,9 @@ def _whole_step():
 
 
 class LeaderEngine(Engine):
-    """Rank 0's Engine: every step and cache change is broadcast as a plan before it runs here."""
-
-    snapshots = False  # prefix caching would copy cache rows on rank 0 only
+    """Rank 0's Engine: every step and cache change is broadcast as a plan before it runs here. Each
+    rank keeps its own snapshots of its own KV heads and layers (prefix caching) under the keys rank 0
+    gives them; rank 0's prefix cache decides what is kept, reused and evicted for all."""
 
     def __init__(self, tp: TensorParallel, model: TextModel, rows: int, max_len: int,
                  prefill_chunk: int | None = None, kv_dtype=None, kv_read_dtype: torch.dtype | None = None):
@@ -99,6 +102,8 @@ class LeaderEngine(Engine):
             raise ValueError(f"a step of up to {max(self.prefill_chunk, rows)} tokens exceeds the plan's "
                              f"{tp.step_tokens} (TensorParallel.step_tokens)")
         self.tp = tp
+        self._keys: dict[int, int] = {}  # id of a snapshot held by the prefix cache -> its key on every rank
+        self._next_key = 0
         read = self.cache.k[0].dtype  # the dtype attention reads entries in
         self._run(_send, tp, [ENGINE, rows, max_len, _DTYPES.index(self.cache.dtype), _DTYPES.index(read)])
 
@@ -130,6 +135,20 @@ class LeaderEngine(Engine):
     def move_row(self, src: int, dst: int) -> None:
         self._run(_send, self.tp, [MOVE, src, dst, self.cache.lengths[src]])
         super().move_row(src, dst)
+
+    def snapshot(self, row, n):
+        key, self._next_key = self._next_key, self._next_key + 1
+        self._run(_send, self.tp, [SAVE, row, n, key])
+        snap = super().snapshot(row, n)
+        self._keys[id(snap)] = key
+        return snap
+
+    def restore(self, row, snap, r):
+        self._run(_send, self.tp, [RESTORE, row, self._keys[id(snap)], r])
+        super().restore(row, snap, r)
+
+    def forget(self, snap):
+        self._run(_send, self.tp, [FORGET, self._keys.pop(id(snap))])
 
 
 def _cache_shape(model: TextModel, tp: TensorParallel) -> dict:
@@ -172,6 +191,7 @@ def _follow(model: TextModel, tp: TensorParallel) -> int:
     N, steps = tp.step_tokens, 0
     plan = torch.zeros(HEADER + PARTS * N, dtype=torch.long)
     engine = None
+    snapshots = {}  # key -> this rank's part of a snapshot rank 0's prefix cache holds
     device = model.tok_embeddings.weight.device
     while True:
         _broadcast(plan, tp)
@@ -183,6 +203,12 @@ def _follow(model: TextModel, tp: TensorParallel) -> int:
         elif kind == MOVE:
             engine.cache.lengths[a] = c
             engine.move_row(a, b)
+        elif kind == SAVE:
+            snapshots[c] = engine.snapshot(a, b)
+        elif kind == RESTORE:
+            engine.restore(a, snapshots[b], c)
+        elif kind == FORGET:
+            del snapshots[a]
         elif kind == FORWARD:
             B, T = b, c
             ids = plan[HEADER:HEADER + B * T].view(B, T).to(device)
@@ -308,11 +334,7 @@ def load(path_or_preset, tp_size: int, device: str = "cpu", pp_size: int = 1, ex
         device = f"cuda:{torch.cuda.current_device()}"
     if not tp.leader:  # images are encoded on rank 0, which sends their features with the plan
         load_options.update(progress=False, vision=False)
-    # A stage reads every layer's parts, then keeps its own layers (reading a stage's layers alone is
-    # for later).
-    llm = load_llm(path_or_preset, device=device, shard=(lambda model: shard_parts(model, tp)) if tp_size > 1 else None,
-                   **load_options)
-    if pp_size > 1:
-        pipeline.split(llm.model, tp)
+    # Each rank reads its part of its stage's layers only (the model is split on the meta device first).
+    llm = load_llm(path_or_preset, device=device, shard=lambda model: pipeline.stage_parts(model, tp), **load_options)
     llm.engine = leader_engine(tp)
     return llm, tp

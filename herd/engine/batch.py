@@ -120,7 +120,7 @@ class Batcher:
                  prefixes: PrefixCache | None = None):
         self.engine, self.tokenizer = engine, tokenizer
         # Automatic prefix caching (herd.engine.prefix), where the engine's cache rows can be copied.
-        self.prefixes = prefixes if engine.snapshots else None
+        self.prefixes = prefixes
         self.seats: list[_Seat] = []  # seats[i] owns cache row i
         # Prompt-lookup decoding: up to this many draft tokens per step, verified in the same forward.
         self.speculate = speculate
@@ -159,7 +159,7 @@ class Batcher:
                                                             for j, _ in fresh]))
         for i, (job, (snap, r)) in enumerate(resumed):  # each from its reused prefix, alone
             row = first + len(fresh) + i
-            self.engine.cache.restore(row, snap, r)
+            self.engine.restore(row, snap, r)
             mask, feats = job.image_mask, job.image_features
             if mask is not None:
                 feats, mask = feats[int(mask[:r].sum()):] if feats is not None else None, mask[r:]
@@ -167,7 +167,7 @@ class Batcher:
         ready = [job for job, _ in fresh + resumed]
         if self.prefixes is not None:
             for i, job in enumerate(ready):
-                self.prefixes.add(self.engine.cache, first + i, job.ids, images[id(job)])
+                self.prefixes.add(self.engine, first + i, job.ids, images[id(job)])
         logits = torch.stack(logits).float().cpu()
         now = time.perf_counter()
         for job, row in zip(ready, logits):

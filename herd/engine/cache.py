@@ -222,6 +222,11 @@ class KVCache:
         C = self.cfg.attention_chunk_size
         return n - n // C * C if self.cfg.uses_rope[layer] and C is not None else n
 
+    def snapshot_bytes(self, n: int) -> int:
+        """The bytes `snapshot` takes for ``n`` positions (of any row)."""
+        per_slot = sum(t[0, :, 0].numel() * t.element_size() for e in (self.k[0], self.v[0]) for t in e._tensors())
+        return per_slot * sum(self._held(i, n) for i in self.layers)
+
     def snapshot(self, row: int, n: int) -> Snapshot:
         """Copies of what row ``row`` holds for its first ``n`` positions (prefix caching)."""
         parts = [(k.save(row, self._held(i, n)), v.save(row, self._held(i, n)))

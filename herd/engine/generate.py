@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from herd.engine.cache import KVCache
+from herd.engine.cache import KVCache, Snapshot
 from herd.model.transformer import TextModel
 
 
@@ -133,8 +133,6 @@ class Engine:
     Every model call goes through `_step`, one plan per call (herd.distributed replays them on the
     other ranks of a tensor-parallel group).
     """
-
-    snapshots = True  # cache rows may be copied out and back (prefix caching)
 
     def __init__(self, model: TextModel, rows: int, max_len: int, prefill_chunk: int | None = None,
                  kv_dtype: str | torch.dtype | None = None, kv_read_dtype: torch.dtype | None = None,
@@ -306,6 +304,17 @@ class Engine:
     def move_row(self, src: int, dst: int) -> None:
         """Move a sequence from cache row ``src`` to row ``dst`` (its filled entries only)."""
         self.cache.move_row(src, dst)
+
+    def snapshot(self, row: int, n: int) -> Snapshot:
+        """Copies of what row ``row`` holds for its first ``n`` positions (prefix caching)."""
+        return self.cache.snapshot(row, n)
+
+    def restore(self, row: int, snap: Snapshot, r: int) -> None:
+        """Row ``row`` as it was after the first ``r`` positions of ``snap`` (`KVCache.resumable`)."""
+        self.cache.restore(row, snap, r)
+
+    def forget(self, snap: Snapshot) -> None:
+        """``snap`` will not be restored again (the prefix cache evicted it)."""
 
 
 @torch.inference_mode()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from herd.engine.cache import KVCache, Snapshot
+from herd.engine.generate import Engine
 
 
 def images_key(image_mask: torch.Tensor | None, image_features: torch.Tensor | None) -> tuple[int, str]:
@@ -67,16 +68,18 @@ class PrefixCache:
         self.reused_tokens += best_r
         return best, best_r
 
-    def add(self, cache: KVCache, row: int, ids: Sequence[int], images: tuple[int, str]) -> None:
-        """Keep what row ``row`` holds for ``ids`` (just prefilled), evicting the least recently used."""
+    def add(self, engine: Engine, row: int, ids: Sequence[int], images: tuple[int, str]) -> None:
+        """Keep what row ``row`` of ``engine``'s cache holds for ``ids`` (just prefilled), evicting the
+        least recently used."""
         if any(e.ids == tuple(ids) and e.images == images for e in self.entries.values()):
             return
-        snap = cache.snapshot(row, len(ids))
-        if snap.nbytes > self.budget:
+        if engine.cache.snapshot_bytes(len(ids)) > self.budget:
             return
+        snap = engine.snapshot(row, len(ids))
         while self.bytes + snap.nbytes > self.budget:
             _, old = self.entries.popitem(last=False)
             self.bytes -= old.snapshot.nbytes
+            engine.forget(old.snapshot)
         self.entries[self._next] = _Entry(tuple(ids), images, snap)
         self._next += 1
         self.bytes += snap.nbytes

@@ -400,7 +400,7 @@ def to_device(model: nn.Module, device: str | torch.device) -> nn.Module:
 def targets(model: TextModel, spec: QuantSpec) -> dict[str, nn.Module]:
     """Module name -> module, for every module ``spec`` quantizes."""
     out = {}
-    for i, block in enumerate(model.layers):
+    for i, block in model.layers.named_children():  # a pipeline stage's layers keep their indices
         ffn, p = block.feed_forward, f"layers.{i}."
         if isinstance(ffn, MoE):
             if "experts" in spec.modules:
