@@ -358,6 +358,35 @@ def test_strict_tools_with_a_forced_call_follow_their_schemas(tiny):
         assert deltas and deltas[0].function.name in schemas
 
 
+def test_strict_tools_under_auto_give_text_or_a_call_that_follows_its_schema(tiny):
+    """tool_choice auto with strict tools: the reply is decoded as a call under the schemas, or as text
+    that cannot be taken for a call. A logit bias on "{" drives the random model into a call; against
+    it, into text; unbiased, either, and a call always validates."""
+    import jsonschema
+
+    c = tiny.client()
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in STRICT_TOOLS}
+    (brace,) = herd.load("tiny-moe", progress=False, vision=False).tokenizer.encode("{")
+    kinds = set()
+    for bias, seeds in (({str(brace): 100}, 2), ({str(brace): -100}, 2), ({}, 6)):
+        for seed in range(seeds):
+            r = c.chat.completions.create(model="tiny-moe", messages=msgs, tools=STRICT_TOOLS, max_tokens=80,
+                                          temperature=1.0, seed=seed, logit_bias=bias)
+            message, reason = r.choices[0].message, r.choices[0].finish_reason
+            if message.tool_calls:
+                (call,) = message.tool_calls
+                assert reason == "tool_calls"
+                jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+            else:
+                assert not (message.content or "x")[0] in "[{< \n", message.content
+            kind = "call" if message.tool_calls else "text"
+            if bias:
+                assert kind == ("call" if bias[str(brace)] > 0 else "text")
+            kinds.add(kind)
+    assert kinds == {"call", "text"}
+
+
 def test_penalties_and_logit_bias_reach_the_sampler(tiny):
     """OpenAI's logit_bias forces a token through the server, and the penalties then push it out, as
     llm.generate does with the same options."""

@@ -69,10 +69,16 @@ def _lltokenizer(tok: Tokenizer, vocab_size: int):
                        eos_token=sorted(tok.stop_ids), slices=LLTokenizer.json_slices())
 
 
+# A reply that is not the JSON value: text whose first character is not one a call could start with
+# (herd.serve.app.may_be_tool_call reads "[", "{" and "<function=" as calls; leading space too).
+_TEXT = r"/([^\[{<\s][\s\S]*)?/"
+
+
 def json_grammar(schema: dict | None, tok: Tokenizer, vocab_size: int, max_bytes: int = MAX_SCHEMA_BYTES,
-                 max_depth: int = MAX_SCHEMA_DEPTH) -> str:
+                 max_depth: int = MAX_SCHEMA_DEPTH, or_text: bool = False) -> str:
     """The grammar of JSON values following ``schema`` (None: any JSON object), checked: a
-    ConstraintError says what is wrong."""
+    ConstraintError says what is wrong. ``or_text``: that value, or text that cannot be taken for
+    one (a tool call under tool_choice 'auto': the model may answer instead)."""
     from llguidance import LLMatcher
 
     schema = {"type": "object"} if schema is None else schema
@@ -84,7 +90,11 @@ def json_grammar(schema: dict | None, tok: Tokenizer, vocab_size: int, max_bytes
     if _depth(schema, max_depth) > max_depth:
         raise ConstraintError(f"the schema nests deeper than {max_depth} levels")
     try:  # llguidance reports bad schemas in several exception types
-        grammar = LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
+        if or_text:  # compact JSON as below, set in the schema itself inside a grammar
+            compact = json.dumps({"x-guidance": {"whitespace_flexible": False}, **schema})
+            grammar = LLMatcher.grammar_from_lark(f"start: value | text\nvalue: %json {compact}\ntext: {_TEXT}\n")
+        else:
+            grammar = LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
         error = LLMatcher.validate_grammar(grammar, _lltokenizer(tok, vocab_size))
     except Exception as e:  # noqa: BLE001
         raise ConstraintError(f"the schema is not valid JSON Schema ({type(e).__name__}: {e})") from None

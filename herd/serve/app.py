@@ -353,8 +353,8 @@ async def chat(request: Request, body: ChatRequest = Depends(_body(ChatRequest))
     state = _state(request)
     llm, tools = state.llm, body.tools
     forced = _forced_call_prefix(body.tool_choice, tools)
-    call_schema = _strict_call_schema(body.tool_choice, tools) if forced else None
-    if call_schema is not None:  # the grammar makes the reply a call in JSON; no start is forced
+    call_schema = _strict_call_schema(body.tool_choice, tools) if tools and body.tool_choice != "none" else None
+    if call_schema is not None:  # the grammar makes the reply a call in JSON (or, under auto, text); no start forced
         forced = ""
     if body.tool_choice == "none":
         tools = None
@@ -375,7 +375,7 @@ async def chat(request: Request, body: ChatRequest = Depends(_body(ChatRequest))
                         else (body.max_tokens, "max_tokens"))
     return await _complete(request, body, prompt, max_tokens, name,
                            logprobs=(body.top_logprobs or 0) if body.logprobs else None, tools=forced if tools else None,
-                           call_schema=call_schema)
+                           call_schema=call_schema, may_answer=body.tool_choice == "auto")
 
 
 @router.post("/v1/completions")
@@ -401,10 +401,11 @@ async def _prepare(fn) -> Prompt:
 
 
 async def _complete(request: Request, body: GenerationRequest, prompt: Prompt, max_tokens: int | None, name: str,
-                    logprobs: int | None, tools: str | None, call_schema: dict | None = None):
+                    logprobs: int | None, tools: str | None, call_schema: dict | None = None,
+                    may_answer: bool = False):
     """Queue the request's n jobs and answer: one body, or a stream of chunks. ``tools``: None without
     tools, else the text the reply was forced to start with ("" if none). ``call_schema``: the JSON
-    schema a strict forced tool call must follow."""
+    schema a strict tool call must follow; ``may_answer``: or the reply is text (tool_choice auto)."""
     state = _state(request)
     scheduler, chat = state.scheduler, isinstance(body, ChatRequest)
     assert scheduler is not None
@@ -415,11 +416,14 @@ async def _complete(request: Request, body: GenerationRequest, prompt: Prompt, m
         raise ApiError(400, str(e), "logit_bias") from None
     for param, wanted, schema in (("response_format", body.response_format is not None,
                                    body.response_format and body.response_format[1]),
-                                  ("tools", call_schema is not None, call_schema)):
+                                  # under auto with response_format the answer's JSON is constrained, calls are not
+                                  ("tools", call_schema is not None and not (may_answer and body.response_format),
+                                   call_schema)):
         if not wanted:
             continue
         try:
-            grammar = json_grammar(schema, state.llm.tokenizer, state.llm.config.text.vocab_size)
+            grammar = json_grammar(schema, state.llm.tokenizer, state.llm.config.text.vocab_size,
+                                   or_text=param == "tools" and may_answer)
         except ConstraintError as e:
             raise ApiError(400, f"'{param}': {e}", param) from None
         sampling = Sampling(**{**sampling.__dict__, "grammar": grammar})
@@ -651,9 +655,8 @@ def _finish_reason(job: Job, tool_calls: bool) -> str:
 
 
 def _strict_call_schema(choice: Any, tools: list) -> dict | None:
-    """For a forced call (tool_choice 'required' or named) whose tools are all ``strict``: the JSON
-    schema of the call, {"name": ..., "parameters": ...} (Llama 4's JSON call form), one branch per
-    function; else None."""
+    """For tools that are all ``strict`` (of them, the one tool_choice names): the JSON schema of a
+    call, {"name": ..., "parameters": ...} (Llama 4's JSON call form), one branch per function; else None."""
     functions = [t.get("function") for t in tools if isinstance(t, Mapping) and isinstance(t.get("function"), Mapping)]
     if isinstance(choice, Mapping):
         named = choice.get("function")
