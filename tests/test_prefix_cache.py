@@ -100,3 +100,22 @@ def test_snapshot_bytes_are_known_before_the_snapshot(llm, kv_dtype):
     engine.prefill(0, list(range(1, 30)))
     for n in (1, 7, 8, 9, 29):
         assert engine.cache.snapshot_bytes(n) == engine.snapshot(0, n).nbytes
+
+
+def test_prompts_sharing_a_prefix_hold_its_blocks_once(llm):
+    """Two conversations with the same 200-token system prompt: the second snapshot shares the first's
+    whole blocks of it, so the cache holds about one prompt's entries, not two; evicting the first
+    keeps what the second still holds."""
+    system = llm.tokenizer.encode("You are a careful helper who answers briefly. " * 20, bos=True)[:200]
+    prompts = [llm.prepare(system + llm.tokenizer.encode(q)) for q in (" Hi there", " What is a llama")]
+    alone = PrefixCache(1 << 30)
+    _run(llm, prompts[:1], alone, max_new=1)
+    both = PrefixCache(1 << 30)
+    assert _run(llm, prompts, both, max_new=1) == _run(llm, prompts, max_new=1)
+    first, second = (e.snapshot for e in both.entries.values())
+    assert second.nbytes > first.nbytes * 0.95  # each holds all its positions...
+    assert both.bytes < 1.2 * alone.bytes  # ...but the shared blocks are held once
+    tight = PrefixCache(int(1.2 * alone.bytes))  # room for the two together, not for two copies
+    _run(llm, prompts + prompts[1:], tight, max_new=1)
+    assert len(tight.entries) == 2 and tight.bytes <= tight.budget  # neither evicted
+    assert tight.hits == 2  # the second prompt resumed from the first's prefix, then its repeat from itself

@@ -15,7 +15,8 @@ taken token indices, N image-mask flags. Kinds:
                                                      image rows, their features follow in a second
                                                      broadcast ([n, D], encoded on rank 0 only)
   MOVE    src, dst, entries                          `Engine.move_row`
-  SAVE    row, n, key                                `Engine.snapshot` (prefix caching), kept as ``key``
+  SAVE    row, n, key, shared key, s               `Engine.snapshot` (prefix caching), kept as ``key``,
+                                                     sharing snapshot ``shared key``'s blocks of s positions
   RESTORE row, key, r                                `Engine.restore` of snapshot ``key``
   FORGET  key                                        `Engine.forget`: the prefix cache evicted it
   STOP                                               `follow` returns
@@ -136,10 +137,11 @@ class LeaderEngine(Engine):
         self._run(_send, self.tp, [MOVE, src, dst, self.cache.lengths[src]])
         super().move_row(src, dst)
 
-    def snapshot(self, row, n):
+    def snapshot(self, row, n, shared=None):
         key, self._next_key = self._next_key, self._next_key + 1
-        self._run(_send, self.tp, [SAVE, row, n, key])
-        snap = super().snapshot(row, n)
+        other, s = (self._keys[id(shared[0])], shared[1]) if shared is not None else (-1, 0)
+        self._run(_send, self.tp, [SAVE, row, n, key, other, s])
+        snap = super().snapshot(row, n, shared)
         self._keys[id(snap)] = key
         return snap
 
@@ -204,7 +206,7 @@ def _follow(model: TextModel, tp: TensorParallel) -> int:
             engine.cache.lengths[a] = c
             engine.move_row(a, b)
         elif kind == SAVE:
-            snapshots[c] = engine.snapshot(a, b)
+            snapshots[c] = engine.snapshot(a, b, (snapshots[d], n) if d >= 0 else None)
         elif kind == RESTORE:
             engine.restore(a, snapshots[b], c)
         elif kind == FORGET:

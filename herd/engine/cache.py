@@ -19,6 +19,7 @@ tokens per row, L entries read.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -84,14 +85,23 @@ class Entries:
         n = min(n, self.data.shape[2])
         self.data[dst, :, :n] = self.data[src, :, :n]
 
-    def save(self, row: int, n: int) -> list[torch.Tensor]:
-        """Copies of row ``row``'s first ``n`` slots (values, and scales where there are)."""
-        return [t[row, :, :n].clone() for t in self._tensors()]
+    def save(self, row: int, n: int, block: int, reuse: list[list[torch.Tensor]] = ()) -> list[list[torch.Tensor]]:
+        """Row ``row``'s first ``n`` slots as blocks of ``block`` slots, each a list of copies (values,
+        and scales where there are); the first ``len(reuse)`` blocks are ``reuse``'s (another
+        snapshot's blocks holding the same entries), not copied."""
+        return [reuse[j] if j < len(reuse) else [t[row, :, a:min(a + block, n)].clone() for t in self._tensors()]
+                for j, a in enumerate(range(0, n, block))]
 
-    def load(self, row: int, parts: list[torch.Tensor], n: int) -> None:
-        """The first ``n`` slots of `save`'s parts into row ``row``."""
-        for t, part in zip(self._tensors(), parts):
-            t[row, :, :n] = part[:, :n]
+    def load(self, row: int, blocks: list[list[torch.Tensor]], n: int) -> None:
+        """The first ``n`` slots of `save`'s blocks into row ``row``."""
+        a = 0
+        for parts in blocks:
+            if a >= n:
+                break
+            b = min(a + parts[0].shape[1], n)
+            for t, part in zip(self._tensors(), parts):
+                t[row, :, a:b] = part[:, :b - a]
+            a = b
 
     def _tensors(self) -> list[torch.Tensor]:
         return [self.data]
@@ -160,16 +170,25 @@ def full_cache_bytes(cfg: TextConfig, context_len: int, batch: int = 1,
     return batch * entry_bytes(cfg, dtype) * cfg.n_layers * context_len
 
 
+# Positions per block of a snapshot: snapshots of prompts sharing a prefix share its whole blocks.
+SNAPSHOT_BLOCK = 256
+
+
 @dataclass
 class Snapshot:
-    """A row's cache entries for its first ``n`` positions: per layer (K parts, V parts)."""
+    """A row's cache entries for its first ``n`` positions: per layer (K blocks, V blocks), each block
+    a list of tensors; blocks may be shared with other snapshots (`KVCache.snapshot`'s ``shared``)."""
 
     n: int
-    parts: list[tuple[list[torch.Tensor], list[torch.Tensor]]]
+    parts: list[tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for k, v in self.parts for blocks in (k, v) for block in blocks for t in block]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for k, v in self.parts for t in k + v)
+        """Bytes of every block, shared ones included."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 class KVCache:
@@ -227,10 +246,25 @@ class KVCache:
         per_slot = sum(t[0, :, 0].numel() * t.element_size() for e in (self.k[0], self.v[0]) for t in e._tensors())
         return per_slot * sum(self._held(i, n) for i in self.layers)
 
-    def snapshot(self, row: int, n: int) -> Snapshot:
-        """Copies of what row ``row`` holds for its first ``n`` positions (prefix caching)."""
-        parts = [(k.save(row, self._held(i, n)), v.save(row, self._held(i, n)))
-                 for i, k, v in zip(self.layers, self.k, self.v)]
+    def _block(self) -> int:
+        C = self.cfg.attention_chunk_size
+        return SNAPSHOT_BLOCK if C is None else math.gcd(SNAPSHOT_BLOCK, C)  # blocks never straddle a chunk
+
+    def snapshot(self, row: int, n: int, shared: tuple[Snapshot, int] | None = None) -> Snapshot:
+        """Copies of what row ``row`` holds for its first ``n`` positions (prefix caching), in blocks.
+        ``shared`` (snapshot, s): another snapshot whose first ``s`` positions are the same tokens (and
+        images): its whole blocks within them are taken as they are, not copied."""
+        B = self._block()
+        parts = []
+        for j, (i, k, v) in enumerate(zip(self.layers, self.k, self.v)):
+            reuse = 0
+            if shared is not None:
+                other, s = shared
+                start = n - self._held(i, n)  # the held slots' first position: 0, or the chunk's start
+                if start == other.n - self._held(i, other.n):  # the same chunk (or a global layer)
+                    reuse = max(0, min(s, n, other.n) - start) // B
+            parts.append((k.save(row, self._held(i, n), B, shared[0].parts[j][0][:reuse] if reuse else ()),
+                          v.save(row, self._held(i, n), B, shared[0].parts[j][1][:reuse] if reuse else ())))
         return Snapshot(n, parts)
 
     def resumable(self, snap: Snapshot, r: int) -> bool:

@@ -305,9 +305,10 @@ class Engine:
         """Move a sequence from cache row ``src`` to row ``dst`` (its filled entries only)."""
         self.cache.move_row(src, dst)
 
-    def snapshot(self, row: int, n: int) -> Snapshot:
-        """Copies of what row ``row`` holds for its first ``n`` positions (prefix caching)."""
-        return self.cache.snapshot(row, n)
+    def snapshot(self, row: int, n: int, shared: tuple[Snapshot, int] | None = None) -> Snapshot:
+        """Copies of what row ``row`` holds for its first ``n`` positions (prefix caching), sharing the
+        whole blocks of ``shared``'s first s positions (`KVCache.snapshot`)."""
+        return self.cache.snapshot(row, n, shared)
 
     def restore(self, row: int, snap: Snapshot, r: int) -> None:
         """Row ``row`` as it was after the first ``r`` positions of ``snap`` (`KVCache.resumable`)."""

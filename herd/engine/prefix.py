@@ -2,7 +2,9 @@
 same way (a system prompt, earlier turns of a chat), so only the rest is prefilled.
 
 Each finished prefill leaves a `Snapshot` of its prompt's entries (herd.engine.cache), kept in
-least-recently-used order within a byte budget. A new prompt resumes from the snapshot sharing its
+least-recently-used order within a byte budget. Snapshots are held in blocks of positions, and a
+prompt that shares a prefix with a kept one shares that prefix's whole blocks (a system prompt is
+held once, not once per conversation). A new prompt resumes from the snapshot sharing its
 longest prefix, cut to a length Llama 4's layers allow: a chunked layer holds one attention chunk,
 so the cut must lie in the chunk the snapshot ends in, or on a chunk boundary. Images are part of
 the key: past its first image, a prefix is shared only with a prompt that has the same images.
@@ -45,6 +47,17 @@ class PrefixCache:
         self.bytes = 0
         self.hits = self.reused_tokens = self.lookups = 0
         self._next = 0
+        self._held: dict[int, int] = {}  # data pointer of a block's tensor -> snapshots holding it
+
+    @staticmethod
+    def _common(e: _Entry, ids: list[int], images: tuple[int, str], most: int) -> int:
+        """Positions (at most ``most``) that ``e``'s prompt and ``ids`` hold alike: the same tokens, and
+        past a first image the same images."""
+        n = min(len(e.ids), most)
+        r = next((i for i in range(n) if e.ids[i] != ids[i]), n)
+        if e.images != images:  # different pictures: share only what comes before both first images
+            r = min(r, *(f for f in (e.images[0], images[0]) if f >= 0))
+        return r
 
     def find(self, cache: KVCache, ids: Sequence[int], images: tuple[int, str]) -> tuple[Snapshot, int] | None:
         """The snapshot to resume ``ids`` from and the length to resume at (>= 1 token left to run)."""
@@ -52,10 +65,7 @@ class PrefixCache:
         best, best_r, best_key = None, 0, None
         ids = list(ids)
         for key, e in self.entries.items():
-            n = min(len(e.ids), len(ids) - 1)
-            r = next((i for i in range(n) if e.ids[i] != ids[i]), n)
-            if e.images != images:  # different pictures: share only what comes before both first images
-                r = min(r, *(f for f in (e.images[0], images[0]) if f >= 0))
+            r = self._common(e, ids, images, len(ids) - 1)
             C = cache.cfg.attention_chunk_size
             if not cache.resumable(e.snapshot, r) and C is not None:
                 r = r // C * C  # a chunk's start needs nothing from the chunked layers
@@ -69,17 +79,33 @@ class PrefixCache:
         return best, best_r
 
     def add(self, engine: Engine, row: int, ids: Sequence[int], images: tuple[int, str]) -> None:
-        """Keep what row ``row`` of ``engine``'s cache holds for ``ids`` (just prefilled), evicting the
-        least recently used."""
+        """Keep what row ``row`` of ``engine``'s cache holds for ``ids`` (just prefilled), sharing the
+        blocks of the prefix it has in common with a kept prompt, evicting the least recently used."""
+        ids = list(ids)
         if any(e.ids == tuple(ids) and e.images == images for e in self.entries.values()):
             return
         if engine.cache.snapshot_bytes(len(ids)) > self.budget:
             return
-        snap = engine.snapshot(row, len(ids))
-        while self.bytes + snap.nbytes > self.budget:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= old.snapshot.nbytes
-            engine.forget(old.snapshot)
-        self.entries[self._next] = _Entry(tuple(ids), images, snap)
+        common = [(self._common(e, ids, images, len(ids)), e) for e in self.entries.values()]
+        s, partner = max(common, key=lambda c: c[0], default=(0, None))
+        snap = engine.snapshot(row, len(ids), (partner.snapshot, s) if s else None)
+        key = self._next
         self._next += 1
-        self.bytes += snap.nbytes
+        self.entries[key] = _Entry(tuple(ids), images, snap)
+        self._count(snap, +1)
+        while self.bytes > self.budget:
+            old_key = next(iter(self.entries))
+            if old_key == key:  # cannot happen: alone it fits (snapshot_bytes)
+                break
+            old = self.entries.pop(old_key)
+            self._count(old.snapshot, -1)
+            engine.forget(old.snapshot)
+
+    def _count(self, snap: Snapshot, sign: int) -> None:
+        """Blocks are counted once however many snapshots hold them."""
+        for t in snap.tensors():
+            ptr, size = t.data_ptr(), t.numel() * t.element_size()
+            before = self._held.pop(ptr, 0)
+            if before + sign:
+                self._held[ptr] = before + sign
+            self.bytes += size * ((before == 0) - (before + sign == 0))
