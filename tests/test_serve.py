@@ -369,9 +369,9 @@ def test_strict_tools_under_auto_give_text_or_a_call_that_follows_its_schema(tin
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in STRICT_TOOLS}
     (brace,) = herd.load("tiny-moe", progress=False, vision=False).tokenizer.encode("{")
     kinds = set()
-    for bias, seeds in (({str(brace): 100}, 2), ({str(brace): -100}, 2), ({}, 6)):
+    for bias, seeds in (({str(brace): 100}, 2), ({str(brace): -100}, 1), ({}, 3)):
         for seed in range(seeds):
-            r = c.chat.completions.create(model="tiny-moe", messages=msgs, tools=STRICT_TOOLS, max_tokens=80,
+            r = c.chat.completions.create(model="tiny-moe", messages=msgs, tools=STRICT_TOOLS, max_tokens=60,
                                           temperature=1.0, seed=seed, logit_bias=bias)
             message, reason = r.choices[0].message, r.choices[0].finish_reason
             if message.tool_calls:

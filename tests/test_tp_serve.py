@@ -138,8 +138,11 @@ def test_staggered_mixed_streams_and_a_cancel_give_one_process_tokens(pair):
 
 
 def test_pipeline_stages_serve_one_process_replies(pair, tmp_path):
+    """With a prefix cache too: the second time round every prompt resumes from its first time's."""
+    import urllib.request
+
     one, _ = pair
-    stages = Server(MODEL, tmp_path, "--max-batch", "4", "--pp", "2", nproc=2)
+    stages = Server(MODEL, tmp_path, "--max-batch", "4", "--pp", "2", "--prefix-cache-gb", "0.05", nproc=2)
     try:
         image = [{"type": "image_url", "image_url": {"url": _png((20, 20, 220))}},
                  {"type": "text", "text": "What color is the square?"}]
@@ -147,6 +150,10 @@ def test_pipeline_stages_serve_one_process_replies(pair, tmp_path):
             for content in ("Tell me a story about a fox.", image):
                 fields = {"messages": [{"role": "user", "content": content}]}
                 assert _ask(stages, stream, **fields) == _ask(one, stream, **fields)
+        req = urllib.request.Request(stages.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        metrics = dict(line.rsplit(" ", 1) for line in urllib.request.urlopen(req).read().decode().splitlines()
+                       if line and not line.startswith("#"))
+        assert float(metrics["herd_prefix_cache_hits_total"]) >= 2
     finally:
         stages.stop()
 
