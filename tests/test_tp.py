@@ -243,11 +243,16 @@ def test_generate_tp_without_torchrun_says_how_to_run_it(capsys, monkeypatch):
     assert "--ep splits the experts over the --tp processes" in capsys.readouterr().err
 
 
-def _herd(*args: str, nproc: int = 0) -> subprocess.CompletedProcess:
+def _python(*args: str, nproc: int = 0) -> subprocess.CompletedProcess:
+    """``python *args`` from the repository, under torchrun with ``nproc`` processes if given."""
     launch = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, *launch, "-m", "herd", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, *launch, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _herd(*args: str, nproc: int = 0) -> subprocess.CompletedProcess:
+    return _python("-m", "herd", *args, nproc=nproc)
 
 
 @pytest.mark.slow
@@ -343,13 +348,9 @@ def test_prefix_cache_under_parallel_ranks_gives_cold_tokens(tmp_path, size, sta
     script = tmp_path / "prefix_cache.py"
     script.write_text(PREFIX_CACHE)
     image = REPO / "examples" / "shapes.png"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    one = subprocess.run([sys.executable, str(script), "one", "1", str(image), str(tmp_path / "one.pt")], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=300)
+    one = _python(str(script), "one", "1", str(image), str(tmp_path / "one.pt"))
     assert one.returncode == 0, one.stderr[-3000:]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(size * stages),
-                          str(script), str(size), str(stages), str(image), str(tmp_path / "split.pt")], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=300)
+    run = _python(str(script), str(size), str(stages), str(image), str(tmp_path / "split.pt"), nproc=size * stages)
     assert run.returncode == 0, run.stderr[-3000:]
     got, want = torch.load(tmp_path / "split.pt"), torch.load(tmp_path / "one.pt")
     print(f"T={size} P={stages}: {got['hits']} hits, {got['reused']} tokens reused, {got['held']} of "
@@ -391,10 +392,8 @@ def test_logits_of_a_split_model_equal_one_process(tmp_path, size, stages, quant
     script = tmp_path / "split_logits.py"
     script.write_text(SPLIT_LOGITS)
     out = tmp_path / "logits.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(size * stages),
-                          str(script), str(size), str(stages), str(image), str(out), *([quantize] if quantize else [])],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    run = _python(str(script), str(size), str(stages), str(image), str(out), *([quantize] if quantize else []),
+                  nproc=size * stages)
     assert run.returncode == 0, run.stderr[-3000:]
     got = torch.load(out)
     llm = herd.load("herd-tiny", progress=False, quantize=quantize)

@@ -241,9 +241,11 @@ def shard(model: TextModel, tp: TensorParallel) -> TextModel:
         if name in table:
             p.data = take(p.data, table[name])  # row-major, whatever the layout was (the head's)
     for name, m in model.named_modules():  # quantized weights: the same integers and scales, cut
-        for proj in ("w1", "w3", "w2") if isinstance(m, quant.QuantExperts) else [None]:
+        projs = ("w1", "w3", "w2") if isinstance(m, quant.QuantExperts) else \
+            (None,) if isinstance(m, quant.QuantLinear) else ()
+        for proj in projs:
             key = f"{name}.{proj or 'weight'}"
-            if isinstance(m, (quant.QuantLinear, quant.QuantExperts)) and key in table:
+            if key in table:
                 quant.narrow(m, proj, *table[key])
     for block in model.layers:
         block.attention.n_heads //= tp.size

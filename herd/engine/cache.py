@@ -257,14 +257,14 @@ class KVCache:
         B = self._block()
         parts = []
         for j, (i, k, v) in enumerate(zip(self.layers, self.k, self.v)):
-            reuse = 0
+            held, reuse = self._held(i, n), 0
             if shared is not None:
                 other, s = shared
-                start = n - self._held(i, n)  # the held slots' first position: 0, or the chunk's start
+                start = n - held  # the held slots' first position: 0, or the chunk's start
                 if start == other.n - self._held(i, other.n):  # the same chunk (or a global layer)
                     reuse = max(0, min(s, n, other.n) - start) // B
-            parts.append((k.save(row, self._held(i, n), B, shared[0].parts[j][0][:reuse] if reuse else ()),
-                          v.save(row, self._held(i, n), B, shared[0].parts[j][1][:reuse] if reuse else ())))
+            k_blocks, v_blocks = shared[0].parts[j] if reuse else ((), ())
+            parts.append((k.save(row, held, B, k_blocks[:reuse]), v.save(row, held, B, v_blocks[:reuse])))
         return Snapshot(n, parts)
 
     def resumable(self, snap: Snapshot, r: int) -> bool:

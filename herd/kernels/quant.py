@@ -506,18 +506,15 @@ def narrow(module: QuantLinear | QuantExperts, proj: str | None, dim: int, start
     if spec.mode == "int4" and rows % 16:
         raise ValueError(f"a part of {rows} output rows cannot be packed as int4 (it needs a multiple of 16); "
                          "use int8 or fewer ranks")
-    if isinstance(module, QuantExperts):
-        state = _quantize_stack(f"{proj}_", spec, dtype, w)
-        for k, v in state.items():
-            setattr(module, k, v)
-        module.num_experts = w.shape[0]
-        module.shapes[proj] = w.shape[1:]
-        module.dims = module.shapes["w1"][::-1]
-        return
-    state = _quantize_one("", spec, dtype, w)
+    experts = isinstance(module, QuantExperts)
+    state = _quantize_stack(f"{proj}_", spec, dtype, w) if experts else _quantize_one("", spec, dtype, w)
     for k, v in state.items():
         setattr(module, k, v)
-    module.out_features, module.in_features = w.shape
+    if experts:
+        module.num_experts, module.shapes[proj] = w.shape[0], w.shape[1:]
+        module.dims = module.shapes["w1"][::-1]
+    else:
+        module.out_features, module.in_features = w.shape
 
 
 def _quantize_one(prefix: str, spec: QuantSpec, dtype: torch.dtype, w,
