@@ -118,7 +118,7 @@ def test_kernels_false_is_the_reference_model():
     assert not [m for m in plain.model.modules() if type(m).__module__.startswith("herd.kernels")]
     assert plain.kv_dtype == torch.bfloat16 and fast.kv_dtype == kernels.cache_dtype(torch.bfloat16, "cpu")
     swapped = {type(m).__name__ for m in fast.model.modules() if type(m).__module__.startswith("herd.kernels")}
-    assert swapped == {"CPULinear", "CPUExperts", "FastAttention", "FastMoE"}
+    assert swapped == {"CPULinear", "CPUExperts", "FastAttention", "FastMoE", "CPURMSNorm"}
     assert fast.model.state_dict().keys() == plain.model.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(fast.model.state_dict().values(), plain.model.state_dict().values()))
     kernels.remove(fast.model)
@@ -297,3 +297,29 @@ def test_the_image_encoder_holds_the_onednn_switch():
         m.setattr(plain.vision.__class__, "forward", spy)
         assert torch.equal(fast.image_features(pixels), plain.image_features(pixels))
     assert held == [True, False]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (1, 1, 8, 128), (7, 5, 96), (3, 100), (80, 200)])
+def test_native_rms_norm_gives_the_references_bits(shape):
+    """The one-call norm (native.c) of bf16 rows, with and without a weight, for widths with a tail and
+    enough rows to be threaded, is bitwise the reference's float32 norm cast back and scaled; the
+    modules use it, and it leaves float32 and gradients to the reference."""
+    from herd.kernels import native
+    from herd.model.layers import RMSNorm, rms_norm
+
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(shape, generator=g) * 3).bfloat16()
+    w = torch.randn(shape[-1], generator=g).bfloat16()
+    if not native._ready():
+        assert native.rms_norm(x, w, 1e-5) is None
+        return
+    assert torch.equal(native.rms_norm(x, None, 1e-5), rms_norm(x, 1e-5))
+    assert torch.equal(native.rms_norm(x, w, 1e-5), rms_norm(x, 1e-5) * w)
+    norm = RMSNorm(shape[-1], 1e-5).bfloat16()
+    norm.weight.data = w
+    fast = kernels.CPURMSNorm(shape[-1], 1e-5).bfloat16()
+    fast.weight.data = w
+    with torch.inference_mode():
+        assert torch.equal(fast(x), norm(x))
+    assert native.rms_norm(x.float(), None, 1e-5) is None
+    assert native.rms_norm(x.requires_grad_(), None, 1e-5) is None

@@ -95,6 +95,29 @@ def test_native_int4_kernel_matches_torchs(N, K, group):
     assert not native.int4_usable(x, scale_zero[:, :48], 64)  # a width of part of a block: torch's kernel
 
 
+@pytest.mark.parametrize("mode", quant.MODES)
+def test_one_decode_row_takes_the_row_kernel_and_keeps_its_shape(mode):
+    """A quantized linear's one-row product (decode's hot path, `native.one_row`) gives the row
+    kernel's bits in x's leading shape; several rows and float32 take the other routes."""
+    g = torch.Generator().manual_seed(3)
+    spec = quant.QuantSpec(mode, 32)
+    m = quant.QuantLinear(256, 128, spec, torch.bfloat16, "cpu")
+    w = torch.randn(128, 256, generator=g)
+    parts = quant.quantize_int8(w, torch.bfloat16) if mode == "int8" else quant.quantize_int4(w, 32, torch.bfloat16)
+    for name, t in zip(m.names, parts):
+        setattr(m, name, t)
+    x = torch.randn(1, 1, 256, generator=g).bfloat16()
+    if not native._ready():
+        assert native.one_row(mode, x, *parts, 32) is None
+        return
+    rows = native.int8_rows(x.view(1, -1), *parts) if mode == "int8" else native.int4_rows(x.view(1, -1), *parts, 32)
+    with torch.inference_mode():
+        y = m(x)
+    assert y.shape == (1, 1, 128) and torch.equal(y.view(1, -1), rows)
+    assert native.one_row(mode, torch.randn(2, 256).bfloat16(), *parts, 32) is None
+    assert native.one_row(mode, x.float(), *parts, 32) is None
+
+
 def test_native_kernel_falls_back_with_one_line_when_it_cannot_build(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HERD_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))

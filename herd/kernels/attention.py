@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from herd.kernels import native
 from herd.model.attention import Attention
 
 # Not cuDNN's kernel: it builds a plan for every new shape (~6 ms on an H100), and a cache's key
@@ -41,6 +42,10 @@ def takes_attend_one(q: torch.Tensor, keys: torch.Tensor) -> bool:
 
 
 class FastAttention(Attention):
+    def head_norm(self, x):
+        y = native.rms_norm(x, None, self.norm_eps)
+        return super().head_norm(x) if y is None else y
+
     def attend_cached(self, q, keys, values, mask):
         if takes_attend_one(q, keys):
             return attend_one(q, keys, values, mask)

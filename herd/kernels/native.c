@@ -10,6 +10,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #define ROWS_AT_ONCE 4
@@ -219,6 +220,31 @@ void herd_int4_dequantize_bf16(const uint8_t *packed, const uint16_t *scale_zero
                     _mm256_storeu_si256((__m256i *)(o + k * width + 32 + 16 * h), (__m256i)_mm512_cvtneps_pbh(whi));
                 }
             }
+        }
+    }
+}
+
+/* RMS norm of `rows` bfloat16 rows of D: y = bf16(x * rsqrt(mean(x²) + eps)), then with a weight
+ * (w may be NULL) bf16(y * w): the references' roundings (normalised in float32 and cast back, then
+ * scaled). One call instead of the half-dozen torch ops a norm of one decode row costs. */
+void herd_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t D, float eps) {
+#pragma omp parallel for schedule(static) if (rows >= 64)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * D;
+        uint16_t *yr = y + r * D;
+        __m512 acc = _mm512_setzero_ps();
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16) {
+            __m512 v = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xr + d))), 16));
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        float s = _mm512_reduce_add_ps(acc);
+        for (; d < D; d++) s += from_bf16(xr[d]) * from_bf16(xr[d]);
+        const float inv = 1.0f / sqrtf(s / (float)D + eps);
+        for (d = 0; d < D; d++) {
+            uint16_t n = to_bf16(from_bf16(xr[d]) * inv);
+            yr[d] = w ? to_bf16(from_bf16(n) * from_bf16(w[d])) : n;
         }
     }
 }

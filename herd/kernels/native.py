@@ -64,6 +64,7 @@ def library() -> ctypes.CDLL | None:
     lib.herd_int4_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     lib.herd_int8_dequantize_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     lib.herd_int4_dequantize_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+    lib.herd_rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     return lib
 
 
@@ -93,6 +94,45 @@ def int8_rows(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.T
     y = torch.empty(x2.shape[0], q.shape[0], dtype=x2.dtype)
     library().herd_int8_rows_bf16(x2.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x2.shape[0], q.shape[0],
                                   x2.shape[1])
+    return y
+
+
+def one_row(mode: str, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor | None:
+    """Decode's product of one row, the hot path in as few Python steps as it takes (each product of a
+    step would otherwise spend more in checks than a small matrix takes to stream): x [..., K] with
+    one row in bfloat16 times W in either mode (int4 in torch's AVX-512 packing, blocks of 64 rows);
+    None where the row kernels do not take it."""
+    if not (x.dtype is scales.dtype is torch.bfloat16 and x.numel() == x.shape[-1] and not x.is_cuda
+            and _ready() and not (x.requires_grad and torch.is_grad_enabled())):
+        return None
+    x, values, scales = x.contiguous(), values.contiguous(), scales.contiguous()
+    if mode == "int8":
+        N = values.shape[0]
+        y = torch.empty(x.shape[:-1] + (N,), dtype=torch.bfloat16)
+        library().herd_int8_rows_bf16(x.data_ptr(), values.data_ptr(), scales.data_ptr(), y.data_ptr(), 1, N,
+                                      x.shape[-1])
+    else:
+        N = scales.shape[1]
+        if N % 64:
+            return None
+        y = torch.empty(x.shape[:-1] + (N,), dtype=torch.bfloat16)
+        library().herd_int4_rows_bf16(x.data_ptr(), values.data_ptr(), scales.data_ptr(), y.data_ptr(), 1, N,
+                                      x.shape[-1], group)
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+    """`herd.model.layers.rms_norm` of bfloat16 x over its last dim, times ``weight`` (bfloat16) where
+    given, in one call; None where the kernel does not take it (another dtype, a gradient)."""
+    if not (x.dtype is torch.bfloat16 and (weight is None or weight.dtype is torch.bfloat16) and not x.is_cuda
+            and _ready() and not ((x.requires_grad or weight is not None and weight.requires_grad)
+                                  and torch.is_grad_enabled())):
+        return None
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    D = x.shape[-1]
+    library().herd_rms_norm_bf16(x.data_ptr(), 0 if weight is None else weight.contiguous().data_ptr(), y.data_ptr(),
+                                 x.numel() // D if D else 0, D, eps)
     return y
 
 

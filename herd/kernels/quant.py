@@ -236,6 +236,10 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
 
 
 def _matmul(mode: str, group: int, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if (mode == "int8" or _int4_block() == 64) and not torch.is_autocast_enabled("cpu"):
+        y = native.one_row(mode, x, values, scales, group)
+        if y is not None:
+            return y
     # The kernels take no gradient, no autocast and only the scales' dtype: training (QLoRA) and
     # mixed dtypes go through the dequantized weight instead.
     if (x.requires_grad and torch.is_grad_enabled()) or x.dtype != scales.dtype or \
@@ -287,7 +291,8 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _matmul(self.mode, self.group, x, *(getattr(self, n) for n in self.names))
+        values, scales = self._buffers[self.names[0]], self._buffers[self.names[1]]
+        y = _matmul(self.mode, self.group, x, values, scales)
         return y if self.adapter is None else y + self.adapter(x)
 
     def dequantized(self) -> torch.Tensor:

@@ -166,11 +166,15 @@ class Attention(nn.Module):
         if self.use_rope:
             q, k = apply_rope(q, rot), apply_rope(k, rot)
         if self.use_qk_norm:  # per head, over Dh, after RoPE
-            q, k = rms_norm(q, self.norm_eps), rms_norm(k, self.norm_eps)
+            q, k = self.head_norm(q), self.head_norm(k)
         if self.temperature:
             scale = temperature_scale(positions, self.floor_scale, self.attn_scale)
             q = q * scale.view(scale.shape[0], T, 1, 1).to(q.dtype)
         return q, k, v
+
+    def head_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """QK-norm: weightless RMS norm of each head over Dh (herd.kernels swaps in device paths)."""
+        return rms_norm(x, self.norm_eps)
 
     def forward(self, x_BTD: torch.Tensor, positions: torch.Tensor, rot: torch.Tensor,
                 packed: Packing | None = None) -> torch.Tensor:
