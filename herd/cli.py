@@ -449,8 +449,9 @@ def _add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
                    help="the KV cache's dtype (default auto: the fast float one for the device); int8 keeps "
                         "int8 values with a scale per token and KV head, half a bf16 cache")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="store the experts' weights in int8 (per channel) or int4 (groups), quantized as they load")
+    p.add_argument("--quantize", choices=["int8", "int4", "fp8"], default=None,
+                   help="store the experts' weights in int8 (per channel), int4 (groups) or fp8 (per channel; CUDA "
+                        "GPUs of compute capability 8.9+), quantized as they load")
     p.add_argument("--quantize-group", type=int, default=128, choices=[32, 64, 128, 256],
                    help="inputs per int4 scale (default 128)")
 

@@ -269,9 +269,10 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
     limits apply to prompts: images per prompt, tiles per image (default: the checkpoint's
     preprocessor_config.json ``max_patches``, else 16), pixels per image.
 
-    ``quantize`` ('int8': per output channel; 'int4': groups of ``quantize_group`` inputs) stores the
-    weights of ``quantize_modules`` (default: the routed and shared experts; also 'dense_ffn',
-    'attention') quantized, each as it loads (CPU only for now; see herd.kernels.quant).
+    ``quantize`` ('int8': per output channel; 'int4': groups of ``quantize_group`` inputs; 'fp8': float8
+    e4m3 per output channel, activations per token, on CUDA GPUs of compute capability 8.9+) stores
+    the weights of ``quantize_modules`` (default: the routed and shared experts; also 'dense_ffn',
+    'attention', 'output') quantized, each as it loads (see herd.kernels.quant).
 
     ``kv_dtype``: the KV cache's dtype, ``None`` or ``"auto"`` for the float dtype the kernels pick
     for the device (`herd.kernels.cache_dtype`), or ``"int8"`` (``torch.int8``): int8 values with a
@@ -301,6 +302,11 @@ def load(path_or_preset: str | os.PathLike, dtype: str | torch.dtype = "float32"
         if torch.device(device).type not in ("cpu", "meta", "cuda"):
             raise ValueError(f"quantize={quantize!r} runs on the CPU and CUDA; device {device!r} has no quantized "
                              "kernels in herd yet (load in bfloat16, or on the CPU)")
+        if quantize == "fp8":
+            quant.check_fp8_device(device)
+            if resolve_dtype(dtype) != torch.bfloat16:
+                raise ValueError("quantize='fp8' runs in bfloat16 (torch._scaled_mm's rowwise kernel); "
+                                 "load with dtype='bfloat16'")
         if quantize == "int4" and torch.device(device).type == "cuda" and resolve_dtype(dtype) != torch.bfloat16:
             raise ValueError("quantize='int4' on CUDA runs in bfloat16 (torch's tinygemm kernel); "
                              "load with dtype='bfloat16'")
@@ -406,6 +412,13 @@ def _stored_spec(folder, dtype: torch.dtype, device, say: bool) -> quant.QuantSp
         return None
     kernels_here = torch.device(device).type in ("cpu", "meta") or (torch.device(device).type == "cuda" and
                                                                      dtype == torch.bfloat16)
+    fp8 = [s for s in stored.schemes if s.kind == "float" and s.bits == 8]
+    if fp8 and torch.device(device).type == "cuda" and dtype == torch.bfloat16:
+        try:
+            quant.check_fp8_device(device)
+            return quant.QuantSpec("fp8", 128, quant.MODULES)  # FP8 tensor cores: the file's values as they are
+        except ValueError:
+            pass
     ints = [s for s in stored.schemes if s.kind == "int"] if kernels_here else []
     if not ints:
         if say:

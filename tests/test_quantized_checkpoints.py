@@ -190,6 +190,42 @@ def test_quantized_save_reloads_bit_for_bit(mode, group, tmp_path):
         assert _rel(theirs, ours) <= 1e-6, module
 
 
+def test_fp8_checkpoint_keeps_its_values_and_saves_as_it_loaded(plain_folder, tmp_path, monkeypatch):
+    """quantize='fp8' (a GPU's FP8 tensor cores; herd refuses it on a CPU, lifted here to run the same
+    code through torch's CPU _scaled_mm): an FP8 file's experts hold its float8 values and scales as
+    they are (no second rounding), the logits are those of its dequantized weights within the
+    activations' e4m3 rounding, and a save writes float-quantized tensors that herd reloads bit for
+    bit and the compressed-tensors package decompresses to the weights herd computes with."""
+    monkeypatch.setattr(quant, "check_fp8_device", lambda device: None)
+    dequantized = _quantized_folder(plain_folder, tmp_path / "q", "fp8-channel")
+    llm = herd.load(tmp_path / "q", dtype="bfloat16", progress=False, quantize="fp8")
+    experts = llm.model.layers[1].feed_forward.experts
+    assert isinstance(experts, quant.QuantExperts) and experts.mode == "fp8"
+    sd = load_file(tmp_path / "q" / "model.safetensors")
+    module = f"{TEXT}layers.1.feed_forward.experts.1.up_proj"
+    assert torch.equal(experts.w3_weight_fp8[1].view(torch.uint8), sd[f"{module}.weight"].view(torch.uint8))
+    assert torch.equal(experts.w3_weight_scale[1], sd[f"{module}.weight_scale"].float().view(-1))
+    assert _rel(_logits(llm), _logits(_twin(plain_folder, dequantized))) <= 5e-2
+
+    llm.save_pretrained(tmp_path / "again")
+    back = herd.load(tmp_path / "again", dtype="bfloat16", progress=False, quantize="fp8")
+    a, b = llm.model.state_dict(), back.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8) if a[k].element_size() == 1 else a[k],
+                                                    b[k].view(torch.uint8) if b[k].element_size() == 1 else b[k])
+                                        for k in a)
+    qc = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "float-quantized"
+    group_cfg = qc["config_groups"]["group_0"]
+    scheme = QuantizationScheme(targets=group_cfg["targets"], weights=group_cfg["weights"],
+                                input_activations=group_cfg["input_activations"])
+    saved = load_file(tmp_path / "again" / "model.safetensors")
+    for module in (f"{TEXT}layers.1.feed_forward.experts.1.up_proj", f"{TEXT}layers.1.feed_forward.shared_expert.down_proj"):
+        local = {k.rsplit(".", 1)[1]: v for k, v in saved.items() if k.rsplit(".", 1)[0] == module}
+        assert local["weight"].dtype == torch.float8_e4m3fn
+        theirs = FloatQuantizationCompressor.decompress(local, scheme)["weight"]
+        assert _rel(theirs, _dequantized(back.model, module)) <= 1e-6, module
+
+
 def _dequantized(model, hf_module: str) -> torch.Tensor:
     names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "q_proj": "wq", "k_proj": "wk", "v_proj": "wv",
              "o_proj": "wo"}

@@ -335,19 +335,28 @@ class CompressedSource(Mapping):
 # ---- writing --------------------------------------------------------------------------------------
 
 
-def config_entry(bits: int, group: int | None, symmetric: bool, ignore: list[str]) -> dict:
-    """config.json's ``quantization_config`` for herd's weight-only int4 (groups) or int8 (channels)."""
-    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "group" if group else "channel",
+def config_entry(bits: int, group: int | None, symmetric: bool, ignore: list[str], kind: str = "int") -> dict:
+    """config.json's ``quantization_config`` for herd's weight-only int4 (groups) or int8 (channels),
+    or its FP8 (float8 e4m3 weights per channel, activations per token at run time: FP8-dynamic)."""
+    weights = {"num_bits": bits, "type": kind, "symmetric": symmetric, "strategy": "group" if group else "channel",
                "group_size": group, "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                          "output_activations": None, "format": "pack-quantized"}},
+    fmt, activations = "pack-quantized", None
+    if kind == "float":
+        fmt = "float-quantized"
+        activations = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True,
+                       "group_size": None, "actorder": None, "observer": None, "block_structure": None}
+    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
+                                          "output_activations": None, "format": fmt}},
             "ignore": ignore, "kv_cache_scheme": None}
 
 
 def compressed_tensors(module: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                        bits: int) -> dict[str, torch.Tensor]:
-    """The tensors of one quantized Linear: q int8 [N, K], scale [N, K/g], zero int8 like scale or None."""
+    """The tensors of one quantized Linear: q int8 [N, K], scale [N, K/g], zero int8 like scale or None;
+    or q float8 [N, K] with its scale [N, 1] (float-quantized: stored as they are)."""
+    if q.dtype.is_floating_point:
+        return {f"{module}.weight": q.contiguous(), f"{module}.weight_scale": scale.contiguous()}
     N, K = q.shape
     out = {f"{module}.weight_packed": pack(q, bits), f"{module}.weight_scale": scale.contiguous(),
            f"{module}.weight_shape": torch.tensor([N, K])}

@@ -603,7 +603,8 @@ def _compressed(tensors: dict, example: compressed.QuantizedWeight, vision: bool
     if vision:
         ignore += ["re:vision_model.*", "re:multi_modal_projector.*"]
     group = example.group if example.bits == 4 else None
-    return out, compressed.config_entry(example.bits, group, symmetric=example.zero is None, ignore=ignore)
+    return out, compressed.config_entry(example.bits, group, symmetric=example.zero is None, ignore=ignore,
+                                        kind=example.kind)
 
 
 def check_new_folder(folder: str | os.PathLike) -> Path:
@@ -642,7 +643,8 @@ def save_hf(model: TextModel, folder: str | os.PathLike, *, dtype: torch.dtype |
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in tensors.items():
-        t = (t if dtype is None or not t.is_floating_point() or key.endswith("_scale") else t.to(dtype)).contiguous()
+        t = (t if dtype is None or not t.is_floating_point() or key.endswith("_scale") or t.element_size() == 1
+             else t.to(dtype)).contiguous()  # float8 weights stay as they are
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})

@@ -136,10 +136,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y
 
 
-def int8_dequantized(q: torch.Tensor, scale: torch.Tensor, begin: int, end: int) -> torch.Tensor:
-    """Rows begin..end of W = q * scale[:, None] in bfloat16, rounded once (as torch's bf16 product)."""
+def _scratch(out: torch.Tensor | None, *shape: int) -> torch.Tensor:
+    """A bfloat16 tensor of ``shape``: the front of ``out`` (a buffer reused tile after tile: fresh pages
+    for each 10 MB tile of Scout's experts cost as much as dequantizing it), else a new one."""
+    if out is None:
+        return torch.empty(shape, dtype=torch.bfloat16)
+    return out.view(-1)[:shape[0] * shape[1]].view(shape)
+
+
+def int8_dequantized(q: torch.Tensor, scale: torch.Tensor, begin: int, end: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows begin..end of W = q * scale[:, None] in bfloat16, rounded once (as torch's bf16 product);
+    written into ``out`` (bfloat16, large enough) when given."""
     q, scale = q.contiguous(), scale.contiguous()
-    w = torch.empty(end - begin, q.shape[1], dtype=torch.bfloat16)
+    w = _scratch(out, end - begin, q.shape[1])
     library().herd_int8_dequantize_bf16(q.data_ptr(), scale.data_ptr(), w.data_ptr(), q.shape[1], begin, end)
     return w
 
@@ -160,13 +170,13 @@ def int4_rows(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, 
 
 
 def int4_dequantized_t(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, K: int, begin: int = 0,
-                       end: int | None = None) -> torch.Tensor:
+                       end: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Columns begin..end (multiples of 64) of Wᵀ [K, N] in bfloat16, for W in torch's CPU int4 packing,
-    rounded once from float32."""
+    rounded once from float32; written into ``out`` when given, as `int8_dequantized`."""
     packed, scale_zero = packed.contiguous(), scale_zero.contiguous()
     N = scale_zero.shape[1]
     end = N if end is None else end
-    w_t = torch.empty(K, end - begin, dtype=torch.bfloat16)
+    w_t = _scratch(out, K, end - begin)
     library().herd_int4_dequantize_bf16(packed.data_ptr(), scale_zero.data_ptr(), w_t.data_ptr(), N, K, group, begin,
                                         end)
     return w_t

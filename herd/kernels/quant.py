@@ -4,7 +4,9 @@ outside the model while it loads.
 A quantized matrix is stored as its kernel wants it: int8 values [N, K] and one scale per output
 row; or int4 values packed by torch's CPU packing (`_convert_weight_to_int4pack_for_cpu`, [N, K/2]
 bytes) with a scale and a zero per group of ``group`` inputs ([K/group, N, 2]). Scales are kept in
-the activations' dtype, which the kernels require. A few rows (decode) multiply through torch's
+the activations' dtype, which the kernels require. FP8 (CUDA, compute capability 8.9+) keeps float8
+e4m3 values [N, K] and a float32 scale per output row, and quantizes each row of the activations on
+the fly (W8A8, FP8-dynamic's and Meta's rowwise scheme) for torch._scaled_mm. A few rows (decode) multiply through torch's
 weight-only kernels; more rows (prefill) dequantize the matrix and take the dtype's GEMM, which is
 faster there (docs/performance.md has the crossover). Training through a quantized base (QLoRA:
 frozen base, LoRA adapters on the modules' ``adapter`` hooks) and autocast take the dequantized
@@ -31,7 +33,9 @@ from herd.model.moe import Experts, MoE
 from herd.model.layers import SwiGLU
 from herd.model.transformer import TextModel
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "fp8")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value
 GROUPS = (32, 64, 128, 256)
 MODULES = ("experts", "shared_expert", "dense_ffn", "attention", "output")
 DEFAULT_MODULES = ("experts", "shared_expert")
@@ -49,7 +53,7 @@ INT8_ROWS_BYTES = 16 * 1024
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How to quantize: ``mode`` 'int8' or 'int4', int4's ``group`` size, and which module kinds."""
+    """How to quantize: ``mode`` 'int8', 'int4' or 'fp8', int4's ``group`` size, and which module kinds."""
 
     mode: str
     group: int = 128
@@ -89,6 +93,33 @@ def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torc
     zero = torch.round(-lo / scale).clamp(0, 15)
     q = torch.round(wg / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), _scale_zero(scale, zero, dtype)
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row float8 e4m3: (values [N, K], scales [N] float32); w ≈ values * scale, the largest
+    magnitude of each row at e4m3's largest value."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of activations x [M, K] in float8 e4m3 with its own float32 scale [M, 1]: the dynamic,
+    per-token scheme FP8 checkpoints are made for."""
+    xf = x2.float()
+    scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ (q * scale[:, None])ᵀ with x's rows quantized to float8 on the fly: one torch._scaled_mm with
+    rowwise scales (float32 sums on the GPU's FP8 tensor cores; bfloat16 out, as the kernel requires)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], q.shape[0])
+    xq, sx = fp8_rows(x2)
+    y = torch._scaled_mm(xq, q.t(), scale_a=sx, scale_b=scale[None], out_dtype=torch.bfloat16)
+    return y.to(x.dtype).view(*x.shape[:-1], q.shape[0])
 
 
 def _scale_zero(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -188,14 +219,16 @@ def _int4_matmul(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tenso
     return y
 
 
-def _tiled_matmul(x2: torch.Tensor, N: int, tile_t: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    """x [M, K] @ Wᵀ for many rows, W dequantized 1024 output rows at a time: ``tile_t(n0, n1)`` gives
-    Wᵀ[:, n0:n1] in x's dtype. A whole dequantized matrix would be new pages each call (Scout's
-    experts: 84 MB); narrower tiles make the GEMM slower (docs/quantization.md)."""
+def _tiled_matmul(x2: torch.Tensor, N: int, tile_t: Callable[[int, int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x [M, K] @ Wᵀ for many rows, W dequantized 1024 output rows at a time: ``tile_t(n0, n1, buffer)``
+    gives Wᵀ[:, n0:n1] in x's dtype, written into one buffer reused by every tile. A whole dequantized
+    matrix would be new pages each call (Scout's experts: 84 MB); narrower tiles make the GEMM slower
+    (docs/quantization.md)."""
     y = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
+    buffer = torch.empty(min(N, 1024) * x2.shape[1], dtype=x2.dtype, device=x2.device)
     for n0 in range(0, N, 1024):
         n1 = min(n0 + 1024, N)
-        y[:, n0:n1] = x2 @ tile_t(n0, n1)
+        y[:, n0:n1] = x2 @ tile_t(n0, n1, buffer)
     return y
 
 
@@ -207,7 +240,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     elif own and (rows == 1 or rows <= NATIVE_ROWS["int8"] and x2.numel() * x2.element_size() <= INT8_ROWS_BYTES):
         y = native.int8_rows(x2, q, scale)
     elif own and rows >= TILED_FROM["int8"]:
-        y = _tiled_matmul(x2, q.shape[0], lambda n0, n1: native.int8_dequantized(q, scale, n0, n1).t())
+        y = _tiled_matmul(x2, q.shape[0], lambda n0, n1, buf: native.int8_dequantized(q, scale, n0, n1, buf).t())
     elif rows <= FEW_ROWS["int8"] and x2.shape[1] % 16 == 0:  # torch's kernel sums other widths wrong
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
     else:
@@ -224,7 +257,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
     elif own and rows <= NATIVE_ROWS["int4"]:
         y = native.int4_rows(x2, packed, scale_zero, group)
     elif own and rows >= TILED_FROM["int4"]:
-        y = _tiled_matmul(x2, N, lambda n0, n1: native.int4_dequantized_t(packed, scale_zero, group, K, n0, n1))
+        y = _tiled_matmul(x2, N, lambda n0, n1, buf: native.int4_dequantized_t(packed, scale_zero, group, K, n0, n1,
+                                                                                buf))
     elif rows <= FEW_ROWS["int4"]:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, scale_zero)
     else:
@@ -236,6 +270,10 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
 
 
 def _matmul(mode: str, group: int, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if mode == "fp8":
+        if (x.requires_grad and torch.is_grad_enabled()) or torch.is_autocast_enabled(x.device.type):
+            return _DequantizedProduct.apply(x, mode, group, values, scales)
+        return fp8_linear(x, values, scales)
     if (mode == "int8" or _int4_block() == 64) and not torch.is_autocast_enabled("cpu"):
         y = native.one_row(mode, x, values, scales, group)
         if y is not None:
@@ -252,8 +290,8 @@ def _matmul(mode: str, group: int, x: torch.Tensor, values: torch.Tensor, scales
 
 def _dequantize(mode: str, group: int, values: torch.Tensor, scales: torch.Tensor, out_f: int,
                 in_f: int) -> torch.Tensor:
-    """The weight [out, in] the quantized values stand for, in the scales' dtype."""
-    if mode == "int8":
+    """The weight [out, in] the quantized values stand for, in the scales' dtype (fp8: float32)."""
+    if mode in ("int8", "fp8"):
         return values.to(scales.dtype) * scales[:, None]
     return dequantize_int4(values, scales, group, out_f, in_f, scales.dtype)
 
@@ -278,8 +316,9 @@ class _DequantizedProduct(torch.autograd.Function):
 
 
 class QuantLinear(nn.Module):
-    """A bias-free Linear with quantized weights (state: int8 ``weight_q`` + ``weight_scale``, or int4
-    ``weight_packed`` + ``weight_scale_zero``); ``adapter`` as Linear's."""
+    """A bias-free Linear with quantized weights (state: int8 ``weight_q`` + ``weight_scale``, int4
+    ``weight_packed`` + ``weight_scale_zero``, or fp8 ``weight_fp8`` + ``weight_scale``); ``adapter`` as
+    Linear's."""
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, dtype: torch.dtype,
                  device: torch.device | str = "meta"):
@@ -336,6 +375,8 @@ class QuantExperts(nn.Module):
 
 
 def _shapes(spec: QuantSpec, out_f: int, in_f: int, dtype: torch.dtype):
+    if spec.mode == "fp8":
+        return [("weight_fp8", (out_f, in_f), FP8), ("weight_scale", (out_f,), torch.float32)]
     if spec.mode == "int8":
         return [("weight_q", (out_f, in_f), torch.int8), ("weight_scale", (out_f,), dtype)]
     return [("weight_packed", (out_f, in_f // 2), torch.uint8),
@@ -354,6 +395,8 @@ def stored(module: QuantLinear | QuantExperts, proj: str | None = None) -> Quant
 
 
 def _stored(mode: str, group: int, values: torch.Tensor, scales: torch.Tensor, N: int, K: int) -> QuantizedWeight:
+    if mode == "fp8":
+        return QuantizedWeight(values.cpu(), scales[:, None].cpu(), None, (N, K), K, 8, "float")
     if mode == "int8":
         return QuantizedWeight(values.cpu(), scales[:, None].cpu(), None, (N, K), K, 8, "int")
     q = (unpack_int4(values, N, K, scales, group).to(torch.int8) - 8)
@@ -379,6 +422,20 @@ def _int4_to_cuda(packed: torch.Tensor, scale_zero: torch.Tensor, device: torch.
     return torch.ops.aten._convert_weight_to_int4pack(pairs.to(device), _inner_k_tiles(K))
 
 
+def check_fp8_device(device: str | torch.device) -> None:
+    """FP8 products need a GPU with FP8 tensor cores (CUDA compute capability 8.9+: Ada, Hopper and
+    later); torch's CPU _scaled_mm is a slow reference, so a CPU is refused too."""
+    device = torch.device(device)
+    if device.type == "meta":
+        return
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        return
+    where = f"compute capability {torch.cuda.get_device_capability(device)}" if device.type == "cuda" else device.type
+    raise ValueError(f"quantize='fp8' runs on CUDA GPUs of compute capability 8.9+ (FP8 tensor cores), not on {where}: "
+                     "there load an FP8 checkpoint as it is (dequantized to bf16) or with quantize='int8' (one "
+                     "byte per weight)")
+
+
 def to_device(model: nn.Module, device: str | torch.device) -> nn.Module:
     """Every quantized module's state onto ``device`` in its kernel's layout there (CUDA: tinygemm's
     int4 packing, built expert by expert); a CUDA int4 model computes in bfloat16."""
@@ -388,6 +445,8 @@ def to_device(model: nn.Module, device: str | torch.device) -> nn.Module:
             continue
         if m.mode == "int4" and device.type == "cuda" and getattr(m, m.names[1]).dtype != torch.bfloat16:
             raise ValueError("int4 on CUDA runs in bfloat16 (torch's tinygemm kernel); load with dtype='bfloat16'")
+        if m.mode == "fp8":
+            check_fp8_device(device)
         prefixes = [""] if isinstance(m, QuantLinear) else [f"{p}_" for p in m.shapes]
         for prefix in prefixes:
             values, scales = (getattr(m, prefix + n) for n in m.names)
@@ -423,7 +482,7 @@ def targets(model: TextModel, spec: QuantSpec) -> dict[str, nn.Module]:
 
 def check(model: TextModel, spec: QuantSpec) -> None:
     """Every shape the kernels must take, checked before any weight is read: int4 needs the input
-    width divisible by the group and the output width by 16."""
+    width divisible by the group and the output width by 16, fp8 both widths divisible by 16."""
     for name, m in targets(model, spec).items():
         mats = ({f"{name}.{p}": (m.w1.shape[1:] if p != "w2" else m.w2.shape[1:]) for p in ("w1", "w3", "w2")}
                 if isinstance(m, Experts) else {f"{name}.weight": m.weight.shape})
@@ -433,6 +492,9 @@ def check(model: TextModel, spec: QuantSpec) -> None:
                 part = f" (a tensor-parallel rank's part of {tp.size})" if tp is not None and tp.size > 1 else ""
                 raise ValueError(f"{tensor} [{out_f}, {in_f}]{part}: int4 needs the input width divisible by the "
                                  f"group ({spec.group}) and the output width by 16; try another group or int8")
+            if spec.mode == "fp8" and (in_f % 16 or out_f % 16):
+                raise ValueError(f"{tensor} [{out_f}, {in_f}]: fp8 (torch._scaled_mm) needs both widths divisible "
+                                 "by 16; try int8")
 
 
 @dataclass(frozen=True)
@@ -450,7 +512,8 @@ class Quantizer:
         if self.cut is None:
             return state
         dim, start, length = self.cut
-        return {k: v.narrow(dim, start, length).contiguous() if k.endswith("weight_q") else v for k, v in state.items()}
+        return {k: v.narrow(dim, start, length).contiguous() if k.endswith(("weight_q", "weight_fp8")) else v
+                for k, v in state.items()}
 
 
 def install(model: TextModel, spec: QuantSpec, dtype: torch.dtype, only: Collection[str] | None = None,
@@ -468,7 +531,7 @@ def install(model: TextModel, spec: QuantSpec, dtype: torch.dtype, only: Collect
         # A checkpoint's own integers are cut as stored (each row's scale whole), not quantized again.
         part = parts.get(key)
         stored_int = only is not None and key in only
-        return tuple(part[:3]) if spec.mode == "int8" and part is not None and part[0] == dims - 1 and \
+        return tuple(part[:3]) if spec.mode in ("int8", "fp8") and part is not None and part[0] == dims - 1 and \
             not stored_int else None
 
     for name, m in targets(model, spec).items():
@@ -503,8 +566,7 @@ def narrow(module: QuantLinear | QuantExperts, proj: str | None, dim: int, start
     if size is not None and size > length:
         K = w.shape[-1]
         zeros = torch.zeros(size - length, K)
-        pad = _stored(spec.mode, spec.group, *(quantize_int8(zeros, dtype) if spec.mode == "int8" else
-                                                quantize_int4(zeros, spec.group, dtype)), size - length, K)
+        pad = _stored(spec.mode, spec.group, *_quantized(spec, zeros, dtype), size - length, K)
         w = replace(w, data=torch.cat([w.data, pad.data]), scale=torch.cat([w.scale, pad.scale]),
                     zero=None if w.zero is None else torch.cat([w.zero, pad.zero]), shape=(size, K))
     rows = w.shape[-2]
@@ -532,19 +594,27 @@ def _quantize_one(prefix: str, spec: QuantSpec, dtype: torch.dtype, w,
         for t in w.tensors():
             done(t)
         return {prefix + k: v for k, v in state.items()}
-    if spec.mode == "int8":
-        q, s = quantize_int8(w, dtype)
-        done(w)
-        return {prefix + "weight_q": q, prefix + "weight_scale": s}
-    packed, sz = quantize_int4(w, spec.group, dtype)
+    values, scales = _quantized(spec, w, dtype)
     done(w)
-    return {prefix + "weight_packed": packed, prefix + "weight_scale_zero": sz}
+    return {prefix + name: t for (name, _, _), t in zip(_shapes(spec, 1, 1, dtype), (values, scales))}
+
+
+def _quantized(spec: QuantSpec, w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One matrix's (values, scales) in ``spec``'s mode."""
+    if spec.mode == "fp8":
+        return quantize_fp8(w)
+    return quantize_int8(w, dtype) if spec.mode == "int8" else quantize_int4(w, spec.group, dtype)
 
 
 def _from_checkpoint(spec: QuantSpec, w: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-    """A checkpoint's integer weights in the kernel's layout as they are, when the scheme allows:
-    int8 per channel, symmetric, for int8; int4 in groups that are multiples of ``spec.group`` for int4."""
+    """A checkpoint's weights in the kernel's layout as they are, when the scheme allows: int8 per
+    channel, symmetric, for int8; int4 in groups that are multiples of ``spec.group`` for int4; float8
+    e4m3 per channel or per tensor for fp8."""
     N, K = w.shape
+    if spec.mode == "fp8" or w.kind == "float":
+        if spec.mode != "fp8" or w.kind != "float" or w.data.dtype != FP8 or w.group != K or w.zero is not None:
+            return None
+        return {"weight_fp8": w.values().contiguous(), "weight_scale": w.scale.reshape(N).float().contiguous()}
     if w.kind != "int" or (w.bits, spec.mode) not in ((8, "int8"), (4, "int4")):
         return None
     if spec.mode == "int8":
