@@ -28,9 +28,9 @@ sharded parts, in bf16, FP8 and int4; plus the KV cache per rank at 128K tokens 
 model is `herd.llm.plan`'s, sliced by `tensor.shard` with a TensorParallel(0, T) (slicing issues no
 collective), then quantized by `quant.install` as herd quantizes on load:
   bf16  every weight 2 bytes;
-  FP8   the layout of Meta's FP8 release held natively on a GPU: routed experts 1 byte per weight and
-        one scale per (expert, output row), the rest bf16. herd does not hold FP8 yet: on load it
-        dequantizes FP8 to bf16 (the bf16 column) or, with quantize='int8', keeps 1 byte per weight;
+  FP8   the layout of Meta's FP8 release as herd holds it on a GPU with FP8 tensor cores
+        (`quantize='fp8'`, modules 'experts'): routed experts 1 byte per weight and a float32 scale
+        per (expert, output row), the rest bf16 (on a CPU herd dequantizes FP8: the bf16 column);
   int4  herd's default int4 (`--quantize int4`): routed and shared experts in groups of 128.
 The int4 bytes are what a rank holds under `--tp T --quantize int4`: built, sharded and quantized on
 the meta device as the loader does it.
@@ -65,7 +65,7 @@ from herd.kernels import quant  # noqa: E402
 
 PROMPT = 64  # tokens before the timed decode steps
 MEMORY_SIZES = (1, 2, 4, 8)
-FORMATS = {"bf16": None, "FP8": quant.QuantSpec("int8", modules=("experts",)), "int4": quant.QuantSpec("int4", 128)}
+FORMATS = {"bf16": None, "FP8": quant.QuantSpec("fp8", modules=("experts",)), "int4": quant.QuantSpec("int4", 128)}
 KV_CONTEXT = 131_072
 
 
