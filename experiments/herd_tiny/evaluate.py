@@ -21,6 +21,7 @@ Tasks and how each is scored:
   conversations (`conversation_tasks`): the colour spelling, a picture after a text turn, a follow-up
              after describe, held-out wordings, a picture after three text turns, a follow-up after a
              text turn, two pictures, and questions outside its world
+  copying (`copy_task`): a fresh passage and a request to repeat it, word for word
 """
 
 from __future__ import annotations
@@ -204,6 +205,19 @@ def retrieval_task(llm, rng: random.Random, n: int, chunks: tuple[int, int] = (4
     return task
 
 
+def copy_task(llm, rng: random.Random, n: int, tokens: tuple[int, int] = (60, 240)) -> Task:
+    """`text.copy_example`: a fresh passage of story text, a request to repeat it, the passage word for word."""
+    task = Task("repeat the text", f"a fresh passage of {tokens[0]}-{tokens[1]} tokens of story text, then 'Repeat "
+                                   "the text.' (or text.py's other two wordings), the passage word for word")
+    count = lambda s: len(llm.tokenizer.encode(s))  # noqa: E731
+    jobs = [text.copy_example(rng, count, rng.randint(*tokens)) for _ in range(n)]
+    answers = _ask(llm, [messages[:1] for messages in jobs], tokens[1] + 16)
+    for messages, got in zip(jobs, answers):
+        expected = messages[1]["content"]
+        task.add(_norm(got) == _norm(expected), _clip(messages[0]["content"]), _clip(expected), _clip(got))
+    return task
+
+
 def vocabulary(rng: random.Random, n_stories: int = 3000) -> set[str]:
     return {w for _ in range(n_stories) for w in re.findall(r"[a-z]+", text.story(rng).lower())}
 
@@ -273,6 +287,7 @@ def evaluate(model: str, seed: int = 12345, n: int = 200) -> dict:
     tasks += [induction_task(llm, rng, n),  # mostly within one chunk
               induction_task(llm, rng, n, (chunk + 8, 2 * chunk + 32), "induction, far")]  # only NoPE layers reach back
     tasks += conversation_tasks(llm, rng, n)
+    tasks.append(copy_task(llm, rng, n))  # added later: the rows above keep their examples
     return {"tasks": tasks, "text": text_results, "seed": seed, "n": n,
             "seconds": time.perf_counter() - started, "dtype": str(llm.dtype).removeprefix("torch.")}
 
