@@ -118,11 +118,44 @@ def test_one_decode_row_takes_the_row_kernel_and_keeps_its_shape(mode):
     assert native.one_row(mode, x.float(), *parts, 32) is None
 
 
+@pytest.mark.skipif(not torch.cpu._is_avx2_supported(), reason="the AVX2 build needs a CPU with AVX2")
+def test_an_avx2_build_holds_the_int8_row_kernel_alone(tmp_path, monkeypatch):
+    """Built for a CPU with AVX2 but no AVX512-BF16 (as on most desktops before Zen 4: here by
+    building for AVX2 and FMA instead of this machine's own CPU), native.c holds the int8 row kernel
+    alone (level 1). Its sums are the exact ones rounded to bf16, and decode's one row takes it; int4
+    and the tiles go to torch's kernels."""
+    monkeypatch.setenv("HERD_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"])
+    native.library.cache_clear()
+    native.level.cache_clear()
+    try:
+        if native.library() is None:
+            pytest.skip("no C compiler")
+        assert native.level() == 1 and not native._ready()
+        g = torch.Generator().manual_seed(9)
+        for N, K in [(96, 256), (40, 1000), (8, 5), (1100, 128)]:
+            q, scale = quant.quantize_int8(torch.randn(N, K, generator=g), torch.bfloat16)
+            x = torch.randn(quant.NATIVE_ROWS["int8"], K, generator=g).bfloat16()
+            exact = x.double() @ (q.double() * scale.double()[:, None]).T
+            assert native.int8_rows_usable(x, scale) and not native.usable(x, scale)
+            for rows in (1, 3, 4, 7):
+                assert _rel(native.int8_rows(x[:rows], q, scale), exact[:rows]) <= 4e-3, (N, K, rows)
+            with torch.inference_mode():
+                y = native.one_row("int8", x[:1], q, scale, 128)
+            assert torch.equal(y, native.int8_rows(x[:1], q, scale))
+        packed, scale_zero = quant.quantize_int4(torch.randn(64, 256, generator=g), 32, torch.bfloat16)
+        assert native.one_row("int4", torch.randn(1, 256).bfloat16(), packed, scale_zero, 32) is None
+        assert native.rms_norm(torch.randn(2, 64).bfloat16(), None, 1e-5) is None
+    finally:
+        native.library.cache_clear()
+        native.level.cache_clear()
+
+
 def test_native_kernel_falls_back_with_one_line_when_it_cannot_build(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HERD_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     native.library.cache_clear()
-    native._ready.cache_clear()
+    native.level.cache_clear()
     try:
         assert native.library() is None
         assert "no-such-cc failed, so decode uses torch's slower kernels" in capsys.readouterr().err
@@ -138,11 +171,11 @@ def test_native_kernel_falls_back_with_one_line_when_it_cannot_build(tmp_path, m
         monkeypatch.setenv("HERD_NATIVE_KERNELS", "0")
         monkeypatch.delenv("CC")
         native.library.cache_clear()
-        native._ready.cache_clear()
+        native.level.cache_clear()
         assert native.library() is None and capsys.readouterr().err == ""
     finally:
         native.library.cache_clear()
-        native._ready.cache_clear()
+        native.level.cache_clear()
 
 
 def _dequantized_twin(quantized: TextModel, plain: TextModel) -> TextModel:

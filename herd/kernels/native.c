@@ -6,7 +6,8 @@
  * becomes a bfloat16 (exact: int8 and int4 values fit its 8-bit significand) and vdpbf16ps
  * multiplies 32 of them by the bfloat16 activations per instruction, summing in float32 as a
  * bfloat16 GEMV does. herd builds this file on first use with -march=native (native.py) and
- * threads it with the OpenMP runtime torch already loaded.
+ * threads it with the OpenMP runtime torch already loaded. On CPUs with AVX2 but no AVX512-BF16 (most
+ * desktops before Zen 4) it holds the int8 row kernel alone, with float32 FMAs (`herd_level`).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -28,6 +29,9 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch rou
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define HERD_LEVEL 2
 
 /* The lanes of the last, partial 64-wide block of a row of K (none when K % 64 == 0) */
 static inline __mmask64 tail_mask(int64_t K) { return (__mmask64)((K % 64) ? (~0ULL >> (64 - K % 64)) : 0); }
@@ -68,6 +72,49 @@ static inline __attribute__((always_inline)) void int8_row(const uint16_t *x, co
     for (int r = 0; r < R; r++) y[r * N] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) * scale);
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+#define HERD_LEVEL 1 /* AVX2: the int8 row kernel alone, in float32 FMAs */
+
+/* 8 bfloat16 as float32 (exact) */
+static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* 8 int8 weights as float32 (exact) */
+static inline __m256 int8x8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* As the AVX-512 one: R rows of x times one weight row, each product exact, summed in float32 */
+static inline __attribute__((always_inline)) void int8_row(const uint16_t *x, const int8_t *row, float scale,
+                                                           uint16_t *y, int64_t N, int64_t K, const int R) {
+    __m256 acc[ROWS_AT_ONCE][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m256 w0 = int8x8(row + k), w1 = int8x8(row + k + 8);
+        for (int r = 0; r < R; r++) {
+            acc[r][0] = _mm256_fmadd_ps(w0, bf16x8(x + r * K + k), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w1, bf16x8(x + r * K + k + 8), acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float s = sum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+        for (int64_t t = k; t < K; t++) s += (float)row[t] * from_bf16(x[r * K + t]);
+        y[r * N] = to_bf16(s * scale);
+    }
+}
+#else
+#define HERD_LEVEL 0
+#endif
+
+#if HERD_LEVEL > 0
 /* y[m, n] = scale[n] * sum_k x[m, k] q[n, k]: x bf16 [M, K], q int8 [N, K], scale and y bf16. Row n
  * is read from memory once and converted once per four rows of x. */
 void herd_int8_rows_bf16(const uint16_t *x, const int8_t *q, const uint16_t *scale, uint16_t *y, int64_t M,
@@ -89,6 +136,9 @@ void herd_int8_rows_bf16(const uint16_t *x, const int8_t *q, const uint16_t *sca
     }
 }
 
+#endif
+
+#if HERD_LEVEL == 2
 /* Rows n_begin..n_end of W = q * scale[:, None] in bfloat16, as [n_end - n_begin, K], for products of
  * many rows (torch's int8 to bf16 conversion and multiply take about 1.4 ms per million weights). */
 void herd_int8_dequantize_bf16(const int8_t *q, const uint16_t *scale, uint16_t *out, int64_t K, int64_t n_begin,
@@ -248,3 +298,7 @@ void herd_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64
         }
     }
 }
+#endif
+
+/* What this build holds: 2, every kernel (AVX512-BF16); 1, the int8 row kernel (AVX2); 0, none. */
+int herd_level(void) { return HERD_LEVEL; }

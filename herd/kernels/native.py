@@ -60,11 +60,14 @@ def library() -> ctypes.CDLL | None:
                   file=sys.stderr)
             return None
     lib = ctypes.CDLL(str(built))
-    lib.herd_int8_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    lib.herd_int4_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
-    lib.herd_int8_dequantize_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-    lib.herd_int4_dequantize_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
-    lib.herd_rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    lib.herd_level.restype = ctypes.c_int
+    if lib.herd_level() >= 1:
+        lib.herd_int8_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    if lib.herd_level() >= 2:
+        lib.herd_int4_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+        lib.herd_int8_dequantize_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+        lib.herd_int4_dequantize_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+        lib.herd_rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     return lib
 
 
@@ -77,15 +80,31 @@ def _build(cc: str, cache: Path, built: Path) -> None:
 
 
 @functools.cache
+def level() -> int:
+    """What the build for this CPU holds: 2, every kernel (AVX512-BF16); 1, the int8 row kernel alone
+    (AVX2 and FMA); 0, nothing (no compiler, another CPU, or turned off)."""
+    lib = library()
+    return 0 if lib is None else lib.herd_level()
+
+
 def _ready() -> bool:
-    return torch.cpu._is_avx512_bf16_supported() and library() is not None
+    return level() == 2
+
+
+def _bf16_product(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    return (x.dtype == scale.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def usable(x: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether herd's int8 kernels take this product: bfloat16 activations and scales on a CPU with
-    AVX512-BF16, no gradient."""
-    return (x.dtype == scale.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and not (x.requires_grad and torch.is_grad_enabled()) and _ready())
+    """Whether all of herd's int8 kernels take this product (the rows and the tiles): bfloat16
+    activations and scales on a CPU with AVX512-BF16, no gradient."""
+    return _bf16_product(x, scale) and level() == 2
+
+
+def int8_rows_usable(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether herd's int8 row kernel takes this product: as `usable`, on AVX512-BF16 or AVX2 CPUs."""
+    return _bf16_product(x, scale) and level() >= 1
 
 
 def int8_rows(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -103,7 +122,7 @@ def one_row(mode: str, x: torch.Tensor, values: torch.Tensor, scales: torch.Tens
     one row in bfloat16 times W in either mode (int4 in torch's AVX-512 packing, blocks of 64 rows);
     None where the row kernels do not take it."""
     if not (x.dtype is scales.dtype is torch.bfloat16 and x.numel() == x.shape[-1] and not x.is_cuda
-            and _ready() and not (x.requires_grad and torch.is_grad_enabled())):
+            and level() >= (1 if mode == "int8" else 2) and not (x.requires_grad and torch.is_grad_enabled())):
         return None
     x, values, scales = x.contiguous(), values.contiguous(), scales.contiguous()
     if mode == "int8":

@@ -237,7 +237,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     rows, own = x2.shape[0], native.usable(x2, scale)
     if q.device.type == "cuda":  # no weight-only int8 kernel in torch for CUDA: the products, then the scales
         y = F.linear(x2, q.to(x.dtype)) * scale
-    elif own and (rows == 1 or rows <= NATIVE_ROWS["int8"] and x2.numel() * x2.element_size() <= INT8_ROWS_BYTES):
+    elif native.int8_rows_usable(x2, scale) and (rows == 1 or rows <= NATIVE_ROWS["int8"] and
+                                                  x2.numel() * x2.element_size() <= INT8_ROWS_BYTES):
         y = native.int8_rows(x2, q, scale)
     elif own and rows >= TILED_FROM["int8"]:
         y = _tiled_matmul(x2, q.shape[0], lambda n0, n1, buf: native.int8_dequantized(q, scale, n0, n1, buf).t())
