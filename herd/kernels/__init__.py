@@ -17,11 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from herd.kernels import cpu
+from herd.kernels import cpu, native
 from herd.kernels.attention import FastAttention
 from herd.kernels.moe import CPUExperts, FastMoE
 from herd.model.attention import Attention
-from herd.kernels import native
 from herd.model.layers import Linear, RMSNorm
 from herd.model.moe import Experts, MoE
 from herd.model.transformer import TextModel

@@ -95,20 +95,18 @@ def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torc
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), _scale_zero(scale, zero, dtype)
 
 
-def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row float8 e4m3: (values [N, K], scales [N] float32); w ≈ values * scale, the largest
-    magnitude of each row at e4m3's largest value."""
-    w = w.float()
-    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
-    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
 def fp8_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of activations x [M, K] in float8 e4m3 with its own float32 scale [M, 1]: the dynamic,
-    per-token scheme FP8 checkpoints are made for."""
+    """Each row of x [M, K] in float8 e4m3 with its own float32 scale [M, 1], its largest magnitude at
+    e4m3's largest value: the weights' per-channel scheme, and the activations' dynamic per-token one."""
     xf = x2.float()
     scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row float8 e4m3: (values [N, K], scales [N] float32); w ≈ values * scale."""
+    q, scale = fp8_rows(w)
+    return q, scale.view(-1)
 
 
 def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -271,19 +269,17 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
 
 
 def _matmul(mode: str, group: int, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    if mode == "fp8":
-        if (x.requires_grad and torch.is_grad_enabled()) or torch.is_autocast_enabled(x.device.type):
-            return _DequantizedProduct.apply(x, mode, group, values, scales)
-        return fp8_linear(x, values, scales)
-    if (mode == "int8" or _int4_block() == 64) and not torch.is_autocast_enabled("cpu"):
+    if mode != "fp8" and (mode == "int8" or _int4_block() == 64) and not torch.is_autocast_enabled("cpu"):
         y = native.one_row(mode, x, values, scales, group)
         if y is not None:
             return y
-    # The kernels take no gradient, no autocast and only the scales' dtype: training (QLoRA) and
-    # mixed dtypes go through the dequantized weight instead.
-    if (x.requires_grad and torch.is_grad_enabled()) or x.dtype != scales.dtype or \
+    # The kernels take no gradient and no autocast, and the integer ones only the scales' dtype (fp8's
+    # are float32): training (QLoRA) and mixed dtypes go through the dequantized weight instead.
+    if (x.requires_grad and torch.is_grad_enabled()) or (mode != "fp8" and x.dtype != scales.dtype) or \
             torch.is_autocast_enabled(x.device.type):
         return _DequantizedProduct.apply(x, mode, group, values, scales)
+    if mode == "fp8":
+        return fp8_linear(x, values, scales)
     if mode == "int8":
         return int8_linear(x, values, scales)
     return int4_linear(x, values, scales, group)
