@@ -47,10 +47,11 @@ def test_quantized_linear_is_its_dequantized_weight_times_x(spec, dtype):
     assert m(torch.randn(2, 5, 256, generator=g).to(dtype)).shape == (2, 5, 96)
 
 
-@pytest.mark.parametrize("N,K", [(96, 256), (40, 1000), (16, 64), (8, 5), (24, 56), (1100, 128)])
+@pytest.mark.parametrize("N,K", [(96, 256), (40, 1000), (16, 64), (8, 5), (24, 56), (1100, 128), (37, 4100)])
 def test_native_int8_kernel_matches_torchs(N, K):
-    """herd's int8 kernels (native.c: AVX512-BF16 dot products; dequantized tiles for many rows) give
-    the sums torch's kernel gives, for widths with and without a tail; elsewhere herd takes torch's."""
+    """herd's int8 kernels (native.c: AVX512-BF16 dot products, for a few rows and blocked for tens;
+    dequantized tiles for many rows) give the sums torch's kernel gives, for widths with and without a
+    tail; elsewhere herd takes torch's."""
     g = torch.Generator().manual_seed(K)
     q, scale = quant.quantize_int8(torch.randn(N, K, generator=g), torch.bfloat16)
     x = torch.randn(quant.FEW_ROWS["int8"], K, generator=g).bfloat16()
@@ -65,9 +66,13 @@ def test_native_int8_kernel_matches_torchs(N, K):
         assert _rel(ours, exact[:rows]) <= 4e-3, rows  # the bf16 output's rounding
         if K % 16 == 0:  # torch's kernel gets other widths wrong (herd does not call it for them)
             assert _rel(ours, torch.ops.aten._weight_int8pack_mm(x[:rows], q, scale)) <= 8e-3, rows
+    for rows in (1, 5, 6, 13):  # the blocked kernel: six rows of x by blocks of 16 weight rows
+        ours = native.int8_gemm(x[:rows], q, scale)
+        assert ours.dtype == torch.bfloat16 and ours.shape == (rows, N)
+        assert _rel(ours, exact[:rows]) <= 4e-3, rows
     assert torch.equal(native.int8_dequantized(q, scale, 0, N), q.bfloat16() * scale[:, None])  # rounded alike
     assert torch.equal(native.int8_dequantized(q, scale, 3, N - 2), (q.bfloat16() * scale[:, None])[3:N - 2])
-    many = torch.randn(quant.TILED_FROM["int8"], K, generator=g).bfloat16()  # dequantized tiles, a GEMM each
+    many = torch.randn(quant.TILED_FROM["int8"], K, generator=g).bfloat16()  # tiles (wide inputs: blocked)
     assert _rel(quant.int8_linear(many, q, scale), many.double() @ (q.double() * scale.double()[:, None]).T) <= 1e-2
 
 

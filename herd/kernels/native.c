@@ -1,5 +1,6 @@
-/* Weight-only int8 and int4 products of a few bfloat16 rows (decode) on CPUs with AVX512-BF16, and
- * dequantization into bf16 tiles for products of many rows (prefill; quant.py runs the GEMM).
+/* Weight-only int8 and int4 products of a few bfloat16 rows (decode) on CPUs with AVX512-BF16, int8
+ * products of tens of rows (a prefill's experts), and dequantization into bf16 tiles for products of
+ * many rows (prefill; quant.py runs the GEMM).
  *
  * A decode step reads every weight once, so it runs as fast as memory delivers the weight bytes.
  * torch's kernels convert each weight to float32 and reach about half of that; here each weight
@@ -13,6 +14,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#include <omp.h>
 
 #define ROWS_AT_ONCE 4
 
@@ -295,6 +297,88 @@ void herd_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64
         for (d = 0; d < D; d++) {
             uint16_t n = to_bf16(from_bf16(xr[d]) * inv);
             yr[d] = w ? to_bf16(from_bf16(n) * from_bf16(w[d])) : n;
+        }
+    }
+}
+
+/* Products of tens of rows (a prefill's experts): what the row kernel computes, but each block of 16
+ * weight rows becomes bfloat16 once, in a buffer that stays in cache, and every row of x is multiplied
+ * with it there, 6 rows of x by 4 weight rows per step in registers. Dequantized tiles through
+ * torch's GEMM read the int8 weights from memory while nothing else runs; here the reading of
+ * one block overlaps the arithmetic of another. */
+#define GEMM_N 16
+#define GEMM_M 6
+
+/* R (1-6) rows of x [R, K] by the GEMM_N converted rows w [GEMM_N, Kp] (zero past K and past n_valid) */
+static inline __attribute__((always_inline)) void int8_block(const uint16_t *x, const uint16_t *w, const float *scale,
+                                                             uint16_t *y, int64_t N, int64_t K, int64_t Kp,
+                                                             int n_valid, const int R) {
+    const int64_t full = K / 32 * 32;
+    const __mmask32 tail = (__mmask32)((K % 32) ? (~0U >> (32 - K % 32)) : 0);
+    for (int n4 = 0; n4 < n_valid; n4 += 4) {
+        const uint16_t *w0 = w + n4 * Kp;
+        __m512 acc[GEMM_M][4];
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+        __m512bh wv[4];
+        for (int64_t k = 0; k < full; k += 32) {
+            for (int j = 0; j < 4; j++) wv[j] = (__m512bh)_mm512_loadu_si512(w0 + j * Kp + k);
+            for (int r = 0; r < R; r++) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * K + k);
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv[j], xv);
+            }
+        }
+        if (tail) { /* the buffer is zero past K, and so are the masked lanes of x */
+            for (int j = 0; j < 4; j++) wv[j] = (__m512bh)_mm512_loadu_si512(w0 + j * Kp + full);
+            for (int r = 0; r < R; r++) {
+                const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + r * K + full);
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv[j], xv);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < 4 && n4 + j < n_valid; j++)
+                y[r * N + n4 + j] = to_bf16(_mm512_reduce_add_ps(acc[r][j]) * scale[n4 + j]);
+    }
+}
+
+/* y [M, N] = x [M, K] @ (q [N, K] * scale[:, None])ᵀ, x, scale and y bfloat16; `scratch` holds
+ * `threads` buffers of GEMM_N * Kp bfloat16 (Kp: K rounded up to 64). */
+void herd_int8_gemm_bf16(const uint16_t *x, const int8_t *q, const uint16_t *scale, uint16_t *y, int64_t M,
+                         int64_t N, int64_t K, uint16_t *scratch, int threads) {
+    const int64_t Kp = (K + 63) / 64 * 64, blocks = (N + GEMM_N - 1) / GEMM_N;
+    const __mmask64 tail = tail_mask(K);
+#pragma omp parallel num_threads(threads)
+    {
+        uint16_t *w = scratch + (int64_t)omp_get_thread_num() * GEMM_N * Kp;
+        float s[GEMM_N];
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n0 = b * GEMM_N;
+            const int n_valid = (int)(N - n0 < GEMM_N ? N - n0 : GEMM_N);
+            for (int i = 0; i < n_valid; i++) {
+                const int8_t *row = q + (n0 + i) * K;
+                s[i] = from_bf16(scale[n0 + i]);
+                for (int64_t k = 0; k < Kp; k += 64) {
+                    __m512bh lo, hi;
+                    to_bf16_pairs(k + 64 > K ? _mm512_maskz_loadu_epi8(tail, row + k) : _mm512_loadu_si512(row + k),
+                                  &lo, &hi);
+                    _mm512_storeu_si512(w + i * Kp + k, (__m512i)lo);
+                    _mm512_storeu_si512(w + i * Kp + k + 32, (__m512i)hi);
+                }
+            }
+            for (int i = n_valid; i < GEMM_N; i++) memset(w + i * Kp, 0, Kp * 2);
+            for (int64_t m = 0; m < M; m += GEMM_M) {
+                const uint16_t *xm = x + m * K;
+                uint16_t *ym = y + m * N + n0;
+                switch (M - m < GEMM_M ? M - m : GEMM_M) {
+                    case 1: int8_block(xm, w, s, ym, N, K, Kp, n_valid, 1); break;
+                    case 2: int8_block(xm, w, s, ym, N, K, Kp, n_valid, 2); break;
+                    case 3: int8_block(xm, w, s, ym, N, K, Kp, n_valid, 3); break;
+                    case 4: int8_block(xm, w, s, ym, N, K, Kp, n_valid, 4); break;
+                    case 5: int8_block(xm, w, s, ym, N, K, Kp, n_valid, 5); break;
+                    default: int8_block(xm, w, s, ym, N, K, Kp, n_valid, 6); break;
+                }
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
 """herd's own CPU kernels (native.c) for weight-only int8 and int4 weights with bfloat16 activations:
-products of a few rows (decode), and dequantization into bf16 tiles for products of many (prefill).
+products of a few rows (decode), int8 products of tens (blocked), and dequantization into bf16 tiles
+for products of many (prefill).
 
 They are built on first use with the machine's C compiler (``$CC``, else cc, gcc or clang) for the
 machine's own CPU, kept in ``$HERD_CACHE`` (default ~/.cache/herd), and called through ctypes.
@@ -67,6 +68,7 @@ def library() -> ctypes.CDLL | None:
         lib.herd_int4_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
         lib.herd_int8_dequantize_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
         lib.herd_int4_dequantize_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+        lib.herd_int8_gemm_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
         lib.herd_rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     return lib
 
@@ -113,6 +115,17 @@ def int8_rows(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.T
     y = torch.empty(x2.shape[0], q.shape[0], dtype=x2.dtype)
     library().herd_int8_rows_bf16(x2.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x2.shape[0], q.shape[0],
                                   x2.shape[1])
+    return y
+
+
+def int8_gemm(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """As `int8_rows`, for tens of rows: blocks of 16 weight rows converted once, in cache (native.c)."""
+    x2, q, scale = x2.contiguous(), q.contiguous(), scale.contiguous()
+    (M, K), N, threads = x2.shape, q.shape[0], torch.get_num_threads()
+    y = torch.empty(M, N, dtype=x2.dtype)
+    scratch = torch.empty(threads * 16 * ((K + 63) // 64 * 64), dtype=torch.bfloat16)
+    library().herd_int8_gemm_bf16(x2.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), M, N, K,
+                                  scratch.data_ptr(), threads)
     return y
 
 

@@ -44,10 +44,12 @@ DEFAULT_MODULES = ("experts", "shared_expert")
 FEW_ROWS = {"int8": 16, "int4": 256}
 # Where herd's own kernels build (native.py): its row kernels up to NATIVE_ROWS rows, then torch's
 # kernel, and from TILED_FROM rows on tiles dequantized to bf16 through the GEMM. herd's int8 row
-# kernel takes several rows only while they fit in 16 KB (L1), else torch's kernel wins at 2-8 rows
-# (docs/quantization.md has the crossovers).
+# kernel takes several rows only while they fit in 16 KB (L1), else torch's kernel wins at 2-4 rows;
+# from INT8_GEMM_FROM rows its blocked kernel beats both and the tiles, up to TILED_FROM rows and,
+# for inputs of GEMM_WIDE or more, at any count (docs/quantization.md has the crossovers).
 NATIVE_ROWS = {"int8": 8, "int4": 64}
-TILED_FROM = {"int8": 9, "int4": 65}
+TILED_FROM = {"int8": 65, "int4": 65}
+INT8_GEMM_FROM, GEMM_WIDE = 5, 4096
 INT8_ROWS_BYTES = 16 * 1024
 
 
@@ -235,6 +237,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     rows, own = x2.shape[0], native.usable(x2, scale)
     if q.device.type == "cuda":  # no weight-only int8 kernel in torch for CUDA: the products, then the scales
         y = F.linear(x2, q.to(x.dtype)) * scale
+    elif own and rows >= INT8_GEMM_FROM and (rows < TILED_FROM["int8"] or x2.shape[1] >= GEMM_WIDE):
+        y = native.int8_gemm(x2, q, scale)
     elif native.int8_rows_usable(x2, scale) and (rows == 1 or rows <= NATIVE_ROWS["int8"] and
                                                   x2.numel() * x2.element_size() <= INT8_ROWS_BYTES):
         y = native.int8_rows(x2, q, scale)
