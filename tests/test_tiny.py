@@ -547,7 +547,8 @@ def test_cli_names_a_bad_option_without_a_traceback(capsys):
 
 def test_recipes_chain_the_shipped_builds_stages():
     """recipes/herd-tiny.toml (from the probe's decoder and the encoder) then recipes/herd-tiny-pictures.toml
-    (from stage 1's exported model, on the `pictures` split, the same held-out rows); every recipe loads."""
+    (from stage 1's exported model, on the `pictures` split, the same held-out rows), then the chats and
+    conversations stages, each from the one before; every recipe loads."""
     from herd.train.config import load_config
     for path in sorted((ROOT / "recipes").glob("*.toml")):
         load_config(path)
@@ -565,9 +566,15 @@ def test_recipes_chain_the_shipped_builds_stages():
     assert Path(three.model.checkpoint).resolve() == run / "pictures" / "final"
     assert [Path(p).resolve() for p in three.data.train] == [run / "data" / "chats.jsonl"]
     assert three.data.val == one.data.val
+    four = load_config(ROOT / "recipes" / "herd-tiny-conversations.toml")
+    assert four.job == "sft" and Path(four.out_dir).resolve() == run / "conversations"
+    assert Path(four.model.checkpoint).resolve() == run / "chats" / "final"
+    assert [Path(p).resolve() for p in four.data.train] == [run / "data" / "conversations.jsonl"]
+    assert four.data.val == one.data.val
     script = (ROOT / "scripts" / "train-herd-tiny").read_text()
     assert script.index("herd train recipes/herd-tiny.toml") < script.index("herd train recipes/herd-tiny-pictures.toml") \
-        < script.index("herd train recipes/herd-tiny-chats.toml") < script.index('package "$run/chats/final"')
+        < script.index("herd train recipes/herd-tiny-chats.toml") \
+        < script.index("herd train recipes/herd-tiny-conversations.toml") < script.index('package "$run/conversations/final"')
 
 
 def _user_texts(messages: list[dict]) -> list[str]:
@@ -577,7 +584,8 @@ def _user_texts(messages: list[dict]) -> list[str]:
 
 def test_conversations_hold_out_wordings_and_orders_and_answer_rightly():
     """experiments/herd_tiny/chats.py: no training chat holds a held-out wording (any case, any final mark)
-    or a picture after three text turns; turns alternate; a two-picture question names its picture."""
+    or a picture after three text turns, in the third stage's shares of forms and the fourth's; turns
+    alternate; a two-picture question names its picture."""
     from experiments.herd_tiny import chats
 
     def pattern(template: str) -> re.Pattern:
@@ -601,9 +609,11 @@ def test_conversations_hold_out_wordings_and_orders_and_answer_rightly():
     held += [outside(f, None) for f in chats.OUTSIDE_FORMS[1]]
     held += [outside(f, 1) for f in chats.OUTSIDE_FORMS[0] if "{" in f and "{a}" not in f]
     trained += [outside(f, 0) for f in chats.OUTSIDE_FORMS[0]]
-    rng, seen_two, seen_outside = random.Random(5), 0, 0
-    for _ in range(3000):
-        messages = chats.chat(rng, lambda scene: scene)
+    from experiments.herd_tiny.build import CONVERSATIONS_MIX
+    shares = CONVERSATIONS_MIX.chat_shares  # the fourth stage's: the same forms, in other shares
+    rng, seen_two, seen_outside, text_first = random.Random(5), 0, 0, [0, 0]
+    for i in range(4000):
+        messages = chats.chat(rng, lambda scene: scene, shares if i % 2 else None)
         assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
         for q in _user_texts(messages):
             assert not any(h.match(q.lower()) for h in held), q
@@ -611,6 +621,7 @@ def test_conversations_hold_out_wordings_and_orders_and_answer_rightly():
                                                                         r"(story|stories)", q.lower()), q
         pictures = [i for i, m in enumerate(messages) if not isinstance(m["content"], str)]
         assert not pictures or pictures[0] // 2 <= 2  # at most two text turns before the first picture
+        text_first[i % 2] += bool(pictures) and pictures[0] > 0 and messages[-1]["content"] != chats.OUTSIDE_ANSWER
         seen_outside += any(m["content"] == chats.OUTSIDE_ANSWER for m in messages)
         if len(pictures) == 2:
             seen_two += 1
@@ -621,6 +632,7 @@ def test_conversations_hold_out_wordings_and_orders_and_answer_rightly():
                 if "how many" in q["content"].lower() or "count" in q["content"].lower():
                     assert a["content"] == shapes.count_answer(len(scene.shapes))
     assert seen_two > 300 and seen_outside > 300
+    assert 0.35 < text_first[0] / 2000 < 0.45 and 0.40 < text_first[1] / 2000 < 0.50  # 40% and 45% of the chats
     # Answers to "is there ..." follow the scene; both answers occur.
     scene = shapes.random_scene(random.Random(1), 2)
     answers = {a for _ in range(50) for k, q, a in chats.questions(scene, rng) if k == "is_there"}

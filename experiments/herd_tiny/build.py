@@ -133,6 +133,7 @@ class Mix:
     copies: int = 3_000  # "Repeat the text." over a passage of copy_tokens (uniform)
     copy_tokens: tuple[int, int] = (60, 240)
     chats: int = 0  # conversations as people hold them (experiments/herd_tiny/chats.py)
+    chat_shares: dict[str, float] | None = None  # their forms (chats.FORMS; None: its own shares)
 
 
 # The text-first block: in-context copying (find where the previous token stood, emit what followed
@@ -169,6 +170,14 @@ PICTURES_SEED = 101  # added to the build's seed: the pictures split's own image
 CHATS_MIX = Mix(first_copies=0, lookup_copies=0, lookup_retrieval=0, images=4_000, easy_images=0, warmup_images=0,
                 stories=600, story_chats=200, retrieval=1_500, copies=0, chats=5_000)
 CHATS_SEED = 202
+# A fourth stage (the `conversations` split; recipes/herd-tiny-conversations.toml) from the third's model:
+# more of the forms where a picture comes after text or beside another (the third stage counted a
+# picture after a story 75% right), fewer that open with the picture.
+CONVERSATIONS_MIX = Mix(first_copies=0, lookup_copies=0, lookup_retrieval=0, images=4_000, easy_images=0,
+                        warmup_images=0, stories=500, story_chats=150, retrieval=1_500, copies=0, chats=6_000,
+                        chat_shares={"picture first": 0.05, "text first": 0.45, "text between": 0.15,
+                                     "two pictures": 0.25, "outside": 0.10})
+CONVERSATIONS_SEED = 505
 
 
 def _image_chat(rng: random.Random, img_dir: Path, name: str, i: int, easy: bool) -> dict:
@@ -220,7 +229,7 @@ def write_split(out: Path, name: str, tok: Tokenizer, mix: Mix, seed: int, progr
         path = img_dir / f"chat{next(pictures):06d}.png"
         scene.draw().save(path, compress_level=1)
         return f"images/{name}/{path.name}"
-    records += [{"messages": chats.chat(rng, picture)}
+    records += [{"messages": chats.chat(rng, picture, mix.chat_shares)}
                 for _ in tqdm(range(mix.chats), desc=f"{name}: conversations", disable=not progress)]
     for block in (first, lookups, warmup, records):
         rng.shuffle(block)
@@ -235,7 +244,8 @@ def write_split(out: Path, name: str, tok: Tokenizer, mix: Mix, seed: int, progr
 def build(out: str | Path, seed: int = 0, train: Mix | None = None, val: Mix | None = None,
           progress: bool = True, lookups: bool = True) -> Path:
     """Tokenizer, configs and the splits in ``out``: with ``lookups``, the shipped build's
-    (LOOKUPS_DECODER; train: LOOKUPS_MIX, pictures: PICTURES_MIX, chats: CHATS_MIX); without, the first build's
+    (LOOKUPS_DECODER; train: LOOKUPS_MIX, pictures: PICTURES_MIX, chats: CHATS_MIX,
+    conversations: CONVERSATIONS_MIX); without, the first build's
     (text_config's defaults, Mix's defaults, no pictures split)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,6 +255,7 @@ def build(out: str | Path, seed: int = 0, train: Mix | None = None, val: Mix | N
     if lookups:
         write_split(out, "pictures", tok, PICTURES_MIX, seed + PICTURES_SEED, progress)
         write_split(out, "chats", tok, CHATS_MIX, seed + CHATS_SEED, progress)
+        write_split(out, "conversations", tok, CONVERSATIONS_MIX, seed + CONVERSATIONS_SEED, progress)
     write_split(out, "val", tok, val or Mix(first_copies=0, lookup_copies=0, lookup_retrieval=0, images=400,
                                             easy_images=0, warmup_images=0, stories=400,
                                             story_chats=50, retrieval=100, copies=60), seed + 2, progress)
@@ -309,7 +320,8 @@ def model_card(llm, runs: list[Path] = ()) -> str:
         "the data, the generator code and these weights are under herd's licence (Apache-2.0).", "",
         "Recipe: `scripts/train-herd-tiny` (`python -m experiments.herd_tiny data`; `python -m experiments.herd_tiny probe` beside",
         "`python -m experiments.herd_tiny encoder --token-labels`; `herd train recipes/herd-tiny.toml`, then",
-        "`herd train recipes/herd-tiny-pictures.toml`, then `herd train recipes/herd-tiny-chats.toml`;",
+        "`herd train recipes/herd-tiny-pictures.toml`, then `herd train recipes/herd-tiny-chats.toml`, then",
+        "`herd train recipes/herd-tiny-conversations.toml`;",
         "`python -m experiments.herd_tiny package`, `python -m experiments.herd_tiny eval`).",
         "Loss curves: `loss.png` (and `loss-<stage>.png` for later stages); evaluation: `EVAL.md`.",
     ]

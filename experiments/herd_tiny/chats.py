@@ -133,15 +133,31 @@ def _picture_turn(image, question: str) -> dict:
     return {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
 
 
-def chat(rng: random.Random, picture: Callable[[shapes.Scene], object]) -> list[dict]:
+# The conversation forms of `chat` and the share of each when none is given (the third stage's).
+FORMS = {"picture first": (0.0, 0.15), "text first": (0.15, 0.55), "text between": (0.55, 0.65),
+         "two pictures": (0.65, 0.87), "outside": (0.87, 1.0)}
+
+
+def chat(rng: random.Random, picture: Callable[[shapes.Scene], object],
+         shares: dict[str, float] | None = None) -> list[dict]:
     """One training conversation. ``picture(scene)`` returns what a message holds for the scene's
-    image (a file name here, a PIL image in the evaluation). Its shape, by chance:
+    image (a file name here, a PIL image in the evaluation). Its form, by chance (`FORMS`, or in
+    ``shares``, each form's share):
       - a picture and a question first, then follow-ups about it;
       - one or two text turns, then a picture and a question, then follow-ups;
       - a picture, its questions, a text turn, more follow-ups about the same picture;
       - two pictures: questions about the newest one, then about either ("in the first picture ...");
       - a question outside its world, with a picture or in a text chat."""
-    r = rng.random()
+    if shares is None:
+        r = rng.random()
+    else:
+        u, form = rng.random() * sum(shares.values()), None
+        for form, share in shares.items():
+            if u < share:
+                break
+            u -= share
+        lo, hi = FORMS[form]
+        r = rng.uniform(lo, min(hi, 0.999))  # r picks the form below
     messages: list[dict] = []
     if 0.15 <= r < 0.55:
         for _ in range(rng.randint(1, 2)):
