@@ -92,6 +92,7 @@ def main(argv=None) -> int:
               "herd-tiny": herd.load("herd-tiny", progress=False),
               "copying decoder": herd.load(copier(folder.parent / f"{folder.name}-copier"), progress=False)}
     listed, repetition = word_list(60, seed=7)
+    want = models["copying decoder"].tokenizer.encode(repetition)
     results, copied = {}, None
     for name, llm in models.items():
         # case -> (prompt, whether the drafts are an oracle's: plain decoding's tokens)
@@ -100,7 +101,6 @@ def main(argv=None) -> int:
         for case, (prompt, oracle) in cases.items():
             _, plain_tokens = rate(llm, prompt, args.tokens, 0)
             if case == "repeats its prompt":
-                want = llm.tokenizer.encode(repetition)
                 copied = next((i for i, (a, b) in enumerate(zip(plain_tokens, want)) if a != b), len(plain_tokens))
             runs, same = {"plain": [], "lookup": []}, []
             for r in range(args.rounds):
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     for (name, case), (plain, fast, same) in results.items():
         print(f"{name:26} {case:22} {plain:8.1f} {fast:8.1f} {fast / plain:6.2f}x {f'first {same}/{args.tokens}':>16}")
     print(f"\nThe copying decoder's plain reply repeats the first {copied} of the list's "
-          f"{len(models['copying decoder'].tokenizer.encode(repetition))} tokens (it was asked for {args.tokens}).")
+          f"{len(want)} tokens (it was asked for {args.tokens}).")
     return 0
 
 
