@@ -8,10 +8,12 @@
  * multiplies 32 of them by the bfloat16 activations per instruction, summing in float32 as a
  * bfloat16 GEMV does. herd builds this file on first use with -march=native (native.py) and
  * threads it with the OpenMP runtime torch already loaded. On CPUs with AVX2 but no AVX512-BF16 (most
- * desktops before Zen 4) it holds the int8 row kernel alone, with float32 FMAs (`herd_level`).
+ * desktops: Intel's since Alder Lake, AMD's before Zen 4) it holds the int8 and int4 row kernels
+ * alone, with float32 FMAs (`herd_level`).
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <math.h>
 #include <string.h>
 #include <omp.h>
@@ -138,6 +140,68 @@ void herd_int8_rows_bf16(const uint16_t *x, const int8_t *q, const uint16_t *sca
     }
 }
 
+#endif
+
+#if HERD_LEVEL == 1
+/* int4 rows in float32 FMAs (AVX2), for torch's CPU int4 packing in blocks of `block` output rows (32
+ * on AVX2 CPUs, 64 on AVX-512 ones without BF16): byte d of a block's input column k holds rows d
+ * (low nibble) and d + block / 2 (high). Each nibble becomes the float q exactly; per group the sums
+ * take the scale and x's group sum the offset, w = (q - 8) * scale + zero:
+ * y = scale * sum(x q) + (zero - 8 scale) * sum(x). Each row of x re-reads the block's weights (from
+ * cache): twice torch's AVX2 kernel for one row, even with two (docs/quantization.md). */
+void herd_int4_rows_avx2(const uint16_t *x, const uint8_t *packed, const uint16_t *scale_zero, uint16_t *y,
+                         int64_t M, int64_t N, int64_t K, int64_t group, int64_t block) {
+    const int64_t groups = K / group, half = block / 2;
+    float *xf = malloc(sizeof(float) * M * K), *xsum = malloc(sizeof(float) * M * groups);
+    if (xf == NULL || xsum == NULL) abort();
+    for (int64_t i = 0; i < M * K; i++) xf[i] = from_bf16(x[i]);
+    for (int64_t i = 0; i < M * groups; i++) {
+        float s = 0.0f;
+        for (int64_t k = 0; k < group; k++) s += xf[i * group + k];
+        xsum[i] = s;
+    }
+    const __m256i nibble = _mm256_set1_epi32(15);
+#pragma omp parallel for schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += block) {
+        const uint8_t *wb = packed + n0 * K / 2;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = xf + m * K;
+            for (int64_t u = 0; u < half; u += 16) { /* 16 bytes a column: rows n0 + u.. and n0 + half + u.. */
+                const int64_t rows[4] = {n0 + u, n0 + u + 8, n0 + half + u, n0 + half + u + 8};
+                __m256 out[4];
+                for (int j = 0; j < 4; j++) out[j] = _mm256_setzero_ps();
+                for (int64_t g = 0; g < groups; g++) {
+                    __m256 acc[4];
+                    for (int j = 0; j < 4; j++) acc[j] = _mm256_setzero_ps();
+                    for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                        const uint8_t *p = wb + k * half + u; /* 8 bytes widened as loaded, then split */
+                        const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+                        const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+                        const __m256i q[4] = {_mm256_and_si256(b0, nibble), _mm256_and_si256(b1, nibble),
+                                              _mm256_srli_epi32(b0, 4), _mm256_srli_epi32(b1, 4)};
+                        const __m256 xk = _mm256_broadcast_ss(xm + k);
+                        for (int j = 0; j < 4; j++) acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[j]), xk, acc[j]);
+                    }
+                    const __m256 xs = _mm256_set1_ps(xsum[m * groups + g]);
+                    for (int j = 0; j < 4; j++) { /* 8 bf16 (scale, zero) pairs as float32 */
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(scale_zero + (g * N + rows[j]) * 2));
+                        const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                        const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+                        const __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, zero);
+                        out[j] = _mm256_fmadd_ps(acc[j], scale, _mm256_fmadd_ps(offset, xs, out[j]));
+                    }
+                }
+                for (int j = 0; j < 4; j++) {
+                    float o[8];
+                    _mm256_storeu_ps(o, out[j]);
+                    for (int i = 0; i < 8; i++) y[m * N + rows[j] + i] = to_bf16(o[i]);
+                }
+            }
+        }
+    }
+    free(xf);
+    free(xsum);
+}
 #endif
 
 #if HERD_LEVEL == 2
@@ -384,5 +448,5 @@ void herd_int8_gemm_bf16(const uint16_t *x, const int8_t *q, const uint16_t *sca
 }
 #endif
 
-/* What this build holds: 2, every kernel (AVX512-BF16); 1, the int8 row kernel (AVX2); 0, none. */
+/* What this build holds: 2, every kernel (AVX512-BF16); 1, the int8 and int4 row kernels (AVX2); 0, none. */
 int herd_level(void) { return HERD_LEVEL; }

@@ -25,6 +25,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]  # as for an AVX2 CPU (tests, benchmarks)
 
 
 def _cpu_id() -> str:
@@ -64,6 +65,8 @@ def library() -> ctypes.CDLL | None:
     lib.herd_level.restype = ctypes.c_int
     if lib.herd_level() >= 1:
         lib.herd_int8_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    if lib.herd_level() == 1:
+        lib.herd_int4_rows_avx2.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
     if lib.herd_level() >= 2:
         lib.herd_int4_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
         lib.herd_int8_dequantize_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
@@ -83,8 +86,8 @@ def _build(cc: str, cache: Path, built: Path) -> None:
 
 @functools.cache
 def level() -> int:
-    """What the build for this CPU holds: 2, every kernel (AVX512-BF16); 1, the int8 row kernel alone
-    (AVX2 and FMA); 0, nothing (no compiler, another CPU, or turned off)."""
+    """What the build for this CPU holds: 2, every kernel (AVX512-BF16); 1, the int8 and int4 row
+    kernels alone (AVX2 and FMA); 0, nothing (no compiler, another CPU, or turned off)."""
     lib = library()
     return 0 if lib is None else lib.herd_level()
 
@@ -129,13 +132,14 @@ def int8_gemm(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.T
     return y
 
 
-def one_row(mode: str, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor | None:
+def one_row(mode: str, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, group: int,
+            block: int) -> torch.Tensor | None:
     """Decode's product of one row, the hot path in as few Python steps as it takes (each product of a
     step would otherwise spend more in checks than a small matrix takes to stream): x [..., K] with
-    one row in bfloat16 times W in either mode (int4 in torch's AVX-512 packing, blocks of 64 rows);
+    one row in bfloat16 times W in either mode (int4 in torch's CPU packing, blocks of ``block`` rows);
     None where the row kernels do not take it."""
     if not (x.dtype is scales.dtype is torch.bfloat16 and x.numel() == x.shape[-1] and not x.is_cuda
-            and level() >= (1 if mode == "int8" else 2) and not (x.requires_grad and torch.is_grad_enabled())):
+            and level() >= 1 and not (x.requires_grad and torch.is_grad_enabled())):
         return None
     x, values, scales = x.contiguous(), values.contiguous(), scales.contiguous()
     if mode == "int8":
@@ -143,13 +147,12 @@ def one_row(mode: str, x: torch.Tensor, values: torch.Tensor, scales: torch.Tens
         y = torch.empty(x.shape[:-1] + (N,), dtype=torch.bfloat16)
         library().herd_int8_rows_bf16(x.data_ptr(), values.data_ptr(), scales.data_ptr(), y.data_ptr(), 1, N,
                                       x.shape[-1])
-    else:
-        N = scales.shape[1]
-        if N % 64:
-            return None
-        y = torch.empty(x.shape[:-1] + (N,), dtype=torch.bfloat16)
-        library().herd_int4_rows_bf16(x.data_ptr(), values.data_ptr(), scales.data_ptr(), y.data_ptr(), 1, N,
-                                      x.shape[-1], group)
+        return y
+    N = scales.shape[1]
+    if not int4_rows_usable(scales, block):
+        return None
+    y = torch.empty(x.shape[:-1] + (N,), dtype=torch.bfloat16)
+    _int4_rows_into(x, values, scales, y, 1, N, x.shape[-1], group, block)
     return y
 
 
@@ -187,17 +190,34 @@ def int8_dequantized(q: torch.Tensor, scale: torch.Tensor, begin: int, end: int,
 
 
 def int4_usable(x: torch.Tensor, scale_zero: torch.Tensor, block: int) -> bool:
-    """Whether the int4 kernel takes this product: as `usable`, for torch's AVX-512 packing (blocks
-    of 64 rows) of a width that is whole blocks."""
+    """Whether all of herd's int4 kernels take this product (several rows, the tiles): as `usable`, for
+    torch's AVX-512 packing (blocks of 64 rows) of a width that is whole blocks."""
     return block == 64 and scale_zero.shape[1] % 64 == 0 and usable(x, scale_zero)
 
 
-def int4_rows(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
+def int4_rows_usable(scale_zero: torch.Tensor, block: int) -> bool:
+    """Whether an int4 row kernel takes products with this matrix (bfloat16 activations assumed): the
+    AVX512-BF16 one for blocks of 64 rows, the AVX2 one for either packing, of a width of whole blocks."""
+    return (scale_zero.dtype is torch.bfloat16 and scale_zero.shape[1] % block == 0
+            and (level() == 2 and block == 64 or level() == 1))
+
+
+def _int4_rows_into(x, packed, scale_zero, y, M: int, N: int, K: int, group: int, block: int) -> None:
+    if level() == 2:
+        library().herd_int4_rows_bf16(x.data_ptr(), packed.data_ptr(), scale_zero.data_ptr(), y.data_ptr(), M, N, K,
+                                      group)
+    else:
+        library().herd_int4_rows_avx2(x.data_ptr(), packed.data_ptr(), scale_zero.data_ptr(), y.data_ptr(), M, N, K,
+                                      group, block)
+
+
+def int4_rows(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
+              block: int = 64) -> torch.Tensor:
     """x [M, K] @ Wᵀ for W in torch's CPU int4 packing (quant.py) -> [M, N], all but W in bfloat16."""
     x2, packed, scale_zero = x2.contiguous(), packed.contiguous(), scale_zero.contiguous()
     (M, K), N = x2.shape, scale_zero.shape[1]
     y = torch.empty(M, N, dtype=x2.dtype)
-    library().herd_int4_rows_bf16(x2.data_ptr(), packed.data_ptr(), scale_zero.data_ptr(), y.data_ptr(), M, N, K, group)
+    _int4_rows_into(x2, packed, scale_zero, y, M, N, K, group, block)
     return y
 
 

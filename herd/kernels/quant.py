@@ -273,8 +273,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
 
 
 def _matmul(mode: str, group: int, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    if mode != "fp8" and (mode == "int8" or _int4_block() == 64) and not torch.is_autocast_enabled("cpu"):
-        y = native.one_row(mode, x, values, scales, group)
+    if mode != "fp8" and not torch.is_autocast_enabled("cpu"):
+        y = native.one_row(mode, x, values, scales, group, _int4_block() if mode == "int4" else 0)
         if y is not None:
             return y
     # The kernels take no gradient and no autocast, and the integer ones only the scales' dtype (fp8's
