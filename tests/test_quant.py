@@ -138,14 +138,25 @@ def _check_int4_rows_avx2(g: torch.Generator) -> None:
             y = quant._matmul("int4", group, x[:1, None], packed, scale_zero)  # decode's one row takes it
         assert torch.equal(y.view(1, -1), native.int4_rows(x[:1], packed, scale_zero, group, block))
     assert not native.int4_rows_usable(scale_zero[:, :block // 2], block)  # part of a block: torch's kernel
+    # Many rows (prefill): dequantized tiles through the GEMM, in float32 on an AVX2 build.
+    N, K, group = 1088, 256, 64  # a second, partial tile of 64 rows
+    packed, scale_zero = quant.quantize_int4(torch.randn(N, K, generator=g), group, torch.bfloat16)
+    q, scale = quant.quantize_int8(torch.randn(N, K, generator=g), torch.bfloat16)
+    many = torch.randn(quant.TILED_FROM["int4"], K, generator=g).bfloat16()
+    assert native.tiles_usable(many, scale_zero)
+    exact = many.double() @ quant.dequantize_int4(packed, scale_zero, group, N, K, torch.float64).T
+    assert _rel(quant.int4_linear(many, packed, scale_zero, group), exact) <= 4e-3
+    exact = many.double() @ (q.double() * scale.double()[:, None]).T
+    assert _rel(quant.int8_linear(many, q, scale), exact) <= 4e-3
 
 
 @pytest.mark.skipif(not torch.cpu._is_avx2_supported(), reason="the AVX2 build needs a CPU with AVX2")
 def test_an_avx2_build_holds_the_row_kernels_alone(tmp_path, monkeypatch):
     """Built for a CPU with AVX2 but no AVX512-BF16 (most desktops: here by building for AVX2 and FMA
-    instead of this machine's own CPU), native.c holds the int8 and int4 row kernels alone (level 1).
-    Their sums are the exact ones rounded to bf16, and decode's one row takes them; the tiles, the
-    blocked int8 kernel and the norm go to torch's."""
+    instead of this machine's own CPU), native.c holds the int8 and int4 row kernels and float32 tiles
+    (level 1).
+    Their sums are the exact ones rounded to bf16, and decode's one row takes them; prefill's tiles
+    are float32 there (no bf16 GEMMs); the blocked int8 kernel and the norm go to torch's."""
     monkeypatch.setenv("HERD_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "FLAGS", native.AVX2_FLAGS)
     native.library.cache_clear()

@@ -202,6 +202,56 @@ void herd_int4_rows_avx2(const uint16_t *x, const uint8_t *packed, const uint16_
     free(xf);
     free(xsum);
 }
+
+/* Tiles in float32 for products of many rows (prefill) on CPUs without bf16 GEMMs, whose GEMMs then
+ * run in float32 (herd.kernels.cpu.upcast). int8: rows n_begin..n_end of W = q * scale[:, None] as
+ * [n_end - n_begin, K]. int4: columns n_begin..n_end (whole blocks) of Wᵀ [K, N] from torch's CPU
+ * packing in blocks of `block` rows, as [K, n_end - n_begin]. */
+void herd_int8_dequantize_f32(const int8_t *q, const uint16_t *scale, float *out, int64_t K, int64_t n_begin,
+                              int64_t n_end) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = n_begin; n < n_end; n++) {
+        const int8_t *row = q + n * K;
+        float *o = out + (n - n_begin) * K;
+        const float s = from_bf16(scale[n]);
+        const __m256 sv = _mm256_set1_ps(s);
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8)
+            _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                      _mm_loadl_epi64((const __m128i *)(row + k)))), sv));
+        for (; k < K; k++) o[k] = (float)row[k] * s;
+    }
+}
+
+void herd_int4_dequantize_f32(const uint8_t *packed, const uint16_t *scale_zero, float *out, int64_t N, int64_t K,
+                              int64_t group, int64_t block, int64_t n_begin, int64_t n_end) {
+    const int64_t width = n_end - n_begin, half = block / 2;
+    const __m256i nibble = _mm256_set1_epi32(15);
+#pragma omp parallel for schedule(static)
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += block) {
+        const uint8_t *wb = packed + n0 * K / 2;
+        float *o = out + (n0 - n_begin);
+        for (int64_t g = 0; g < K / group; g++) {
+            for (int64_t u = 0; u < half; u += 8) { /* rows n0 + u.. (low nibbles) and n0 + half + u.. (high) */
+                __m256 scale[2], offset[2];
+                for (int h = 0; h < 2; h++) {
+                    const __m256i v = _mm256_loadu_si256(
+                        (const __m256i *)(scale_zero + (g * N + n0 + u + h * half) * 2));
+                    scale[h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+                    offset[h] = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale[h], zero); /* zero - 8 scale */
+                }
+                for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wb + k * half + u)));
+                    _mm256_storeu_ps(o + k * width + u, _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(_mm256_and_si256(b, nibble)), scale[0], offset[0]));
+                    _mm256_storeu_ps(o + k * width + half + u, _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), scale[1], offset[1]));
+                }
+            }
+        }
+    }
+}
 #endif
 
 #if HERD_LEVEL == 2

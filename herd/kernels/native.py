@@ -67,6 +67,8 @@ def library() -> ctypes.CDLL | None:
         lib.herd_int8_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     if lib.herd_level() == 1:
         lib.herd_int4_rows_avx2.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+        lib.herd_int8_dequantize_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+        lib.herd_int4_dequantize_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6
     if lib.herd_level() >= 2:
         lib.herd_int4_rows_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
         lib.herd_int8_dequantize_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
@@ -87,7 +89,7 @@ def _build(cc: str, cache: Path, built: Path) -> None:
 @functools.cache
 def level() -> int:
     """What the build for this CPU holds: 2, every kernel (AVX512-BF16); 1, the int8 and int4 row
-    kernels alone (AVX2 and FMA); 0, nothing (no compiler, another CPU, or turned off)."""
+    kernels and float32 tiles (AVX2 and FMA); 0, nothing (no compiler, another CPU, or turned off)."""
     lib = library()
     return 0 if lib is None else lib.herd_level()
 
@@ -171,21 +173,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y
 
 
+def tiles_usable(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether herd's dequantized tiles take a product of many rows: bfloat16 tiles with AVX512-BF16
+    (`usable`), float32 ones with AVX2 (their GEMMs run in float32 there, as `cpu.upcast`'s)."""
+    return _bf16_product(x, scale) and level() >= 1
+
+
+def tile_dtype() -> torch.dtype:
+    """The dtype of this build's dequantized tiles."""
+    return torch.bfloat16 if level() == 2 else torch.float32
+
+
 def _scratch(out: torch.Tensor | None, *shape: int) -> torch.Tensor:
-    """A bfloat16 tensor of ``shape``: the front of ``out`` (a buffer reused tile after tile: fresh pages
-    for each 10 MB tile of Scout's experts cost as much as dequantizing it), else a new one."""
+    """A tensor of ``shape`` in `tile_dtype`: the front of ``out`` (a buffer reused tile after tile: fresh
+    pages for each 10 MB tile of Scout's experts cost as much as dequantizing it), else a new one."""
     if out is None:
-        return torch.empty(shape, dtype=torch.bfloat16)
+        return torch.empty(shape, dtype=tile_dtype())
     return out.view(-1)[:shape[0] * shape[1]].view(shape)
 
 
 def int8_dequantized(q: torch.Tensor, scale: torch.Tensor, begin: int, end: int,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows begin..end of W = q * scale[:, None] in bfloat16, rounded once (as torch's bf16 product);
-    written into ``out`` (bfloat16, large enough) when given."""
+    """Rows begin..end of W = q * scale[:, None] in `tile_dtype` (bfloat16 rounded once, as torch's bf16
+    product; or float32); written into ``out`` (of that dtype, large enough) when given."""
     q, scale = q.contiguous(), scale.contiguous()
     w = _scratch(out, end - begin, q.shape[1])
-    library().herd_int8_dequantize_bf16(q.data_ptr(), scale.data_ptr(), w.data_ptr(), q.shape[1], begin, end)
+    dequantize = library().herd_int8_dequantize_bf16 if level() == 2 else library().herd_int8_dequantize_f32
+    dequantize(q.data_ptr(), scale.data_ptr(), w.data_ptr(), q.shape[1], begin, end)
     return w
 
 
@@ -222,13 +236,18 @@ def int4_rows(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, 
 
 
 def int4_dequantized_t(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, K: int, begin: int = 0,
-                       end: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Columns begin..end (multiples of 64) of Wᵀ [K, N] in bfloat16, for W in torch's CPU int4 packing,
-    rounded once from float32; written into ``out`` when given, as `int8_dequantized`."""
+                       end: int | None = None, out: torch.Tensor | None = None, block: int = 64) -> torch.Tensor:
+    """Columns begin..end (whole blocks) of Wᵀ [K, N] in `tile_dtype`, for W in torch's CPU int4 packing
+    (blocks of ``block`` rows; 64 for the bfloat16 tiles), rounded once from float32; written into ``out``
+    when given, as `int8_dequantized`."""
     packed, scale_zero = packed.contiguous(), scale_zero.contiguous()
     N = scale_zero.shape[1]
     end = N if end is None else end
     w_t = _scratch(out, K, end - begin)
-    library().herd_int4_dequantize_bf16(packed.data_ptr(), scale_zero.data_ptr(), w_t.data_ptr(), N, K, group, begin,
-                                        end)
+    if level() == 2:
+        library().herd_int4_dequantize_bf16(packed.data_ptr(), scale_zero.data_ptr(), w_t.data_ptr(), N, K, group,
+                                            begin, end)
+    else:
+        library().herd_int4_dequantize_f32(packed.data_ptr(), scale_zero.data_ptr(), w_t.data_ptr(), N, K, group,
+                                           block, begin, end)
     return w_t

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.checkpoint.compressed import QuantizedWeight
-from herd.kernels import native
+from herd.kernels import cpu, native
 from herd.model.moe import Experts, MoE
 from herd.model.layers import SwiGLU
 from herd.model.transformer import TextModel
@@ -41,12 +41,14 @@ MODULES = ("experts", "shared_expert", "dense_ffn", "attention", "output")
 DEFAULT_MODULES = ("experts", "shared_expert")
 # Up to this many rows torch's weight-only kernels beat dequantize-then-GEMM (AVX512 EPYC, 2 threads):
 # int8's dequantization is one cheap pass, int4's costs as much as ~250 rows through its kernel.
+# Without half-precision dot products (AVX2) torch's int8 kernel wins up to TILED_FROM rows.
 FEW_ROWS = {"int8": 16, "int4": 256}
 # Where herd's own kernels build (native.py): its row kernels up to NATIVE_ROWS rows, then torch's
-# kernel, and from TILED_FROM rows on tiles dequantized to bf16 through the GEMM. herd's int8 row
-# kernel takes several rows only while they fit in 16 KB (L1), else torch's kernel wins at 2-4 rows;
-# from INT8_GEMM_FROM rows its blocked kernel beats both and the tiles, up to TILED_FROM rows and,
-# for inputs of GEMM_WIDE or more, at any count (docs/quantization.md has the crossovers).
+# kernel, and from TILED_FROM rows on tiles dequantized to bf16 (float32 on AVX2) through the GEMM.
+# herd's int8 row kernel takes several rows only while they fit in 16 KB (L1), else torch's kernel
+# wins at 2-4 rows; from INT8_GEMM_FROM rows its blocked kernel (AVX512-BF16) beats both and the
+# tiles, up to TILED_FROM rows and, for inputs of GEMM_WIDE or more, at any count
+# (docs/quantization.md has the crossovers).
 NATIVE_ROWS = {"int8": 8, "int4": 64}
 TILED_FROM = {"int8": 65, "int4": 65}
 INT8_GEMM_FROM, GEMM_WIDE = 5, 4096
@@ -215,21 +217,31 @@ def _int4_matmul(x2: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tenso
     columns put back in row order."""
     K, N = x2.shape[1], scale_zero.shape[1]
     y = torch.empty(x2.shape[0], N, dtype=x2.dtype)
-    y[:, _int4_rows(N)] = x2 @ _dequantize_slot_major(packed, scale_zero, group, N, K, x2.dtype)
+    y[:, _int4_rows(N)] = cpu.linear(x2, _dequantize_slot_major(packed, scale_zero, group, N, K, x2.dtype).t())
     return y
 
 
 def _tiled_matmul(x2: torch.Tensor, N: int, tile_t: Callable[[int, int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """x [M, K] @ Wᵀ for many rows, W dequantized 1024 output rows at a time: ``tile_t(n0, n1, buffer)``
-    gives Wᵀ[:, n0:n1] in x's dtype, written into one buffer reused by every tile. A whole dequantized
-    matrix would be new pages each call (Scout's experts: 84 MB); narrower tiles make the GEMM slower
-    (docs/quantization.md)."""
-    y = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
-    buffer = torch.empty(min(N, 1024) * x2.shape[1], dtype=x2.dtype, device=x2.device)
+    gives Wᵀ[:, n0:n1] in the tiles' dtype (`native.tile_dtype`: bf16, or float32 where bf16 GEMMs are
+    slow; x is cast to it and the product rounded back), written into one buffer reused by every tile.
+    A whole dequantized matrix would be new pages each call (Scout's experts: 84 MB); narrower tiles
+    make the GEMM slower (docs/quantization.md)."""
+    dtype = native.tile_dtype()
+    xs = x2.to(dtype)
+    y = torch.empty(x2.shape[0], N, dtype=dtype, device=x2.device)
+    buffer = torch.empty(min(N, 1024) * x2.shape[1], dtype=dtype, device=x2.device)
     for n0 in range(0, N, 1024):
         n1 = min(n0 + 1024, N)
-        y[:, n0:n1] = x2 @ tile_t(n0, n1, buffer)
-    return y
+        y[:, n0:n1] = xs @ tile_t(n0, n1, buffer)
+    return y.to(x2.dtype)
+
+
+def _slow_half_gemm(x2: torch.Tensor) -> bool:
+    """Half-precision activations on a CPU without half-precision dot products (AVX2), whose GEMMs then
+    run in float32 (`cpu.upcast`)."""
+    half = x2.dtype in (torch.bfloat16, torch.float16)
+    return half and x2.device.type == "cpu" and not cpu.native_half_gemm(x2.dtype)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -242,26 +254,27 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     elif native.int8_rows_usable(x2, scale) and (rows == 1 or rows <= NATIVE_ROWS["int8"] and
                                                   x2.numel() * x2.element_size() <= INT8_ROWS_BYTES):
         y = native.int8_rows(x2, q, scale)
-    elif own and rows >= TILED_FROM["int8"]:
+    elif native.tiles_usable(x2, scale) and rows >= TILED_FROM["int8"]:
         y = _tiled_matmul(x2, q.shape[0], lambda n0, n1, buf: native.int8_dequantized(q, scale, n0, n1, buf).t())
-    elif rows <= FEW_ROWS["int8"] and x2.shape[1] % 16 == 0:  # torch's kernel sums other widths wrong
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
+    elif x2.shape[1] % 16 == 0 and (rows <= FEW_ROWS["int8"] or rows < TILED_FROM["int8"] and _slow_half_gemm(x2)):
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)  # it sums other widths wrong
     else:
-        y = F.linear(x2, q.to(x.dtype) * scale[:, None])
+        y = cpu.linear(x2, q.to(x.dtype) * scale[:, None])
     return y.view(*x.shape[:-1], q.shape[0])
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    (rows, K), N = x2.shape, scale_zero.shape[1]
-    own = native.int4_usable(x2, scale_zero, _int4_block())
+    (rows, K), N, block = x2.shape, scale_zero.shape[1], _int4_block()
+    own = native.int4_usable(x2, scale_zero, block)
     if packed.device.type == "cuda":  # tinygemm, any number of rows (bfloat16 only)
         y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), packed, group, scale_zero)
     elif own and rows <= NATIVE_ROWS["int4"]:
         y = native.int4_rows(x2, packed, scale_zero, group)
-    elif own and rows >= TILED_FROM["int4"]:
+    elif native.int4_rows_usable(scale_zero, block) and native.tiles_usable(x2, scale_zero) and \
+            rows >= TILED_FROM["int4"]:  # tiles of 1024 rows: whole blocks of either packing
         y = _tiled_matmul(x2, N, lambda n0, n1, buf: native.int4_dequantized_t(packed, scale_zero, group, K, n0, n1,
-                                                                                buf))
+                                                                                buf, block))
     elif rows <= FEW_ROWS["int4"]:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, scale_zero)
     else:
