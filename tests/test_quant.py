@@ -124,8 +124,9 @@ def test_one_decode_row_takes_the_row_kernel_and_keeps_its_shape(mode):
     assert native.one_row(mode, x.float(), *parts, 32, block) is None
 
 
-def _check_int4_rows_avx2(g: torch.Generator) -> None:
-    """The AVX2 build's int4 row kernel against the exact sums, in this process's int4 packing."""
+def _check_avx2_kernels(g: torch.Generator) -> None:
+    """The AVX2 build's int4 row kernel and its float32 tiles (int4 and int8) against the exact sums,
+    in this process's int4 packing."""
     block = quant._int4_block()
     for N, K, group in [(64, 256, 32), (192, 1024, 128), (128, 512, 64), (64, 512, 256)]:
         packed, scale_zero = quant.quantize_int4(torch.randn(N, K, generator=g), group, torch.bfloat16)
@@ -133,7 +134,8 @@ def _check_int4_rows_avx2(g: torch.Generator) -> None:
         exact = x.double() @ quant.dequantize_int4(packed, scale_zero, group, N, K, torch.float64).T
         assert native.int4_rows_usable(scale_zero, block) and not native.int4_usable(x, scale_zero, block)
         for rows in (1, 3):
-            assert _rel(native.int4_rows(x[:rows], packed, scale_zero, group, block), exact[:rows]) <= 4e-3, (N, K, rows)
+            ours = native.int4_rows(x[:rows], packed, scale_zero, group, block)
+            assert _rel(ours, exact[:rows]) <= 4e-3, (N, K, rows)
         with torch.inference_mode():
             y = quant._matmul("int4", group, x[:1, None], packed, scale_zero)  # decode's one row takes it
         assert torch.equal(y.view(1, -1), native.int4_rows(x[:1], packed, scale_zero, group, block))
@@ -154,9 +156,8 @@ def _check_int4_rows_avx2(g: torch.Generator) -> None:
 def test_an_avx2_build_holds_the_row_kernels_alone(tmp_path, monkeypatch):
     """Built for a CPU with AVX2 but no AVX512-BF16 (most desktops: here by building for AVX2 and FMA
     instead of this machine's own CPU), native.c holds the int8 and int4 row kernels and float32 tiles
-    (level 1).
-    Their sums are the exact ones rounded to bf16, and decode's one row takes them; prefill's tiles
-    are float32 there (no bf16 GEMMs); the blocked int8 kernel and the norm go to torch's."""
+    (level 1). Their sums are the exact ones rounded to bf16, and decode's one row takes them;
+    prefill's tiles are float32 there (no bf16 GEMMs); the blocked int8 kernel and the norm go to torch's."""
     monkeypatch.setenv("HERD_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "FLAGS", native.AVX2_FLAGS)
     native.library.cache_clear()
@@ -176,7 +177,7 @@ def test_an_avx2_build_holds_the_row_kernels_alone(tmp_path, monkeypatch):
             with torch.inference_mode():
                 y = native.one_row("int8", x[:1], q, scale, 128, 0)
             assert torch.equal(y, native.int8_rows(x[:1], q, scale))
-        _check_int4_rows_avx2(g)
+        _check_avx2_kernels(g)
         assert native.rms_norm(torch.randn(2, 64).bfloat16(), None, 1e-5) is None
     finally:
         native.library.cache_clear()
@@ -184,16 +185,16 @@ def test_an_avx2_build_holds_the_row_kernels_alone(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cpu._is_avx2_supported(), reason="the AVX2 build needs a CPU with AVX2")
-def test_the_avx2_int4_kernel_reads_torchs_avx2_packing(tmp_path):
+def test_the_avx2_int4_kernels_read_torchs_avx2_packing(tmp_path):
     """On an AVX2 CPU torch packs int4 in blocks of 32 rows, not 64: torch's AVX2 code path forced
-    (ATEN_CPU_CAPABILITY, in a fresh process), the AVX2 build's row kernel reads that packing."""
+    (ATEN_CPU_CAPABILITY, in a fresh process), the AVX2 build's row kernel and tiles read that packing."""
     import os
     import subprocess
     import sys
 
     script = ("import torch, tests.test_quant as t\nfrom herd.kernels import native, quant\n"
               "native.FLAGS = native.AVX2_FLAGS\nassert quant._int4_block() == 32 and native.level() == 1\n"
-              "t._check_int4_rows_avx2(torch.Generator().manual_seed(5))\nprint('ok')")
+              "t._check_avx2_kernels(torch.Generator().manual_seed(5))\nprint('ok')")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "HERD_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -9,7 +9,7 @@
  * bfloat16 GEMV does. herd builds this file on first use with -march=native (native.py) and
  * threads it with the OpenMP runtime torch already loaded. On CPUs with AVX2 but no AVX512-BF16 (most
  * desktops: Intel's since Alder Lake, AMD's before Zen 4) it holds the int8 and int4 row kernels
- * alone, with float32 FMAs (`herd_level`).
+ * and float32 tiles for prefill, with float32 FMAs (`herd_level`).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -143,6 +143,14 @@ void herd_int8_rows_bf16(const uint16_t *x, const int8_t *q, const uint16_t *sca
 #endif
 
 #if HERD_LEVEL == 1
+/* 8 bf16 (scale, zero) pairs as float32 scales and offsets zero - 8 scale: w = q * scale + offset */
+static inline void scales_offsets(const uint16_t *p, __m256 *scale, __m256 *offset) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *scale = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+    *offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), *scale, zero);
+}
+
 /* int4 rows in float32 FMAs (AVX2), for torch's CPU int4 packing in blocks of `block` output rows (32
  * on AVX2 CPUs, 64 on AVX-512 ones without BF16): byte d of a block's input column k holds rows d
  * (low nibble) and d + block / 2 (high). Each nibble becomes the float q exactly; per group the sums
@@ -183,11 +191,9 @@ void herd_int4_rows_avx2(const uint16_t *x, const uint8_t *packed, const uint16_
                         for (int j = 0; j < 4; j++) acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[j]), xk, acc[j]);
                     }
                     const __m256 xs = _mm256_set1_ps(xsum[m * groups + g]);
-                    for (int j = 0; j < 4; j++) { /* 8 bf16 (scale, zero) pairs as float32 */
-                        const __m256i v = _mm256_loadu_si256((const __m256i *)(scale_zero + (g * N + rows[j]) * 2));
-                        const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-                        const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
-                        const __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, zero);
+                    for (int j = 0; j < 4; j++) {
+                        __m256 scale, offset;
+                        scales_offsets(scale_zero + (g * N + rows[j]) * 2, &scale, &offset);
                         out[j] = _mm256_fmadd_ps(acc[j], scale, _mm256_fmadd_ps(offset, xs, out[j]));
                     }
                 }
@@ -234,13 +240,8 @@ void herd_int4_dequantize_f32(const uint8_t *packed, const uint16_t *scale_zero,
         for (int64_t g = 0; g < K / group; g++) {
             for (int64_t u = 0; u < half; u += 8) { /* rows n0 + u.. (low nibbles) and n0 + half + u.. (high) */
                 __m256 scale[2], offset[2];
-                for (int h = 0; h < 2; h++) {
-                    const __m256i v = _mm256_loadu_si256(
-                        (const __m256i *)(scale_zero + (g * N + n0 + u + h * half) * 2));
-                    scale[h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-                    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
-                    offset[h] = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale[h], zero); /* zero - 8 scale */
-                }
+                for (int h = 0; h < 2; h++)
+                    scales_offsets(scale_zero + (g * N + n0 + u + h * half) * 2, &scale[h], &offset[h]);
                 for (int64_t k = g * group; k < (g + 1) * group; k++) {
                     const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wb + k * half + u)));
                     _mm256_storeu_ps(o + k * width + u, _mm256_fmadd_ps(
@@ -498,5 +499,5 @@ void herd_int8_gemm_bf16(const uint16_t *x, const int8_t *q, const uint16_t *sca
 }
 #endif
 
-/* What this build holds: 2, every kernel (AVX512-BF16); 1, the int8 and int4 row kernels (AVX2); 0, none. */
+/* What this build holds: 2, every kernel (AVX512-BF16); 1, the row kernels and float32 tiles (AVX2); 0, none. */
 int herd_level(void) { return HERD_LEVEL; }

@@ -204,8 +204,9 @@ def int8_dequantized(q: torch.Tensor, scale: torch.Tensor, begin: int, end: int,
 
 
 def int4_usable(x: torch.Tensor, scale_zero: torch.Tensor, block: int) -> bool:
-    """Whether all of herd's int4 kernels take this product (several rows, the tiles): as `usable`, for
-    torch's AVX-512 packing (blocks of 64 rows) of a width that is whole blocks."""
+    """Whether the AVX512-BF16 build's int4 kernels take this product (several rows; the tiles as
+    `int4_rows_usable` says): as `usable`, for torch's AVX-512 packing (blocks of 64 rows) of a width
+    that is whole blocks."""
     return block == 64 and scale_zero.shape[1] % 64 == 0 and usable(x, scale_zero)
 
 
